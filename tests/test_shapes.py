@@ -1,0 +1,116 @@
+"""Claims about the synthetic shapes dataset (data/shapes/prepare.py) and its attribute reader."""
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data.shapes.prepare as shapes  # noqa: E402
+
+CAPTION = re.compile(r"^a (\w+) (\w+) (\w+) on a (\w+) background, (top left|top right|bottom left|"
+                     r"bottom right|top|bottom|left|right|center)$")
+
+
+@pytest.fixture(scope='module')
+def dataset_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp('shapes')
+    shapes.make_dataset(str(out), image_size=32, n_train=1000, n_val=1000, n_ood=300, seed=0)
+    return str(out)
+
+
+def load_all(data_dir):
+    return {split: shapes.load_split(data_dir, split) for split in shapes.SPLITS}
+
+
+def pairs(factors):
+    return {(int(s), int(c)) for s, c in factors[:, :2]}
+
+
+def test_same_seed_same_data_and_other_seed_other_images(tmp_path):
+    for name, seed in [('a', 1), ('b', 1), ('c', 2)]:
+        shapes.make_dataset(str(tmp_path / name), image_size=32, n_train=50, n_val=20, n_ood=20, seed=seed)
+    a, b, c = (load_all(str(tmp_path / name)) for name in 'abc')
+    for split in shapes.SPLITS:
+        for key in ['images', 'factors', 'pos']:
+            np.testing.assert_array_equal(a[split][key], b[split][key])
+        assert a[split]['captions'] == b[split]['captions']
+        assert not np.array_equal(a[split]['images'], c[split]['images'])
+
+
+def test_held_out_pairs_only_in_ood(dataset_dir):
+    data = load_all(dataset_dir)
+    held_out = {tuple(p) for p in data['train']['meta']['held_out']}
+    n_pairs = len(shapes.SHAPES) * len(shapes.COLORS)
+    assert 4 <= len(held_out) <= 5, f"about a quarter of the {n_pairs} pairs, got {len(held_out)}"
+    assert not pairs(data['train']['factors']) & held_out
+    assert not pairs(data['val']['factors']) & held_out
+    assert pairs(data['ood']['factors']) == held_out
+    train = data['train']['factors']
+    assert set(train[:, 0]) == set(range(len(shapes.SHAPES)))
+    assert set(train[:, 1]) == set(range(len(shapes.COLORS)))
+
+
+def test_files_have_the_promised_layout(dataset_dir):
+    val = shapes.load_split(dataset_dir, 'val')
+    assert val['images'].dtype == np.uint8 and val['images'].shape == (1000, 32, 32, 3)
+    assert val['factors'].dtype == np.int64 and val['factors'].shape == (1000, 4)
+    assert val['pos'].dtype == np.float32 and val['pos'].shape == (1000, 2)
+    assert ((val['pos'] > 0) & (val['pos'] < 1)).all()
+    assert val['meta']['splits'] == {'train': 1000, 'val': 1000, 'ood': 300}
+
+
+def test_captions_name_the_factors_of_their_row(dataset_dir):
+    for split, data in load_all(dataset_dir).items():
+        meta = data['meta']
+        for caption, row, pos in zip(data['captions'], data['factors'], data['pos']):
+            match = CAPTION.match(caption)
+            assert match, f"{split}: caption '{caption}' does not parse"
+            size_word, color, shape, background, where = match.groups()
+            assert [meta['shape'].index(shape), meta['color'].index(color),
+                    meta['background'].index(background), meta['size'].index(size_word)] == row.tolist()
+            assert where == shapes.position_word(*pos)
+
+
+def check_reader(data, min_factor_acc, min_size_acc, max_pos_err):
+    read = shapes.read_attributes(data['images'], data['meta'])
+    assert read['valid'].mean() >= min_factor_acc
+    for column, factor in enumerate(shapes.FACTORS):
+        accuracy = (read[factor] == data['factors'][:, column]).mean()
+        assert accuracy >= (min_size_acc if factor == 'size' else min_factor_acc), f"{factor}: {accuracy:.4f}"
+    position_error = np.abs(np.stack([read['x'], read['y']], 1) - data['pos'])[read['valid']]
+    assert np.median(position_error) < max_pos_err / 2 and np.quantile(position_error, 0.99) < max_pos_err
+
+
+def test_reader_recovers_factors_of_val(dataset_dir):
+    check_reader(shapes.load_split(dataset_dir, 'val'), 0.99, 0.95, 0.05)
+
+
+def test_reader_recovers_factors_at_64(tmp_path):
+    shapes.make_dataset(str(tmp_path), image_size=64, n_train=10, n_val=200, n_ood=10, seed=3)
+    check_reader(shapes.load_split(str(tmp_path), 'val'), 0.99, 0.95, 0.05)
+
+
+def test_reader_rejects_blank_two_shapes_and_noise():
+    meta = shapes.make_meta(32, 0, {})
+    gray = shapes.BACKGROUNDS.index('gray')
+    small = shapes.SIZES.index('small')
+    blank = np.full((32, 32, 3), shapes.BACKGROUND_RGB[gray], dtype=np.uint8)
+    # two small shapes in opposite corners on the same background, far apart
+    first = shapes.render(32, [0, 0, gray, small], [0.22, 0.22])
+    second = shapes.render(32, [1, 2, gray, small], [0.78, 0.78])
+    two_shapes = np.where((second != blank).any(-1, keepdims=True), second, first)
+    noise = np.random.default_rng(0).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    images = np.concatenate([blank[None], two_shapes[None], noise])
+    read = shapes.read_attributes(images, meta)
+    assert not read['valid'].any()
+    assert (read['shape'] == -1).all() and np.isnan(read['x']).all()
+    # and each half of the two-shape image alone is read as valid, so the rejection is real
+    assert shapes.read_attributes(np.stack([first, second]), meta)['valid'].all()
+
+
+def test_load_split_on_missing_dir_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match='prepare.py') as error:
+        shapes.load_split(str(tmp_path / 'nowhere'), 'train')
+    assert re.search(r'(meta\.json|train_\w+\.(npy|txt))', str(error.value))
