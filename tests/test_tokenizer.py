@@ -1,6 +1,7 @@
 """Claims about the SEM encoder (tokenizer.py): the head, the DLC, loading DINOv2 weights,
 training (loss, DDP, resume, crash safety) and the code dumps."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -284,10 +285,13 @@ def test_image_folders_are_read_in_sorted_order_and_a_corrupt_image_is_named(tra
         (root / c).mkdir(parents=True)
         for i in range(3):
             Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(root / c / f'{i}.png')
-    ckpt = T.load_checkpoint(os.path.join(trained['out_dir'], 'tokenizer.pt'))
-    cfg = dict(trained, data_dir=str(tmp_path / 'folder'), dump_split='val')
+    out = tmp_path / 'out'
+    out.mkdir()
+    shutil.copy(os.path.join(trained['out_dir'], 'tokenizer.pt'), out / 'tokenizer.pt')
+    ckpt = T.load_checkpoint(str(out / 'tokenizer.pt'))
+    cfg = dict(trained, data_dir=str(tmp_path / 'folder'), out_dir=str(out), dump_split='val')
     T.dump(cfg)
-    codes = T.load_codes(os.path.join(trained['out_dir'], 'codes_val.npy'), ckpt['L'], ckpt['V'], 6)
+    codes = T.load_codes(str(out / 'codes_val.npy'), ckpt['L'], ckpt['V'], 6)
     dataset = T.open_split(str(tmp_path / 'folder'), 'val', 37)
     assert dataset.labels == [0, 0, 0, 1, 1, 1] and dataset.files[0].endswith('a_class/0.png')
     assert codes.shape == (6, 4)
