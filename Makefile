@@ -18,7 +18,7 @@ data/shapes/meta.json: data/shapes/prepare.py $(VENV)/.installed
 	$(PY) data/shapes/prepare.py
 
 demo: venv data
-	$(PY) tokenizer.py config/tokenizer_shapes.py --out_dir=$(DEMO) --max_iters=150 --ckpt_interval=50
+	$(PY) tokenizer.py config/tokenizer_shapes.py --out_dir=$(DEMO)
 	$(PY) tokenizer.py config/tokenizer_shapes.py --out_dir=$(DEMO) --mode=probe
 
 test: venv
