@@ -1,0 +1,1261 @@
+"""
+diffusion.py: the DiT that generates images from DLCs, p(x | c).
+
+The method (Lavoie, Noukhovitch, Courville 2025, arXiv 2507.12318, section 3.2)
+-----------------------------------------------------------------------------
+A DiT (Peebles & Xie 2023) with adaLN-Zero denoises images (pixels, or SD-VAE latents scaled
+by 0.18215). The condition is a DLC c = (c_1 .. c_L), c_l in [0, V). Each position l has its
+own embedding table E_l in R^{(V+1) x D}, row V being the null token, and the code embedding
+is their *mean*,
+
+    e(c) = (1/L) sum_l E_l[c_l]          (soft codes p in R^{L x V}: (1/L) sum_l p_l E_l[:V])
+
+which is added to the timestep embedding and drives every block's adaLN modulation.
+Classifier-free guidance drops the whole code (all L tokens to V) with probability 0.1 in
+training and samples with  eps = eps(x, null) + s (eps(x, c) - eps(x, null))  on every
+channel that carries eps (the original DiT guided 3 of 4 latent channels).
+
+Gaussian diffusion (objective = 'eps', the paper's and the public DiT weights'): T = 1000,
+betas linear in [1e-4, 0.02], q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I). The network
+outputs eps and v; the reverse variance is Sigma = exp(v' log beta_t + (1 - v') log betatilde_t),
+v' = (v + 1) / 2 (Nichol & Dhariwal). Loss = ||eps - eps_hat||^2 + L_vlb, the KL of the
+true posterior q(x_{t-1} | x_t, x_0) from p(x_{t-1} | x_t) with the mean frozen (it trains
+Sigma only). Sampling: DDPM ancestral steps on any subsequence of the T steps (250 by
+default) or DDIM (eta = 0).
+
+Rectified flow (objective = 'flow', as SiT): x_t = (1 - t) x_0 + t eps, t in [0, 1], the
+network predicts the velocity u = eps - x_0, loss ||u - u_hat||^2, sampled by an Euler or
+Heun ODE solver from t = 1 to 0, with the same guidance.
+
+Modes:  python diffusion.py [config.py] [--key=value ...]
+    --mode=train     (torchrun for DDP) writes out_dir/diffusion.pt and sample grids
+    --mode=extract   writes out_dir/latents_<split>.npy (float16) with the SD-VAE encoder
+    --mode=recon     codes of a split -> DiT -> images, PNG grid beside the sources, and on the
+                     built-in data the attribute reader's scores
+"""
+import copy
+import json
+import math
+import os
+import struct
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from configurator import configure
+
+# -----------------------------------------------------------------------------
+# config: the defaults are the paper's ImageNet 256 recipe (DiT-XL/2 on SD-VAE latents, DLC512)
+mode = 'train'                  # 'train' | 'extract' | 'recon'
+out_dir = 'out-diffusion'
+init_from = 'scratch'           # 'scratch' | 'resume' | path to DiT-XL-2-256x256.pt (cond='class')
+data_dir = 'data/imagenet'      # <data_dir>/<split>_images.npy or <data_dir>/<split>/<class>/<image>
+train_split = 'train'
+codes_dir = 'out-imagenet-tokenizer'   # tokenizer.pt and codes_<split>.npy, for cond='dlc'
+latents_dir = ''                # latents_<split>.npy from --mode=extract; '' = train on pixels
+vae_path = ''                   # sd-vae-ft-ema diffusion_pytorch_model.{bin,safetensors}
+seed = 0
+# model
+model = 'DiT-XL/2'
+image_size = 256
+cond = 'dlc'                    # 'dlc' | 'class' | 'none'
+num_classes = 1000              # cond='class'
+learn_sigma = True              # objective='eps': predict the variance too
+class_dropout_prob = 0.1
+objective = 'eps'               # 'eps' (Gaussian diffusion, learned variance) | 'flow'
+hflip = True                    # random horizontal flips (latents: the flipped extraction)
+# optimization
+batch_size = 256                # global, across processes and accumulation steps
+micro_batch_size = 32           # per process per forward; accumulation = batch / (world * micro)
+max_iters = 400000
+run_iters = -1                  # stop this run after so many iterations (resume later); -1: no limit
+learning_rate = 1e-4
+weight_decay = 0.0
+warmup_iters = 0
+grad_clip = 1.0
+ema_decay = 0.9999
+# sampling
+sampler = 'ddpm'                # eps: 'ddpm' | 'ddim';  flow: 'euler' | 'heun'
+num_sampling_steps = 250
+cfg_scale = 1.0                 # 1.0 = no guidance
+guidance_interval = (0.0, 1.0)  # guide only while t / T is inside this interval
+clip_denoised = False           # clip the predicted x_0 to [-1, 1] (pixel space needs it)
+sample_interval = 5000          # EMA sample grids during training
+n_grid = 16
+# extract / recon
+split = 'val'                   # the split --mode=extract and --mode=recon read
+extract_flip = True             # also extract the latents of the flipped images
+n_recon = 500
+# system
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+compile = False
+grad_checkpoint = False
+num_workers = 8
+log_interval = 100
+ckpt_interval = 5000
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items()
+               if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
+CONFIG = {k: globals()[k] for k in config_keys}
+
+
+# -----------------------------------------------------------------------------
+# The DiT: parameter names as facebookresearch/DiT, so DiT-XL-2-256x256.pt loads strictly
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, patch_size)
+
+    def forward(self, x):                                   # (N, C, H, W)
+        return self.proj(x).flatten(2).transpose(1, 2)      # (N, T, D), T = (H/p)(W/p)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of the timestep (t in [0, 1000)) through a 2-layer MLP."""
+    def __init__(self, hidden_size, frequency_size=256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t):
+        half = self.frequency_size // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels (N,) in [0, num_classes]; index num_classes is the null label."""
+    def __init__(self, num_classes, hidden_size):
+        super().__init__()
+        self.null = num_classes
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y):
+        return self.embedding_table(y)
+
+
+class SEMEmbedder(nn.Module):
+    """The paper's code embedder: one table per position, (L, V+1, D), row V = null token;
+    the code embedding is the mean over the L positions. Soft codes (N, L, V) weight the rows."""
+    def __init__(self, L, V, hidden_size):
+        super().__init__()
+        self.L, self.V, self.null = L, V, V
+        self.embedding_table = nn.Parameter(torch.randn(L, V + 1, hidden_size) / math.sqrt(hidden_size))
+
+    def forward(self, y):
+        if y.is_floating_point():                           # soft codes (N, L, V) or (N, L, V+1)
+            y = F.pad(y, (0, self.V + 1 - y.shape[-1]))
+            return torch.einsum('nlv,lvd->nd', y.to(self.embedding_table.dtype), self.embedding_table) / self.L
+        rows = self.embedding_table[torch.arange(self.L, device=y.device), y]   # (N, L, D)
+        return rows.mean(dim=1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate='tanh'))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero: the condition gives shift, scale and gate for both sub-blocks; the gates
+    start at zero, so every block starts as the identity."""
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def sincos_pos_embed(dim, grid):
+    """Fixed 2-D sine-cosine position embedding, (grid*grid, dim): half the channels encode
+    the row, half the column."""
+    def one_axis(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2))
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    ys, xs = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing='ij')
+    return np.concatenate([one_axis(dim // 2, xs), one_axis(dim // 2, ys)], axis=1)
+
+
+class DiT(nn.Module):
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
+                 num_heads=16, mlp_ratio=4.0, learn_sigma=True, cond='dlc', num_classes=1000,
+                 L=512, V=256, grad_checkpoint=False):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.cond = cond
+        self.null = {'class': num_classes, 'dlc': V}.get(cond)   # the index that drops the condition
+        self.grad_checkpoint = grad_checkpoint
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        if cond == 'class':
+            self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        elif cond == 'dlc':
+            self.sem_embedder = SEMEmbedder(L, V, hidden_size)
+        grid = input_size // patch_size
+        # fixed, but a parameter as in DiT so that the public checkpoints load strictly
+        self.pos_embed = nn.Parameter(torch.from_numpy(sincos_pos_embed(hidden_size, grid)).float().unsqueeze(0),
+                                      requires_grad=False)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.cond == 'class':
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:                       # adaLN-Zero
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x):                            # (N, T, p*p*C) -> (N, C, H, W)
+        c, p = self.out_channels, self.patch_size
+        h = w = int(math.sqrt(x.shape[1]))
+        x = x.reshape(x.shape[0], h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x, t, y=None):
+        """x: (N, C, H, W), t: (N,) timesteps in [0, 1000), y: codes (N, L) int or (N, L, V)
+        soft, or labels (N,), or None. Returns (N, out_channels, H, W)."""
+        x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        c = self.t_embedder(t)
+        if self.cond == 'class':
+            c = c + self.y_embedder(y)
+        elif self.cond == 'dlc':
+            c = c + self.sem_embedder(y)
+        for block in self.blocks:
+            if self.grad_checkpoint and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)
+        return self.unpatchify(self.final_layer(x, c))
+
+    def forward_with_cfg(self, x, t, y, cfg_scale):
+        """Classifier-free guidance, DiT's calling convention: the batch is [x; x] with
+        conditions [y; null]; guidance applies to every eps (or velocity) channel."""
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half]), t, y)
+        guided, rest = out[:, :self.in_channels], out[:, self.in_channels:]
+        cond_out, uncond_out = guided.chunk(2)
+        guided = uncond_out + cfg_scale * (cond_out - uncond_out)
+        return torch.cat([torch.cat([guided, guided]), rest], dim=1)
+
+
+def _sizes(depth, hidden_size, num_heads):
+    return dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads)
+
+
+DiT_models = {f'DiT-{name}/{p}': dict(**size, patch_size=p)
+              for name, size in [('XL', _sizes(28, 1152, 16)), ('L', _sizes(24, 1024, 16)),
+                                 ('B', _sizes(12, 768, 12)), ('S', _sizes(12, 384, 6)),
+                                 ('Ti', _sizes(4, 128, 4))]   # Ti: the CPU size of the built-in data
+              for p in (2, 4, 8)}
+
+
+# -----------------------------------------------------------------------------
+# The SD-VAE (AutoencoderKL of stabilityai/sd-vae-ft-ema), parameter names as diffusers, so
+# its diffusion_pytorch_model.{bin,safetensors} loads strictly. Latents are scaled by
+# VAE_SCALE before the DiT sees them; --mode=extract runs the encoder once for the dataset.
+
+VAE_SCALE = 0.18215  # sd-vae-ft-ema config "scaling_factor": unit-variance latents for the UNet
+
+
+class _VAEResnet(nn.Module):
+    """diffusers ResnetBlock2D without a time embedding: GN-SiLU-conv twice, plus a skip."""
+
+    def __init__(self, cin, cout, groups):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        # diffusers only creates the 1x1 shortcut when the width changes; its key must not exist otherwise
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))  # dropout is 0 in the VAE, so it is left out
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class _VAEAttention(nn.Module):
+    """diffusers Attention as used in the VAE mid block: one head over all channels,
+    spatial positions as tokens, residual added back. Key names follow the current
+    diffusers naming (to_q/to_k/to_v/to_out.0/group_norm)."""
+
+    def __init__(self, ch, groups):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.to_q = nn.Linear(ch, ch)
+        self.to_k = nn.Linear(ch, ch)
+        self.to_v = nn.Linear(ch, ch)
+        # a ModuleList so the key is "to_out.0" (diffusers keeps a dropout at index 1, no params)
+        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        t = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
+        q, k, v = (lin(t).unsqueeze(1) for lin in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
+        o = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(C), as with heads=1 in diffusers
+        o = self.to_out[0](o.squeeze(1))  # (B, HW, C)
+        return x + o.transpose(1, 2).reshape(b, c, h, w)
+
+
+class _VAEDownsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        # asymmetric right/bottom pad as in the original LDM code: (B,C,H,W) -> (B,C,H/2,W/2)
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class _VAEUpsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B,C,2H,2W)
+
+
+class _VAEBlock(nn.Module):
+    """DownEncoderBlock2D / UpDecoderBlock2D: resnets, then an optional resampler.
+    Attribute names (resnets, downsamplers, upsamplers) are the diffusers ones."""
+
+    def __init__(self, cin, cout, n, groups, down=False, up=False):
+        super().__init__()
+        self.resnets = nn.ModuleList(_VAEResnet(cin if i == 0 else cout, cout, groups) for i in range(n))
+        if down:
+            self.downsamplers = nn.ModuleList([_VAEDownsample(cout)])
+        if up:
+            self.upsamplers = nn.ModuleList([_VAEUpsample(cout)])
+
+    def forward(self, x):
+        for r in self.resnets:
+            x = r(x)
+        if hasattr(self, "downsamplers"):
+            x = self.downsamplers[0](x)
+        if hasattr(self, "upsamplers"):
+            x = self.upsamplers[0](x)
+        return x
+
+
+class _VAEMid(nn.Module):
+    """UNetMidBlock2D: resnet, attention, resnet (keys resnets.0, attentions.0, resnets.1)."""
+
+    def __init__(self, ch, groups):
+        super().__init__()
+        self.attentions = nn.ModuleList([_VAEAttention(ch, groups)])
+        self.resnets = nn.ModuleList([_VAEResnet(ch, ch, groups), _VAEResnet(ch, ch, groups)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class _VAEEncoder(nn.Module):
+    def __init__(self, cin, chs, n, zc, groups):
+        super().__init__()
+        self.conv_in = nn.Conv2d(cin, chs[0], 3, padding=1)
+        # every block but the last halves the resolution
+        self.down_blocks = nn.ModuleList(
+            _VAEBlock(chs[max(i - 1, 0)], c, n, groups, down=i < len(chs) - 1) for i, c in enumerate(chs))
+        self.mid_block = _VAEMid(chs[-1], groups)
+        self.conv_norm_out = nn.GroupNorm(groups, chs[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(chs[-1], 2 * zc, 3, padding=1)  # mean and logvar
+
+    def forward(self, x):  # (B,3,H,W) -> (B,2*zc,H/f,W/f), f = 2**(len(chs)-1)
+        h = self.conv_in(x)
+        for blk in self.down_blocks:
+            h = blk(h)
+        h = self.mid_block(h)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+class _VAEDecoder(nn.Module):
+    def __init__(self, cout, chs, n, zc, groups):
+        super().__init__()
+        rev = list(reversed(chs))
+        self.conv_in = nn.Conv2d(zc, rev[0], 3, padding=1)
+        self.mid_block = _VAEMid(rev[0], groups)
+        # the decoder has one extra resnet per block; every block but the last doubles the resolution
+        self.up_blocks = nn.ModuleList(
+            _VAEBlock(rev[max(i - 1, 0)], c, n + 1, groups, up=i < len(rev) - 1) for i, c in enumerate(rev))
+        self.conv_norm_out = nn.GroupNorm(groups, chs[0], eps=1e-6)
+        self.conv_out = nn.Conv2d(chs[0], cout, 3, padding=1)
+
+    def forward(self, z):  # (B,zc,h,w) -> (B,3,h*f,w*f)
+        h = self.mid_block(self.conv_in(z))
+        for blk in self.up_blocks:
+            h = blk(h)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+class AutoencoderKL(nn.Module):
+    """The Stable Diffusion KL autoencoder (VAE), written from scratch.
+
+    Module and parameter names mirror diffusers' AutoencoderKL exactly
+    (encoder/decoder, down_blocks/up_blocks, resnets, mid_block.attentions.0.to_q, ...,
+    quant_conv, post_quant_conv), so the published stabilityai/sd-vae-ft-ema weights
+    (diffusion_pytorch_model.safetensors / .bin) load with load_state_dict(strict=True)
+    without any key translation. Images are in [-1, 1]; latents are UNscaled
+    (multiply by VAE_SCALE before feeding a diffusion model)."""
+
+    def __init__(self, in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512),
+                 layers_per_block=2, latent_channels=4, norm_num_groups=32):
+        super().__init__()
+        chs = tuple(block_out_channels)
+        self.encoder = _VAEEncoder(in_channels, chs, layers_per_block, latent_channels, norm_num_groups)
+        self.decoder = _VAEDecoder(out_channels, chs, layers_per_block, latent_channels, norm_num_groups)
+        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+
+    def _moments(self, x):
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)  # each (B,zc,H/f,W/f)
+        return mean, logvar.clamp(-30.0, 20.0)  # same clamp as diffusers' DiagonalGaussianDistribution
+
+    def encode(self, x, generator=None):
+        """Sample z ~ N(mean, exp(logvar)) from the posterior; returns unscaled latents."""
+        mean, logvar = self._moments(x)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + torch.exp(0.5 * logvar) * noise
+
+    def encode_mean(self, x):
+        """The posterior mean (deterministic latents), unscaled."""
+        return self._moments(x)[0]
+
+    def decode(self, z):
+        """Unscaled latents (B,zc,h,w) -> images (B,3,h*f,w*f), roughly in [-1, 1] (not clamped)."""
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x, generator=None):
+        return self.decode(self.encode(x, generator))
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path):
+    """Parse a .safetensors file by hand -> {name: tensor} on CPU.
+
+    Layout: u64 little-endian header size N, N bytes of JSON
+    {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}},
+    then the raw little-endian tensor bytes (offsets relative to the end of the header)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n).decode("utf-8"))
+        data = f.read()
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        dtype = _ST_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        buf = bytearray(data[begin:end])  # a writable copy, so the tensor owns its memory
+        t = torch.frombuffer(buf, dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
+        if sys.byteorder == "big" and t.element_size() > 1:  # file bytes are little-endian
+            t = t.view(torch.uint8).view(-1, t.element_size()).flip(1).contiguous().view(dtype).flatten()
+        out[name] = t.reshape(shape)
+    return out
+
+
+# Older diffusers checkpoints (sd-vae-ft-ema was published in 2022) may still carry the
+# deprecated attention names; diffusers renames them on load, so we do the same.
+_VAE_OLD_ATTN = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+
+
+def _vae_rename_deprecated(sd):
+    out = {}
+    for k, v in sd.items():
+        if ".attentions." in k:
+            for old, new in _VAE_OLD_ATTN.items():
+                k = k.replace(old, new)
+        out[k] = v
+    return out
+
+
+def load_vae(path, **arch):
+    """Build the sd-vae-ft-ema AutoencoderKL (or `arch` overrides) and load `path` strictly.
+
+    `path` is diffusion_pytorch_model.safetensors (read by hand) or .bin/.pt (torch.load)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"VAE weights not found at {path!r}. Download diffusion_pytorch_model.safetensors "
+            f"(or .bin) from https://huggingface.co/stabilityai/sd-vae-ft-ema and set the config "
+            f"key 'vae_path' to its location.")
+    cfg = dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512),
+               layers_per_block=2, latent_channels=4, norm_num_groups=32)
+    cfg.update(arch)
+    model = AutoencoderKL(**cfg)
+    if path.endswith(".safetensors"):
+        sd = read_safetensors(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    sd = _vae_rename_deprecated(sd)
+    want, have = set(model.state_dict()), set(sd)
+    if want != have:
+        missing, unexpected = sorted(want - have), sorted(have - want)
+        raise ValueError(
+            f"{path} does not match the diffusers AutoencoderKL layout: "
+            f"{len(missing)} missing keys (e.g. {missing[:5]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:5]})")
+    model.load_state_dict(sd, strict=True)  # copies and casts (e.g. F16 -> F32) into the params
+    return model.eval()
+
+
+def sd_vae_key_shapes():
+    """Full-size sd-vae-ft-ema state_dict key -> shape, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        m = AutoencoderKL()
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+# -----------------------------------------------------------------------------
+# Gaussian diffusion (objective='eps'): schedule arrays, loss, DDPM and DDIM samplers
+
+class GaussianDiffusion:
+    """The quantities of q and p for a beta schedule. `timesteps` maps each step of a
+    respaced schedule to the original timestep the network was trained on."""
+    def __init__(self, betas, timesteps=None):
+        self.betas = betas = np.asarray(betas, dtype=np.float64)
+        self.num_timesteps = len(betas)
+        self.timesteps = np.arange(len(betas)) if timesteps is None else np.asarray(timesteps)
+        alphas = 1.0 - betas
+        self.abar = np.cumprod(alphas)
+        self.abar_prev = np.append(1.0, self.abar[:-1])
+        self.posterior_variance = betas * (1.0 - self.abar_prev) / (1.0 - self.abar)
+        # log variance with the t = 0 entry (zero) replaced by the next one, as ADM does
+        self.posterior_log_variance = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        self.posterior_mean_coef1 = betas * np.sqrt(self.abar_prev) / (1.0 - self.abar)
+        self.posterior_mean_coef2 = (1.0 - self.abar_prev) * np.sqrt(alphas) / (1.0 - self.abar)
+
+    @classmethod
+    def linear(cls, num_timesteps=1000):
+        scale = 1000 / num_timesteps
+        return cls(np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64))
+
+    def respaced(self, steps):
+        """The same process seen at `steps` evenly spaced timesteps: beta_i = 1 - abar_i / abar_{i-1}."""
+        keep = sorted(set(np.round(np.linspace(0, self.num_timesteps - 1, steps)).astype(int).tolist()))
+        abar = self.abar[keep]
+        betas = 1.0 - abar / np.append(1.0, abar[:-1])
+        return GaussianDiffusion(betas, self.timesteps[keep])
+
+    @staticmethod
+    def _at(array, t, x):
+        """array[t] shaped to broadcast against x."""
+        return torch.as_tensor(array, device=x.device)[t].float().view(-1, *([1] * (x.ndim - 1)))
+
+    def q_sample(self, x0, t, noise):
+        return self._at(np.sqrt(self.abar), t, x0) * x0 + self._at(np.sqrt(1 - self.abar), t, x0) * noise
+
+    def q_posterior(self, x0, x_t, t):
+        mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, self._at(self.posterior_log_variance, t, x_t)
+
+    def p_mean_variance(self, out, x_t, t, clip):
+        """From the network output (eps, v) to the reverse step's mean and log variance."""
+        C = x_t.shape[1]
+        eps = out[:, :C]
+        if out.shape[1] == 2 * C:                       # learned variance between betatilde and beta
+            frac = (out[:, C:] + 1) / 2
+            log_var = frac * self._at(np.log(self.betas), t, x_t) + (1 - frac) * self._at(self.posterior_log_variance, t, x_t)
+        else:
+            log_var = self._at(self.posterior_log_variance, t, x_t).expand_as(x_t)
+        x0 = self._at(np.sqrt(1 / self.abar), t, x_t) * x_t - self._at(np.sqrt(1 / self.abar - 1), t, x_t) * eps
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        mean, _ = self.q_posterior(x0, x_t, t)
+        return mean, log_var, x0, eps
+
+    def training_losses(self, out, x0, x_t, t, noise):
+        """Per-sample loss: MSE on eps, plus L_vlb (in bits per dimension) that trains the
+        variance through a mean that does not get its gradient."""
+        C = x0.shape[1]
+        mse = (noise - out[:, :C]).float().pow(2).mean(dim=(1, 2, 3))
+        if out.shape[1] == C:
+            return mse
+        frozen = torch.cat([out[:, :C].detach(), out[:, C:]], dim=1).float()
+        true_mean, true_log_var = self.q_posterior(x0, x_t, t)
+        mean, log_var, _, _ = self.p_mean_variance(frozen, x_t, t, clip=False)
+        kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(dim=(1, 2, 3)) / math.log(2)
+        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(dim=(1, 2, 3)) / math.log(2)
+        vb = torch.where(t == 0, nll, kl)
+        return mse + vb
+
+    def ddpm_step(self, out, x_t, i, noise, clip):
+        t = torch.full((len(x_t),), i, device=x_t.device, dtype=torch.long)
+        mean, log_var, _, _ = self.p_mean_variance(out, x_t, t, clip)
+        return mean + (torch.exp(0.5 * log_var) * noise if i > 0 else 0)
+
+    def ddim_step(self, out, x_t, i, clip):
+        t = torch.full((len(x_t),), i, device=x_t.device, dtype=torch.long)
+        _, _, x0, _ = self.p_mean_variance(out, x_t, t, clip)
+        eps = (self._at(np.sqrt(1 / self.abar), t, x_t) * x_t - x0) / self._at(np.sqrt(1 / self.abar - 1), t, x_t)
+        return self._at(np.sqrt(self.abar_prev), t, x_t) * x0 + self._at(np.sqrt(1 - self.abar_prev), t, x_t) * eps
+
+
+def normal_kl(mean1, log_var1, mean2, log_var2):
+    return 0.5 * (-1.0 + log_var2 - log_var1 + torch.exp(log_var1 - log_var2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-log_var2))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log p(x) of data quantized to 256 levels in [-1, 1] under N(means, exp(log_scales)^2)."""
+    def cdf(v):
+        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = cdf(inv_std * (centered + 1.0 / 255))
+    cdf_min = cdf(inv_std * (centered - 1.0 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))))
+
+
+# -----------------------------------------------------------------------------
+# Sampling: one function for both objectives. `model_fn(x, t) -> output` is the network with
+# the condition (and guidance) already bound; noise comes from per-sample generators, so a
+# sample depends on its seed only, not on the batch it was drawn in.
+
+def sample_noise(shape, seeds, device):
+    """(N, *shape) standard normal noise, row i from a generator seeded by seeds[i]."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+
+
+@torch.no_grad()
+def sample(model_fn, shape, seeds, objective, sampler, steps, device, clip=False, diffusion=None):
+    """Draw len(seeds) samples of `shape` (C, H, W). eps: 'ddpm' ancestral steps or 'ddim' on
+    `steps` respaced timesteps; flow: 'euler' or 'heun' steps of the ODE from t = 1 to 0."""
+    x = sample_noise(shape, seeds, device)
+    if objective == 'flow':
+        ts = torch.linspace(1.0, 0.0, steps + 1)
+        for k in range(steps):
+            t, t_next = ts[k].item(), ts[k + 1].item()
+            u = model_fn(x, torch.full((len(x),), t, device=device))
+            x_next = x + (t_next - t) * u
+            if sampler == 'heun' and t_next > 0:
+                u_next = model_fn(x_next, torch.full((len(x),), t_next, device=device))
+                x_next = x + (t_next - t) * 0.5 * (u + u_next)
+            x = x_next
+        return x
+    spaced = (diffusion or GaussianDiffusion.linear()).respaced(steps)
+    step_seeds = [[int(s) * 7919 + 1 + i for s in seeds] for i in range(spaced.num_timesteps)]
+    for i in reversed(range(spaced.num_timesteps)):
+        t_model = torch.full((len(x),), int(spaced.timesteps[i]), device=device)
+        out = model_fn(x, t_model).float()
+        if sampler == 'ddim':
+            x = spaced.ddim_step(out, x, i, clip)
+        else:
+            x = spaced.ddpm_step(out, x, i, sample_noise(shape, step_seeds[i], device) if i > 0 else None, clip)
+    return x
+
+
+def guided(model, y, cfg_scale, objective, interval=(0.0, 1.0)):
+    """model_fn for `sample`: the conditional network, with classifier-free guidance while
+    the normalized time is inside `interval`. Time is t / 1000 for eps, t for flow."""
+    def fn(x, t):
+        t_net = t * 1000 if objective == 'flow' else t
+        t_norm = (t if objective == 'flow' else t.float() / 1000)[0].item()
+        if cfg_scale == 1.0 or model.cond == 'none' or not (interval[0] <= t_norm <= interval[1]):
+            return model(x, t_net, y)
+        cond = y
+        if cond.is_floating_point():                   # soft codes: the null row, one-hot
+            cond = F.pad(cond, (0, model.null + 1 - cond.shape[-1]))
+            null = F.one_hot(torch.full(cond.shape[:-1], model.null, device=cond.device), model.null + 1).to(cond)
+        else:
+            null = torch.full_like(cond, model.null)
+        return model.forward_with_cfg(torch.cat([x, x]), torch.cat([t_net, t_net]),
+                                      torch.cat([cond, null]), cfg_scale)[: len(x)]
+    return fn
+
+
+# -----------------------------------------------------------------------------
+# Data: images (built-in arrays or an image folder) or pre-extracted latents, plus the
+# condition of every item: its DLC from the tokenizer's dump, or its class
+
+def read_images(data_dir, split, image_size):
+    """uint8 (N, H, W, 3) for the built-in arrays, or a folder dataset that yields them."""
+    array = os.path.join(data_dir, f'{split}_images.npy')
+    if os.path.exists(array):
+        images = np.load(array, mmap_mode='r')
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (image_size, image_size, 3):
+            raise ValueError(f"{array}: expected uint8 (N, {image_size}, {image_size}, 3), got "
+                             f"{images.dtype} {images.shape}; set --image_size to the data's size")
+        return images
+    folder = os.path.join(data_dir, split)
+    if os.path.isdir(folder):
+        return ImageFolder(folder, image_size)
+    raise FileNotFoundError(f"no split '{split}' in '{data_dir}': expected {array} (run python "
+                            f"data/shapes/prepare.py) or an image folder {folder}/<class>/<image>")
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """<root>/<class>/<image>, sorted by relative path; each image resized so its short side is
+    image_size (box-downsampled by halves first, as ADM does), then center-cropped."""
+    def __init__(self, root, image_size):
+        self.root, self.image_size = root, image_size
+        classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.files, self.labels = [], []
+        for label, c in enumerate(classes):
+            for dirpath, _, names in sorted(os.walk(os.path.join(root, c))):
+                for name in sorted(names):
+                    if name.lower().endswith(('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm')):
+                        self.files.append(os.path.join(dirpath, name))
+                        self.labels.append(label)
+        if not self.files:
+            raise FileNotFoundError(f"no images under '{root}' (expected <class>/<image> files)")
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.files[i]) as im:
+                im = im.convert('RGB')
+                while min(im.size) >= 2 * self.image_size:
+                    im = im.resize((im.width // 2, im.height // 2), Image.BOX)
+                s = self.image_size / min(im.size)
+                im = im.resize((round(im.width * s), round(im.height * s)), Image.BICUBIC)
+                left, top = (im.width - self.image_size) // 2, (im.height - self.image_size) // 2
+                im = im.crop((left, top, left + self.image_size, top + self.image_size))
+                return torch.from_numpy(np.asarray(im).copy())
+        except Exception as e:
+            raise RuntimeError(f"cannot read image '{self.files[i]}' ({e}); remove or replace it") from None
+
+
+def read_conditions(cfg, split, n_items):
+    """The condition of every item of a split, checked against the data: (N, L) codes, (N,)
+    labels, or None. Returns (conditions, contract) where contract holds L and V."""
+    if cfg['cond'] == 'dlc':
+        ckpt_path = os.path.join(cfg['codes_dir'], 'tokenizer.pt')
+        if not os.path.exists(ckpt_path):
+            raise FileNotFoundError(f"tokenizer checkpoint '{ckpt_path}' not found: set --codes_dir to the "
+                                    "tokenizer's out_dir")
+        tok = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        path = os.path.join(cfg['codes_dir'], f'codes_{split}.npy')
+        return check_codes(path, tok['L'], tok['V'], n_items), dict(L=tok['L'], V=tok['V'])
+    if cfg['cond'] == 'class':
+        return class_labels(cfg['data_dir'], split, cfg['image_size'], cfg['num_classes']), {}
+    return None, {}
+
+
+def check_codes(path, L, V, n_items):
+    """Load a code dump and refuse it unless it fits the tokenizer and the dataset."""
+    fix = "write it again with python tokenizer.py --mode=dump for this tokenizer and split"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"code dump '{path}' not found; {fix}")
+    codes = np.load(path)
+    if codes.ndim != 2 or codes.shape[1] != L:
+        raise ValueError(f"code dump '{path}' has shape {codes.shape}, but its tokenizer makes codes of "
+                         f"L={L} tokens; {fix}")
+    if not np.issubdtype(codes.dtype, np.unsignedinteger) or (codes.size and int(codes.max()) >= V):
+        raise ValueError(f"code dump '{path}' holds {codes.dtype} tokens up to {int(codes.max())}, but its "
+                         f"tokenizer has V={V}: tokens must be unsigned integers < V; {fix}")
+    if len(codes) != n_items:
+        raise ValueError(f"code dump '{path}' has {len(codes)} codes but the split has {n_items} items; {fix}")
+    return codes
+
+
+def class_labels(data_dir, split, image_size, num_classes):
+    """Folder classes, or for the built-in data the (shape, color) pair: shape * n_colors + color."""
+    factors = os.path.join(data_dir, f'{split}_factors.npy')
+    if os.path.exists(factors):
+        f = np.load(factors)
+        with open(os.path.join(data_dir, 'meta.json')) as fh:
+            labels = f[:, 0] * len(json.load(fh)['color']) + f[:, 1]
+    else:
+        labels = np.array(ImageFolder(os.path.join(data_dir, split), image_size).labels)
+    if labels.max() >= num_classes:
+        raise ValueError(f"split '{split}' of '{data_dir}' has labels up to {labels.max()}; set --num_classes")
+    return labels
+
+
+class TrainingSet(torch.utils.data.Dataset):
+    """Item i: (image as float in [-1, 1] (C, H, W) or its latent, condition). Flips are chosen
+    by the caller (a per-item flag) so they are the same on any number of processes."""
+    def __init__(self, cfg, split):
+        if cfg['latents_dir']:
+            path = os.path.join(cfg['latents_dir'], f'latents_{split}.npy')
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"latents '{path}' not found: run python diffusion.py --mode=extract "
+                                        f"--split={split} --out_dir={cfg['latents_dir']}")
+            self.images = np.load(path, mmap_mode='r')
+            flip_path = path.replace('.npy', '_flip.npy')
+            self.flipped = np.load(flip_path, mmap_mode='r') if cfg['hflip'] and os.path.exists(flip_path) else None
+            if cfg['hflip'] and self.flipped is None:
+                raise FileNotFoundError(f"hflip=True needs '{flip_path}' (--mode=extract --extract_flip=True), "
+                                        "or set --hflip=False")
+        else:
+            self.images, self.flipped = read_images(cfg['data_dir'], split, cfg['image_size']), None
+        self.latent = bool(cfg['latents_dir'])
+        self.conditions, self.contract = read_conditions(cfg, split, len(self.images))
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        i, flip = key
+        if self.latent:
+            x = torch.from_numpy(np.array((self.flipped if flip else self.images)[i])).float()
+        else:
+            x = self.images[i]
+            x = torch.as_tensor(np.array(x)).permute(2, 0, 1).float() / 127.5 - 1
+            if flip:
+                x = x.flip(-1)
+        y = torch.as_tensor(np.array(self.conditions[i]).astype(np.int64)) if self.conditions is not None else torch.zeros(())
+        return x, y
+
+
+class BatchSampler:
+    """(index, flip) pairs of this process's micro-batches of each global batch. Epochs are
+    seeded permutations, so the data position is a function of the iteration (exact resume)
+    and the global batch is the same for any number of processes."""
+    def __init__(self, n, batch_size, start, stop, seed, rank, world, micro, hflip):
+        self.n, self.batch_size, self.start, self.stop, self.seed = n, batch_size, start, stop, seed
+        self.rank, self.world, self.micro, self.hflip = rank, world, micro, hflip
+        self.epoch, self.perm = None, None
+
+    def __len__(self):
+        return (self.stop - self.start) * self.batch_size // (self.world * self.micro)
+
+    def __iter__(self):
+        per_epoch = self.n // self.batch_size
+        local = self.batch_size // self.world
+        for it in range(self.start, self.stop):
+            epoch, step = divmod(it, per_epoch)
+            if epoch != self.epoch:
+                gen = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+                self.epoch, self.perm = epoch, torch.randperm(self.n, generator=gen)
+                self.flips = torch.rand(self.n, generator=gen) < 0.5
+            idx = self.perm[step * self.batch_size:(step + 1) * self.batch_size]
+            idx = idx[self.rank * local:(self.rank + 1) * local]
+            for k in range(0, local, self.micro):
+                part = idx[k:k + self.micro].tolist()
+                yield [(i, bool(self.flips[i]) and self.hflip) for i in part]
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints, images
+
+def save_atomic(obj, path):
+    """Write to a temporary file in the same folder, then rename: a crash leaves the old file."""
+    tmp = f'{path}.tmp.{os.getpid()}'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"diffusion checkpoint '{path}' not found: train one first "
+                                f"(python diffusion.py <config> --out_dir={os.path.dirname(path) or '.'})")
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def model_from_checkpoint(ckpt, weights='ema'):
+    model = DiT(**ckpt['model_args'])
+    model.load_state_dict(ckpt[weights])
+    return model.eval()
+
+
+def to_uint8(x):
+    """(N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, path, ncol):
+    """uint8 (N, H, W, 3) -> one PNG, ncol images per row, 2 px gaps."""
+    n, h, w, _ = images.shape
+    nrow = math.ceil(n / ncol)
+    grid = np.full((nrow * (h + 2) + 2, ncol * (w + 2) + 2, 3), 255, dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncol)
+        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = im
+    Image.fromarray(grid).save(path)
+
+
+def decode_to_uint8(x, vae):
+    """Samples in the training space to uint8 images: pixels directly, latents via the VAE."""
+    if vae is not None:
+        x = vae.decode(x / VAE_SCALE)
+    return to_uint8(x)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+def setup_distributed(device):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is a single process."""
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
+        local_rank = int(os.environ['LOCAL_RANK'])
+        if device.startswith('cuda'):
+            device = f'cuda:{local_rank}'
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def all_reduce_mean(x):
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def model_args_from(cfg, contract, in_channels, input_size):
+    arch = DiT_models[cfg['model']]
+    return dict(input_size=input_size, in_channels=in_channels, mlp_ratio=4.0, cond=cfg['cond'],
+                learn_sigma=cfg['learn_sigma'] and cfg['objective'] == 'eps',
+                num_classes=cfg['num_classes'], L=contract.get('L', 0), V=contract.get('V', 0), **arch)
+
+
+def load_public_dit(model, path):
+    """The public class-conditional DiT-XL-2-256x256.pt (a bare state dict), strictly."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"DiT weights '{path}' not found; download DiT-XL-2-256x256.pt from "
+                                "https://dl.fbaipublicfiles.com/DiT/models/ and set --init_from to its path")
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    model.load_state_dict(state.get('ema', state), strict=True)
+
+
+def flow_loss(model, x0, y, t, noise):
+    """Rectified flow: x_t = (1 - t) x0 + t noise, regress the velocity noise - x0."""
+    tt = t.view(-1, 1, 1, 1)
+    out = model(x0 * (1 - tt) + noise * tt, t * 1000, y)
+    return (out.float() - (noise - x0)).pow(2).mean(dim=(1, 2, 3))
+
+
+def train(cfg):
+    rank, world, device = setup_distributed(cfg['device'])
+    c, master = cfg, rank == 0
+    device_type = 'cuda' if 'cuda' in device else 'cpu'
+    if c['batch_size'] % (world * c['micro_batch_size']):
+        raise ValueError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) x "
+                         f"micro_batch_size ({c['micro_batch_size']})")
+    accum = c['batch_size'] // (world * c['micro_batch_size'])
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device_type == 'cuda' else nullcontext()
+    os.makedirs(c['out_dir'], exist_ok=True)
+    ckpt_path = os.path.join(c['out_dir'], 'diffusion.pt')
+
+    data = TrainingSet(c, c['train_split'])
+    x_shape = tuple(data[(0, False)][0].shape)           # (C, H, W) in the training space
+    model_args = model_args_from(c, data.contract, x_shape[0], x_shape[1])
+    torch.manual_seed(c['seed'])
+    model = DiT(**model_args, grad_checkpoint=c['grad_checkpoint'])
+    if c['init_from'] not in ('scratch', 'resume'):
+        load_public_dit(model, c['init_from'])
+    model.to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    decay, no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2], \
+                      [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=c['weight_decay']),
+                                   dict(params=no_decay, weight_decay=0.0)],
+                                  lr=c['learning_rate'], betas=(0.9, 0.999), fused=device_type == 'cuda')
+    iter_num = 0
+    if c['init_from'] == 'resume':
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt['model'])
+        ema.load_state_dict(ckpt['ema'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        iter_num = ckpt['iter_num']
+        if master:
+            print(f"resuming from {ckpt_path} at iteration {iter_num}")
+    raw_model = model
+    if c['compile']:
+        model = torch.compile(model)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == 'cuda' else None)
+    diffusion = GaussianDiffusion.linear()
+    if master:
+        n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        print(f"{c['model']} ({n_params / 1e6:.2f}M parameters), cond={c['cond']}, objective={c['objective']}, "
+              f"{'latents' if c['latents_dir'] else 'pixels'} {x_shape}, {world} process(es) x {accum} "
+              f"micro-batches of {c['micro_batch_size']} = batch {c['batch_size']}")
+
+    def save():
+        save_atomic(dict(model=raw_model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                         model_args=model_args, config=dict(c), iter_num=iter_num,
+                         image_size=c['image_size'], space='latent' if c['latents_dir'] else 'pixel',
+                         cond=c['cond'], objective=c['objective'], **data.contract), ckpt_path)
+
+    stop = c['max_iters'] if c['run_iters'] < 0 else min(c['max_iters'], iter_num + c['run_iters'])
+    sampler = BatchSampler(len(data), c['batch_size'], iter_num, stop, c['seed'], rank, world,
+                           c['micro_batch_size'], c['hflip'])
+    loader = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, pin_memory=device_type == 'cuda',
+                                              num_workers=c['num_workers'] if isinstance(data.images, ImageFolder) else 0))
+    bar = tqdm(total=stop, initial=iter_num, disable=not master, desc='diffusion', dynamic_ncols=True)
+    local = c['batch_size'] // world
+    t0, history = time.time(), []
+    while iter_num < stop:
+        it = iter_num
+        lr = c['learning_rate'] * min(1.0, (it + 1) / c['warmup_iters']) if c['warmup_iters'] else c['learning_rate']
+        for g in optimizer.param_groups:
+            g['lr'] = lr
+        # timesteps, noise and condition dropout drawn for the global batch, sliced per process
+        gen = torch.Generator().manual_seed(c['seed'] * 1_000_003 + it)
+        B = c['batch_size']
+        t_all = torch.rand(B, generator=gen) if c['objective'] == 'flow' else torch.randint(0, 1000, (B,), generator=gen)
+        noise_all = torch.randn(B, *x_shape, generator=gen)
+        drop_all = torch.rand(B, generator=gen) < c['class_dropout_prob']
+        loss_sum = torch.zeros((), device=device)
+        for k in range(accum):
+            x, y = next(loader)
+            rows = slice(rank * local + k * c['micro_batch_size'], rank * local + (k + 1) * c['micro_batch_size'])
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            t, noise, drop = t_all[rows].to(device), noise_all[rows].to(device), drop_all[rows].to(device)
+            if c['cond'] == 'dlc':
+                y = torch.where(drop[:, None], raw_model.null, y)
+            elif c['cond'] == 'class':
+                y = torch.where(drop, raw_model.null, y)
+            else:
+                y = None
+            if world > 1:
+                model.require_backward_grad_sync = k == accum - 1
+            with autocast:
+                if c['objective'] == 'flow':
+                    loss = flow_loss(model, x, y, t, noise).mean()
+                else:
+                    x_t = diffusion.q_sample(x, t, noise)
+                    loss = diffusion.training_losses(model(x_t, t, y).float(), x, x_t, t, noise).mean()
+            (loss / accum).backward()
+            loss_sum += loss.detach() / accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c['grad_clip'] if c['grad_clip'] > 0 else float('inf'))
+        if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):   # stop before the bad update
+            raise FloatingPointError(
+                f"loss is {loss_sum.item()} (gradient norm {grad_norm.item()}) at iteration {it}; {ckpt_path} "
+                f"keeps the last good state (saved every {c['ckpt_interval']} iterations). Lower "
+                f"learning_rate or add warmup_iters, then continue with --init_from=resume")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), raw_model.parameters()):
+                pe.lerp_(pm, 1 - c['ema_decay'])
+        iter_num += 1
+        bar.update(1)
+        if iter_num % c['log_interval'] == 0 or iter_num == stop:
+            logged = all_reduce_mean(loss_sum).item()
+            history.append(dict(iter=iter_num, loss=logged))
+            if master:
+                dt = time.time() - t0
+                n_iters = c['log_interval'] if iter_num % c['log_interval'] == 0 else iter_num % c['log_interval']
+                tqdm.write(f"iter {iter_num}: loss {logged:.4f} lr {lr:.2e} "
+                           f"{n_iters * c['batch_size'] / dt:.1f} img/s")
+            t0 = time.time()
+        if master and (iter_num % c['ckpt_interval'] == 0 or iter_num == stop):
+            save()
+        if master and c['sample_interval'] > 0 and (iter_num % c['sample_interval'] == 0 or iter_num == stop):
+            write_sample_grid(ema, c, data, x_shape, device, os.path.join(c['out_dir'], f'samples_{iter_num:07d}.png'))
+    bar.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return raw_model, ema, history
+
+
+def write_sample_grid(ema, c, data, x_shape, device, path):
+    """EMA samples for the conditions of the first n_grid training items (pixels only, or
+    latents when a VAE is given)."""
+    if data.latent and not c['vae_path']:
+        return
+    n = min(c['n_grid'], len(data))
+    y = torch.stack([data[(i, False)][1] for i in range(n)]).to(device) if c['cond'] != 'none' else None
+    sampler_name = c['sampler'] if c['objective'] == 'eps' or c['sampler'] in ('euler', 'heun') else 'euler'
+    x = sample(guided(ema, y, c['cfg_scale'], c['objective'], c['guidance_interval']), x_shape,
+               range(n), c['objective'], sampler_name, c['num_sampling_steps'], device, clip=c['clip_denoised'])
+    vae = load_vae(c['vae_path']).to(device) if data.latent else None
+    save_grid(decode_to_uint8(x, vae), path, ncol=int(math.ceil(math.sqrt(n))))
+
+
+# -----------------------------------------------------------------------------
+# Extract: the SD-VAE latents of a split, once, so training never runs the encoder
+
+@torch.no_grad()
+def extract(cfg):
+    """Writes out_dir/latents_<split>.npy (float16 (N, 4, H/8, W/8), scaled by VAE_SCALE) and,
+    with extract_flip, latents_<split>_flip.npy of the mirrored images. Batch b is encoded by
+    process b % world with a posterior sample seeded by b, so the file does not depend on the
+    number of processes."""
+    rank, world, device = setup_distributed(cfg['device'])
+    vae = load_vae(cfg['vae_path']).to(device)
+    images = read_images(cfg['data_dir'], cfg['split'], cfg['image_size'])
+    N, bs, h = len(images), cfg['micro_batch_size'], cfg['image_size'] // 8
+    os.makedirs(cfg['out_dir'], exist_ok=True)
+    outputs = {'': os.path.join(cfg['out_dir'], f"latents_{cfg['split']}.npy")}
+    if cfg['extract_flip']:
+        outputs['_flip'] = os.path.join(cfg['out_dir'], f"latents_{cfg['split']}_flip.npy")
+    partial = {k: f'{p}.partial.npy' for k, p in outputs.items()}
+    if rank == 0:
+        for p in partial.values():
+            np.lib.format.open_memmap(p, mode='w+', dtype=np.float16, shape=(N, 4, h, h)).flush()
+    if world > 1:
+        dist.barrier()
+    arrays = {k: np.load(p, mmap_mode='r+') for k, p in partial.items()}
+    batches = range(rank, math.ceil(N / bs), world)
+    for b in tqdm(batches, disable=rank != 0, desc=f"latents {cfg['split']}", dynamic_ncols=True):
+        rows = range(b * bs, min(N, (b + 1) * bs))
+        x = torch.stack([torch.as_tensor(np.array(images[i])) for i in rows]).to(device)
+        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
+        for key, array in arrays.items():
+            view = x.flip(-1) if key == '_flip' else x
+            z = vae.encode(view, generator=torch.Generator(device).manual_seed(cfg['seed'] * 1_000_003 + b))
+            array[rows.start:rows.stop] = (z * VAE_SCALE).half().cpu().numpy()
+    for array in arrays.values():
+        array.flush()
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        for key, path in outputs.items():
+            os.replace(partial[key], path)
+            print(f"wrote {path}: ({N}, 4, {h}, {h}) float16")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Recon: the code of each image of a split -> DiT -> an image, judged on the built-in data by
+# the attribute reader (does the result keep the source's shape and color?)
+
+@torch.no_grad()
+def recon(cfg):
+    ckpt = load_checkpoint(os.path.join(cfg['out_dir'], 'diffusion.pt'))
+    device = cfg['device']
+    model = model_from_checkpoint(ckpt).to(device)
+    images = read_images(cfg['data_dir'], cfg['split'], ckpt['image_size'])
+    n = min(cfg['n_recon'], len(images))
+    conditions, _ = read_conditions(dict(cfg, cond=ckpt['cond'], codes_dir=cfg['codes_dir']), cfg['split'], len(images))
+    if ckpt['cond'] == 'dlc' and (conditions.shape[1] != ckpt['L'] or int(conditions.max()) >= ckpt['V']):
+        raise ValueError(f"codes in {cfg['codes_dir']} (L={conditions.shape[1]}) do not fit the DiT's L={ckpt['L']}, V={ckpt['V']}")
+    vae = load_vae(cfg['vae_path']).to(device) if ckpt['space'] == 'latent' else None
+    size = int(math.sqrt(model.pos_embed.shape[1])) * model.patch_size
+    x_shape = (model.in_channels, size, size)
+    sampler_name = cfg['sampler'] if (ckpt['objective'] == 'eps') == (cfg['sampler'] in ('ddpm', 'ddim')) else \
+        ('euler' if ckpt['objective'] == 'flow' else 'ddpm')
+    out = []
+    bs = cfg['micro_batch_size']
+    for start in tqdm(range(0, n, bs), desc='recon', dynamic_ncols=True):
+        idx = range(start, min(n, start + bs))
+        y = torch.as_tensor(conditions[list(idx)].astype(np.int64)).to(device) if conditions is not None else None
+        x = sample(guided(model, y, cfg['cfg_scale'], ckpt['objective'], cfg['guidance_interval']), x_shape,
+                   [cfg['seed'] * 1_000_003 + i for i in idx], ckpt['objective'], sampler_name,
+                   cfg['num_sampling_steps'], device, clip=cfg['clip_denoised'])
+        out.append(decode_to_uint8(x, vae))
+    recons = np.concatenate(out)
+    sources = np.stack([np.array(images[i]) for i in range(n)])
+    pairs = np.stack([sources[:32], recons[:32]], axis=1).reshape(-1, *sources.shape[1:])
+    grid_path = os.path.join(cfg['out_dir'], f"recon_{cfg['split']}.png")
+    save_grid(pairs, grid_path, ncol=16)
+    print(f"wrote {grid_path} (source | reconstruction pairs); {n} samples, {sampler_name} "
+          f"{cfg['num_sampling_steps']} steps, cfg {cfg['cfg_scale']}")
+    return score_recon(cfg['data_dir'], cfg['split'], recons)
+
+
+def score_recon(data_dir, split, recons):
+    """On the built-in data: the attribute reader's verdict on reconstructions of items 0..n-1."""
+    meta_path = os.path.join(data_dir, 'meta.json')
+    if not os.path.exists(meta_path):
+        return {}
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from data.shapes.prepare import read_attributes
+    with open(meta_path) as f:
+        meta = json.load(f)
+    factors = np.load(os.path.join(data_dir, f'{split}_factors.npy'))[:len(recons)]
+    read = read_attributes(recons, meta)
+    scores = dict(valid=float(read['valid'].mean()),
+                  shape=float((read['shape'] == factors[:, 0]).mean()),
+                  color=float((read['color'] == factors[:, 1]).mean()),
+                  shape_and_color=float(((read['shape'] == factors[:, 0]) & (read['color'] == factors[:, 1])).mean()),
+                  background=float((read['background'] == factors[:, 2]).mean()),
+                  size=float((read['size'] == factors[:, 3]).mean()))
+    print('attribute reader on the reconstructions (fraction of items whose source factor is kept):')
+    for k, v in scores.items():
+        print(f"  {k:<16} {v:.3f}")
+    return scores
+
+
+if __name__ == '__main__':
+    cfg = configure(CONFIG, sys.argv[1:])
+    modes = {'train': train, 'extract': extract, 'recon': recon}
+    if cfg['mode'] not in modes:
+        raise ValueError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")
+    modes[cfg['mode']](cfg)

@@ -1,0 +1,238 @@
+"""Claims about the image generator (diffusion.py): the DiT and its code embedder, loading the
+public DiT weights, the samplers, guidance, training (DDP, resume) and its input checks."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+import diffusion as D
+import tokenizer as T
+
+
+# -- the model -----------------------------------------------------------------------------
+
+def tiny_dit(**kw):
+    args = dict(input_size=16, patch_size=4, in_channels=3, hidden_size=32, depth=2, num_heads=2,
+                learn_sigma=True, cond='dlc', L=5, V=7)
+    args.update(kw)
+    torch.manual_seed(0)
+    model = D.DiT(**args).eval()
+    for p in model.parameters():            # adaLN-Zero starts at the identity: perturb it
+        p.data += 0.05 * torch.randn_like(p)
+    return model
+
+
+def test_the_code_embedding_is_the_mean_of_per_position_rows_and_the_null_code_is_row_V():
+    model = tiny_dit()
+    table = model.sem_embedder.embedding_table                          # (L, V+1, D)
+    assert table.shape == (5, 8, 32)
+    codes = torch.tensor([[0, 6, 3, 3, 1]])
+    expected = torch.stack([table[l, codes[0, l]] for l in range(5)]).mean(0)
+    assert torch.allclose(model.sem_embedder(codes)[0], expected)
+    dropped = torch.full((1, 5), model.null)
+    assert model.null == 7
+    assert torch.allclose(model.sem_embedder(dropped)[0], table[:, 7].mean(0))
+    one_hot = torch.nn.functional.one_hot(codes, 7).float()            # soft codes at a vertex
+    assert torch.allclose(model.sem_embedder(one_hot), model.sem_embedder(codes), atol=1e-6)
+
+
+def test_guidance_scale_one_is_the_conditional_model_and_guides_every_eps_channel():
+    model = tiny_dit()
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([10, 500, 999])
+    y = torch.randint(0, 7, (3, 5))
+    null = torch.full_like(y, model.null)
+    both = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), 1.0)
+    assert torch.allclose(both[:3], model(x, t, y), atol=1e-5)
+    out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), 4.0)[:3]
+    cond, uncond = model(x, t, y), model(x, t, null)
+    assert torch.allclose(out[:, :3], uncond[:, :3] + 4.0 * (cond[:, :3] - uncond[:, :3]), atol=1e-4)
+    assert torch.allclose(out[:, 3:], cond[:, 3:], atol=1e-5)        # the variance is not guided
+
+
+def dit_s2_state_dict():
+    """The exact key names and shapes of facebookresearch/DiT's DiT-S/2 at 256 px
+    (class-conditional, learned sigma: 32 x 32 x 4 latents, 8 output channels)."""
+    D_, depth = 384, 12
+    sd = {'pos_embed': (1, 256, D_), 'x_embedder.proj.weight': (D_, 4, 2, 2), 'x_embedder.proj.bias': (D_,),
+          't_embedder.mlp.0.weight': (D_, 256), 't_embedder.mlp.0.bias': (D_,),
+          't_embedder.mlp.2.weight': (D_, D_), 't_embedder.mlp.2.bias': (D_,),
+          'y_embedder.embedding_table.weight': (1001, D_)}
+    for i in range(depth):
+        b = f'blocks.{i}.'
+        sd.update({b + 'attn.qkv.weight': (3 * D_, D_), b + 'attn.qkv.bias': (3 * D_,),
+                   b + 'attn.proj.weight': (D_, D_), b + 'attn.proj.bias': (D_,),
+                   b + 'mlp.fc1.weight': (4 * D_, D_), b + 'mlp.fc1.bias': (4 * D_,),
+                   b + 'mlp.fc2.weight': (D_, 4 * D_), b + 'mlp.fc2.bias': (D_,),
+                   b + 'adaLN_modulation.1.weight': (6 * D_, D_), b + 'adaLN_modulation.1.bias': (6 * D_,)})
+    sd.update({'final_layer.linear.weight': (2 * 2 * 8, D_), 'final_layer.linear.bias': (32,),
+               'final_layer.adaLN_modulation.1.weight': (2 * D_, D_),
+               'final_layer.adaLN_modulation.1.bias': (2 * D_,)})
+    return {k: torch.randn(v) for k, v in sd.items()}
+
+
+def test_public_dit_s2_weights_load_strictly(tmp_path):
+    sd = dit_s2_state_dict()
+    path = tmp_path / 'DiT-S-2-256x256.pt'
+    torch.save(sd, path)
+    model = D.DiT(input_size=32, in_channels=4, cond='class', num_classes=1000, learn_sigma=True,
+                  **D.DiT_models['DiT-S/2'])
+    D.load_public_dit(model, str(path))
+    assert set(model.state_dict()) == set(sd)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+    assert model(torch.randn(1, 4, 32, 32), torch.tensor([5]), torch.tensor([3])).shape == (1, 8, 32, 32)
+    with pytest.raises(FileNotFoundError, match='DiT-XL-2-256x256.pt'):
+        D.load_public_dit(model, str(tmp_path / 'missing.pt'))
+
+
+# -- samplers, with the exact denoiser of Gaussian data ------------------------------------
+
+MU = torch.tensor([0.5, -0.3, 0.0, 0.2]).view(1, 4, 1, 1)
+STD = torch.tensor([0.6, 1.2, 0.3, 1.0]).view(1, 4, 1, 1)
+
+
+def exact_eps(x, t, diffusion):
+    """E[eps | x_t] for x_0 ~ N(MU, STD^2) per channel, plus v = -1 (posterior variance)."""
+    abar = torch.as_tensor(diffusion.abar, dtype=torch.float32)[t].view(-1, 1, 1, 1)
+    eps = (1 - abar).sqrt() * (x - abar.sqrt() * MU) / (abar * STD ** 2 + 1 - abar)
+    return torch.cat([eps, -torch.ones_like(eps)], dim=1)
+
+
+def exact_velocity(x, t):
+    """E[noise - x_0 | x_t] for x_t = (1 - t) x_0 + t noise."""
+    t = t.view(-1, 1, 1, 1)
+    var = (1 - t) ** 2 * STD ** 2 + t ** 2
+    centered = x - (1 - t) * MU
+    return t * centered / var - (MU + (1 - t) * STD ** 2 * centered / var)
+
+
+@pytest.mark.parametrize('objective, sampler, steps', [('eps', 'ddpm', 250), ('eps', 'ddim', 100),
+                                                      ('flow', 'euler', 100), ('flow', 'heun', 30)])
+def test_samplers_driven_by_the_exact_denoiser_reproduce_gaussian_data(objective, sampler, steps):
+    full = D.GaussianDiffusion.linear()
+    fn = (lambda x, t: exact_eps(x, t, full)) if objective == 'eps' else exact_velocity
+    x = D.sample(fn, (4, 1, 1), range(3000), objective, sampler, steps, 'cpu')
+    mean, std = x.mean(dim=0).view(4), x.std(dim=0).view(4)
+    assert torch.allclose(mean, MU.view(4), atol=0.06), mean
+    assert torch.allclose(std, STD.view(4), rtol=0.08), std
+
+
+def test_a_sample_depends_on_its_seed_only_not_on_its_batch():
+    model = tiny_dit()
+    y = torch.randint(0, 7, (4, 5))
+    fn = D.guided(model, y, 2.0, 'eps')
+    batch = D.sample(fn, (3, 16, 16), [11, 12, 13, 14], 'eps', 'ddpm', 10, 'cpu')
+    alone = D.sample(D.guided(model, y[2:3], 2.0, 'eps'), (3, 16, 16), [13], 'eps', 'ddpm', 10, 'cpu')
+    assert torch.allclose(batch[2:3], alone, atol=1e-5)
+
+
+def test_the_loss_of_the_exact_denoiser_is_its_vlb_alone():
+    full = D.GaussianDiffusion.linear()
+    gen = torch.Generator().manual_seed(0)
+    x0 = (MU + STD * torch.randn(64, 4, 2, 2, generator=gen)).clamp(-1, 1)
+    t = torch.randint(1, 1000, (64,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    x_t = full.q_sample(x0, t, noise)
+    out = torch.cat([noise, torch.zeros_like(noise)], dim=1)          # eps exactly right
+    loss = full.training_losses(out, x0, x_t, t, noise)
+    assert torch.all(loss >= 0)
+    # with the true eps, the predicted x_0 is the true one and the posterior means agree:
+    # only the variance term is left, and it vanishes when v picks the posterior variance
+    out_posterior = torch.cat([noise, -torch.ones_like(noise)], dim=1)
+    assert full.training_losses(out_posterior, x0, x_t, t, noise).abs().max() < 1e-4
+
+
+# -- training ------------------------------------------------------------------------------
+
+def tiny_cfg(shapes_dir, codes_dir, out_dir, **overrides):
+    cfg = dict(D.CONFIG, data_dir=shapes_dir, codes_dir=str(codes_dir), out_dir=str(out_dir), device='cpu',
+               model='DiT-Ti/8', image_size=32, cond='dlc', objective='eps', batch_size=16,
+               micro_batch_size=8, max_iters=4, learning_rate=1e-3, ema_decay=0.9, sample_interval=0,
+               log_interval=1, ckpt_interval=2, num_sampling_steps=5)
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture(scope='module')
+def codes_dir(shapes_dir, tmp_path_factory):
+    """A tiny tokenizer and its dumps of the test dataset's train and val splits."""
+    out = tmp_path_factory.mktemp('tok')
+    cfg = dict(T.CONFIG, data_dir=shapes_dir, out_dir=str(out), device='cpu', patch_size=8, embed_dim=32,
+               depth=1, num_heads=2, image_size=32, L=4, V=8, ssl_loss='infonce', n_local_crops=0,
+               head_hidden_dim=32, head_bottleneck_dim=16, batch_size=32, max_iters=1, warmup_iters=1,
+               color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0, 0.0),
+               solarize_prob=(0.0, 0.0, 0.0), log_interval=1)
+    T.train(cfg)
+    for split in ['train', 'val']:
+        T.dump(dict(cfg, dump_split=split))
+    return out
+
+
+def as_args(cfg):
+    return [f'--{k}={v!r}' if isinstance(v, (str, tuple)) else f'--{k}={v}'
+            for k, v in cfg.items() if v != D.CONFIG[k]]
+
+
+@pytest.mark.parametrize('objective', ['eps', 'flow'])
+def test_two_processes_take_the_same_step_as_one_with_accumulation(shapes_dir, codes_dir, tmp_path, objective):
+    # one process: 2 micro-batches of 8 accumulated; two processes: one micro-batch of 8 each
+    one = tiny_cfg(shapes_dir, codes_dir, tmp_path / 'one', objective=objective, max_iters=2)
+    two = tiny_cfg(shapes_dir, codes_dir, tmp_path / 'two', objective=objective, max_iters=2)
+    for cfg, nproc in [(one, 1), (two, 2)]:
+        launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
+            if nproc > 1 else [sys.executable]
+        result = subprocess.run(launcher + ['diffusion.py'] + as_args(cfg), cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+    a = torch.load(tmp_path / 'one' / 'diffusion.pt', weights_only=True)
+    b = torch.load(tmp_path / 'two' / 'diffusion.pt', weights_only=True)
+    for k in a['model']:
+        torch.testing.assert_close(a['model'][k], b['model'][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert max((a['model'][k] - a['ema'][k]).abs().max().item() for k in a['model']) > 0
+
+
+@pytest.mark.parametrize('objective', ['eps', 'flow'])
+def test_stop_and_resume_equals_an_uninterrupted_run(shapes_dir, codes_dir, tmp_path, objective):
+    straight = tiny_cfg(shapes_dir, codes_dir, tmp_path / 'a', objective=objective, max_iters=6)
+    D.train(straight)
+    split = tiny_cfg(shapes_dir, codes_dir, tmp_path / 'b', objective=objective, max_iters=6, run_iters=3)
+    D.train(split)
+    D.train(dict(split, init_from='resume', run_iters=-1))
+    a = torch.load(tmp_path / 'a' / 'diffusion.pt', weights_only=True)
+    b = torch.load(tmp_path / 'b' / 'diffusion.pt', weights_only=True)
+    assert a['iter_num'] == b['iter_num'] == 6
+    for part in ['model', 'ema']:
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
+def test_training_on_pixels_lowers_the_loss_and_writes_a_sample_grid(shapes_dir, codes_dir, tmp_path):
+    cfg = tiny_cfg(shapes_dir, codes_dir, tmp_path, objective='flow', max_iters=40, sample_interval=40,
+                   n_grid=4, learning_rate=2e-3, log_interval=1, clip_denoised=True, sampler='euler')
+    _, _, history = D.train(cfg)
+    losses = [h['loss'] for h in history]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1, losses
+    assert (tmp_path / 'samples_0000040.png').exists()
+    ckpt = D.load_checkpoint(str(tmp_path / 'diffusion.pt'))
+    assert ckpt['L'] == 4 and ckpt['V'] == 8 and ckpt['space'] == 'pixel' and ckpt['cond'] == 'dlc'
+    scores = D.recon(dict(cfg, split='val', n_recon=8, micro_batch_size=4))
+    assert set(scores) >= {'valid', 'shape', 'shape_and_color'}
+    assert (tmp_path / 'recon_val.png').exists()
+
+
+@pytest.mark.parametrize('bad, message', [
+    (lambda c: c[:, :3], r'shape \(512, 3\).*L=4'),
+    (lambda c: np.where(c == c.max(), 8, c).astype(np.uint16), r'up to 8.*V=8'),
+    (lambda c: c[:100], r'100 codes.*512 items'),
+])
+def test_codes_that_do_not_match_the_tokenizer_or_the_data_are_refused(shapes_dir, codes_dir, tmp_path, bad, message):
+    good = np.load(os.path.join(codes_dir, 'codes_train.npy'))
+    bad_dir = tmp_path / 'codes'
+    bad_dir.mkdir()
+    os.link(os.path.join(codes_dir, 'tokenizer.pt'), bad_dir / 'tokenizer.pt')
+    np.save(bad_dir / 'codes_train.npy', bad(good))
+    with pytest.raises(ValueError, match=message) as err:
+        D.train(tiny_cfg(shapes_dir, bad_dir, tmp_path / 'out'))
+    assert 'codes_train.npy' in str(err.value) and 'tokenizer.py --mode=dump' in str(err.value)
