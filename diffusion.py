@@ -728,6 +728,12 @@ def sample(model_fn, shape, seeds, objective, sampler, steps, device, clip=False
     return x
 
 
+def check_sampler(objective, sampler):
+    allowed = {'eps': ('ddpm', 'ddim'), 'flow': ('euler', 'heun')}[objective]
+    if sampler not in allowed:
+        raise ValueError(f"sampler '{sampler}' does not sample objective '{objective}'; use one of {allowed}")
+
+
 def guided(model, y, cfg_scale, objective, interval=(0.0, 1.0)):
     """model_fn for `sample`: the conditional network, with classifier-free guidance while
     the normalized time is inside `interval`. Time is t / 1000 for eps, t for flow."""
@@ -1008,6 +1014,7 @@ def train(cfg):
     rank, world, device = setup_distributed(cfg['device'])
     c, master = cfg, rank == 0
     device_type = 'cuda' if 'cuda' in device else 'cpu'
+    check_sampler(c['objective'], c['sampler'])
     if c['batch_size'] % (world * c['micro_batch_size']):
         raise ValueError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) x "
                          f"micro_batch_size ({c['micro_batch_size']})")
@@ -1140,9 +1147,8 @@ def write_sample_grid(ema, c, data, x_shape, device, path):
         return
     n = min(c['n_grid'], len(data))
     y = torch.stack([data[(i, False)][1] for i in range(n)]).to(device) if c['cond'] != 'none' else None
-    sampler_name = c['sampler'] if c['objective'] == 'eps' or c['sampler'] in ('euler', 'heun') else 'euler'
     x = sample(guided(ema, y, c['cfg_scale'], c['objective'], c['guidance_interval']), x_shape,
-               range(n), c['objective'], sampler_name, c['num_sampling_steps'], device, clip=c['clip_denoised'])
+               range(n), c['objective'], c['sampler'], c['num_sampling_steps'], device, clip=c['clip_denoised'])
     vae = load_vae(c['vae_path']).to(device) if data.latent else None
     save_grid(decode_to_uint8(x, vae), path, ncol=int(math.ceil(math.sqrt(n))))
 
@@ -1203,21 +1209,22 @@ def recon(cfg):
     model = model_from_checkpoint(ckpt).to(device)
     images = read_images(cfg['data_dir'], cfg['split'], ckpt['image_size'])
     n = min(cfg['n_recon'], len(images))
-    conditions, _ = read_conditions(dict(cfg, cond=ckpt['cond'], codes_dir=cfg['codes_dir']), cfg['split'], len(images))
-    if ckpt['cond'] == 'dlc' and (conditions.shape[1] != ckpt['L'] or int(conditions.max()) >= ckpt['V']):
-        raise ValueError(f"codes in {cfg['codes_dir']} (L={conditions.shape[1]}) do not fit the DiT's L={ckpt['L']}, V={ckpt['V']}")
+    conditions, contract = read_conditions(dict(cfg, cond=ckpt['cond']), cfg['split'], len(images))
+    if contract and (contract['L'], contract['V']) != (ckpt['L'], ckpt['V']):
+        raise ValueError(f"the tokenizer in {cfg['codes_dir']} makes codes of L={contract['L']}, V={contract['V']}, "
+                         f"but the DiT in {cfg['out_dir']} was trained on L={ckpt['L']}, V={ckpt['V']}; "
+                         "point --codes_dir at the tokenizer the DiT was trained with")
     vae = load_vae(cfg['vae_path']).to(device) if ckpt['space'] == 'latent' else None
     size = int(math.sqrt(model.pos_embed.shape[1])) * model.patch_size
     x_shape = (model.in_channels, size, size)
-    sampler_name = cfg['sampler'] if (ckpt['objective'] == 'eps') == (cfg['sampler'] in ('ddpm', 'ddim')) else \
-        ('euler' if ckpt['objective'] == 'flow' else 'ddpm')
+    check_sampler(ckpt['objective'], cfg['sampler'])
     out = []
     bs = cfg['micro_batch_size']
     for start in tqdm(range(0, n, bs), desc='recon', dynamic_ncols=True):
         idx = range(start, min(n, start + bs))
         y = torch.as_tensor(conditions[list(idx)].astype(np.int64)).to(device) if conditions is not None else None
         x = sample(guided(model, y, cfg['cfg_scale'], ckpt['objective'], cfg['guidance_interval']), x_shape,
-                   [cfg['seed'] * 1_000_003 + i for i in idx], ckpt['objective'], sampler_name,
+                   [cfg['seed'] * 1_000_003 + i for i in idx], ckpt['objective'], cfg['sampler'],
                    cfg['num_sampling_steps'], device, clip=cfg['clip_denoised'])
         out.append(decode_to_uint8(x, vae))
     recons = np.concatenate(out)
@@ -1225,7 +1232,7 @@ def recon(cfg):
     pairs = np.stack([sources[:32], recons[:32]], axis=1).reshape(-1, *sources.shape[1:])
     grid_path = os.path.join(cfg['out_dir'], f"recon_{cfg['split']}.png")
     save_grid(pairs, grid_path, ncol=16)
-    print(f"wrote {grid_path} (source | reconstruction pairs); {n} samples, {sampler_name} "
+    print(f"wrote {grid_path} (source | reconstruction pairs); {n} samples, {cfg['sampler']} "
           f"{cfg['num_sampling_steps']} steps, cfg {cfg['cfg_scale']}")
     return score_recon(cfg['data_dir'], cfg['split'], recons)
 

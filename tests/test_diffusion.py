@@ -151,7 +151,8 @@ def tiny_cfg(shapes_dir, codes_dir, out_dir, **overrides):
     cfg = dict(D.CONFIG, data_dir=shapes_dir, codes_dir=str(codes_dir), out_dir=str(out_dir), device='cpu',
                model='DiT-Ti/8', image_size=32, cond='dlc', objective='eps', batch_size=16,
                micro_batch_size=8, max_iters=4, learning_rate=1e-3, ema_decay=0.9, sample_interval=0,
-               log_interval=1, ckpt_interval=2, num_sampling_steps=5)
+               log_interval=1, ckpt_interval=2, num_sampling_steps=5,
+               sampler='euler' if overrides.get('objective') == 'flow' else 'ddpm')
     cfg.update(overrides)
     return cfg
 
@@ -236,3 +237,10 @@ def test_codes_that_do_not_match_the_tokenizer_or_the_data_are_refused(shapes_di
     with pytest.raises(ValueError, match=message) as err:
         D.train(tiny_cfg(shapes_dir, bad_dir, tmp_path / 'out'))
     assert 'codes_train.npy' in str(err.value) and 'tokenizer.py --mode=dump' in str(err.value)
+
+
+def test_bench_reports_dit_training_throughput():
+    result = subprocess.run([sys.executable, 'bench.py', '--model=DiT-Ti/8', '--image_size=32', '--batch_size=4',
+                             '--steps=1', '--warmup=1', '--L=4', '--V=8'], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'img/s' in result.stdout and 'TFLOP/s' in result.stdout

@@ -1,0 +1,109 @@
+"""
+bench.py: training throughput of the components, and MFU on CUDA.
+
+    python bench.py --component=dit --model=DiT-XL/2 --image_size=256 --batch_size=32
+    python bench.py --component=tokenizer --batch_size=64
+
+The DiT runs on latents (image_size / 8, 4 channels) when image_size >= 64, else on pixels.
+MFU = achieved FLOP/s / peak (bf16 dense: 989 TFLOP/s for an H100 SXM, set --peak_tflops).
+FLOPs of a train step are counted as 3 x the forward pass's matmul FLOPs (forward + backward).
+"""
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from configurator import configure
+
+component = 'dit'               # 'dit' | 'tokenizer'
+model = 'DiT-XL/2'
+image_size = 256
+L = 512
+V = 256
+batch_size = 32
+steps = 10
+warmup = 3
+compile = False
+peak_tflops = 989.0
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+CONFIG = {k: globals()[k] for k in ['component', 'model', 'image_size', 'L', 'V', 'batch_size', 'steps',
+                                    'warmup', 'compile', 'peak_tflops', 'device']}
+
+
+def dit_step_fn(c):
+    import diffusion as D
+    latent = c['image_size'] >= 64
+    size, channels = (c['image_size'] // 8, 4) if latent else (c['image_size'], 3)
+    net = D.DiT(input_size=size, in_channels=channels, cond='dlc', L=c['L'], V=c['V'], learn_sigma=True,
+                **D.DiT_models[c['model']]).to(c['device'])
+    arch = D.DiT_models[c['model']]
+    tokens = (size // arch['patch_size']) ** 2
+    d, depth = arch['hidden_size'], arch['depth']
+    # per image, forward: per block 24 d^2 tokens (qkv, proj, mlp) + 4 tokens^2 d (attention)
+    flops = 2 * depth * (12 * d * d * tokens + 2 * tokens * tokens * d)
+    diffusion = D.GaussianDiffusion.linear()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=c['device'].startswith('cuda'))
+    fwd = torch.compile(net) if c['compile'] else net
+    x = torch.randn(c['batch_size'], channels, size, size, device=c['device'])
+    y = torch.randint(0, c['V'], (c['batch_size'], c['L']), device=c['device'])
+
+    def step():
+        t = torch.randint(0, 1000, (len(x),), device=x.device)
+        noise = torch.randn_like(x)
+        x_t = diffusion.q_sample(x, t, noise)
+        with autocast(c):
+            loss = diffusion.training_losses(fwd(x_t, t, y).float(), x, x_t, t, noise).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, 3 * flops, 'img/s'
+
+
+def tokenizer_step_fn(c):
+    import tokenizer as T
+    cfg = dict(T.CONFIG, ssl_loss='infonce', n_local_crops=0)
+    net = T.SEMEncoder(**T.model_args_from(dict(cfg, L=c['L'], V=c['V']))).to(c['device'])
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=c['device'].startswith('cuda'))
+    fwd = torch.compile(net) if c['compile'] else net
+    x = torch.randn(2 * c['batch_size'], 3, 224, 224, device=c['device'])
+    tokens, d, depth = (224 // 14) ** 2 + 5, cfg['embed_dim'], cfg['depth']
+    flops = 2 * 2 * depth * (12 * d * d * tokens + 2 * tokens * tokens * d)     # two views per image
+
+    def step():
+        with autocast(c):
+            _, s, _ = fwd(x)
+            loss = T.infonce_loss(net.head.project(s), 0.1)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, 3 * flops, 'img/s'
+
+
+def autocast(c):
+    return torch.autocast('cuda', dtype=torch.bfloat16) if c['device'].startswith('cuda') else nullcontext()
+
+
+def sync(c):
+    if c['device'].startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+if __name__ == '__main__':
+    c = configure(CONFIG, sys.argv[1:])
+    torch.backends.cuda.matmul.allow_tf32 = True
+    step, flops_per_item, unit = {'dit': dit_step_fn, 'tokenizer': tokenizer_step_fn}[c['component']](c)
+    for _ in range(c['warmup']):
+        step()
+    sync(c)
+    t0 = time.time()
+    for _ in range(c['steps']):
+        step()
+    sync(c)
+    dt = (time.time() - t0) / c['steps']
+    rate = c['batch_size'] / dt
+    line = f"{c['component']} {c['model'] if c['component'] == 'dit' else ''} batch {c['batch_size']}: " \
+           f"{dt * 1000:.1f} ms/step, {rate:.1f} {unit}, {rate * flops_per_item / 1e12:.3f} TFLOP/s"
+    if c['device'].startswith('cuda'):
+        line += f", MFU {rate * flops_per_item / (c['peak_tflops'] * 1e12) * 100:.1f}%"
+    print(line)
