@@ -1115,9 +1115,12 @@ def train(cfg):
                 f"learning_rate or add warmup_iters, then continue with --init_from=resume")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        # EMA with a warm-up, (1 + it) / (10 + it): in short runs a plain 0.999 would keep
+        # a large share of the zero-initialized network in the average
+        ema_decay = min(c['ema_decay'], (1 + it) / (10 + it))
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), raw_model.parameters()):
-                pe.lerp_(pm, 1 - c['ema_decay'])
+                pe.lerp_(pm, 1 - ema_decay)
         iter_num += 1
         bar.update(1)
         if iter_num % c['log_interval'] == 0 or iter_num == stop:
