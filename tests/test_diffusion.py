@@ -244,3 +244,19 @@ def test_bench_reports_dit_training_throughput():
                              '--steps=1', '--warmup=1', '--L=4', '--V=8'], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'img/s' in result.stdout and 'TFLOP/s' in result.stdout
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shapes_dir, codes_dir, tmp_path, monkeypatch):
+    cfg = tiny_cfg(shapes_dir, codes_dir, tmp_path, objective='flow', max_iters=8, ckpt_interval=2,
+                   micro_batch_size=16)
+    real, calls = D.flow_loss, []
+    def loss_that_turns_nan(*args):
+        calls.append(1)
+        loss = real(*args)
+        return loss * float('nan') if len(calls) == 4 else loss
+    monkeypatch.setattr(D, 'flow_loss', loss_that_turns_nan)
+    with pytest.raises(FloatingPointError, match=r'loss is nan.*at iteration 3.*diffusion.pt'):
+        D.train(cfg)
+    state = torch.load(tmp_path / 'diffusion.pt', weights_only=True)
+    assert state['iter_num'] == 2
+    assert all(torch.isfinite(v).all() for v in state['model'].values())
