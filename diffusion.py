@@ -54,7 +54,7 @@ from configurator import configure
 
 # -----------------------------------------------------------------------------
 # config: the defaults are the paper's ImageNet 256 recipe (DiT-XL/2 on SD-VAE latents, DLC512)
-mode = 'train'                  # 'train' | 'extract' | 'recon'
+mode = 'train'                  # 'train' | 'extract' | 'recon' | 'decode'
 out_dir = 'out-diffusion'
 init_from = 'scratch'           # 'scratch' | 'resume' | path to DiT-XL-2-256x256.pt (cond='class')
 data_dir = 'data/imagenet'      # <data_dir>/<split>_images.npy or <data_dir>/<split>/<class>/<image>
@@ -71,6 +71,9 @@ num_classes = 1000              # cond='class'
 learn_sigma = True              # objective='eps': predict the variance too
 class_dropout_prob = 0.1
 objective = 'eps'               # 'eps' (Gaussian diffusion, learned variance) | 'flow'
+flow_output = 'velocity'        # flow: the network outputs 'velocity' (SiT) or 'x0' (the clean image)
+flow_t_mean = 0.0               # flow: t = sigmoid(N(mean, std)) in training; std 0 = uniform t
+flow_t_std = 0.0
 hflip = True                    # random horizontal flips (latents: the flipped extraction)
 # optimization
 batch_size = 256                # global, across processes and accumulation steps
@@ -93,7 +96,8 @@ n_grid = 16
 # extract / recon
 split = 'val'                   # the split --mode=extract and --mode=recon read
 extract_flip = True             # also extract the latents of the flipped images
-n_recon = 500
+n_recon = 500                   # recon and decode: at most so many images
+codes_path = ''                 # decode: a code dump to turn into images (e.g. prior.py's samples.npy)
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 compile = False
@@ -701,7 +705,8 @@ def sample_noise(shape, seeds, device):
 
 
 @torch.no_grad()
-def sample(model_fn, shape, seeds, objective, sampler, steps, device, clip=False, diffusion=None):
+def sample(model_fn, shape, seeds, objective, sampler, steps, device, clip=False, diffusion=None,
+           flow_output='velocity'):
     """Draw len(seeds) samples of `shape` (C, H, W). eps: 'ddpm' ancestral steps or 'ddim' on
     `steps` respaced timesteps; flow: 'euler' or 'heun' steps of the ODE from t = 1 to 0."""
     x = sample_noise(shape, seeds, device)
@@ -709,10 +714,12 @@ def sample(model_fn, shape, seeds, objective, sampler, steps, device, clip=False
         ts = torch.linspace(1.0, 0.0, steps + 1)
         for k in range(steps):
             t, t_next = ts[k].item(), ts[k + 1].item()
-            u = model_fn(x, torch.full((len(x),), t, device=device))
+            tv = torch.full((len(x),), t, device=device)
+            u = flow_velocity(model_fn(x, tv), x, tv, flow_output, clip)
             x_next = x + (t_next - t) * u
             if sampler == 'heun' and t_next > 0:
-                u_next = model_fn(x_next, torch.full((len(x),), t_next, device=device))
+                tv = torch.full((len(x),), t_next, device=device)
+                u_next = flow_velocity(model_fn(x_next, tv), x_next, tv, flow_output, clip)
                 x_next = x + (t_next - t) * 0.5 * (u + u_next)
             x = x_next
         return x
@@ -823,7 +830,7 @@ def read_conditions(cfg, split, n_items):
     return None, {}
 
 
-def check_codes(path, L, V, n_items):
+def check_codes(path, L, V, n_items=None):
     """Load a code dump and refuse it unless it fits the tokenizer and the dataset."""
     fix = "write it again with python tokenizer.py --mode=dump for this tokenizer and split"
     if not os.path.exists(path):
@@ -835,7 +842,7 @@ def check_codes(path, L, V, n_items):
     if not np.issubdtype(codes.dtype, np.unsignedinteger) or (codes.size and int(codes.max()) >= V):
         raise ValueError(f"code dump '{path}' holds {codes.dtype} tokens up to {int(codes.max())}, but its "
                          f"tokenizer has V={V}: tokens must be unsigned integers < V; {fix}")
-    if len(codes) != n_items:
+    if n_items is not None and len(codes) != n_items:
         raise ValueError(f"code dump '{path}' has {len(codes)} codes but the split has {n_items} items; {fix}")
     return codes
 
@@ -1003,11 +1010,22 @@ def load_public_dit(model, path):
     model.load_state_dict(state.get('ema', state), strict=True)
 
 
-def flow_loss(model, x0, y, t, noise):
+def flow_velocity(out, x_t, t, flow_output, clip=False, t_min=1e-6):
+    """The velocity eps - x0 from the network's output: itself, or from a predicted clean
+    image x0_hat as (x_t - x0_hat) / t. Training floors t at 0.05 so the loss weight on
+    x0_hat, 1 / t^2, stays bounded; an Euler step to t = 0 then lands exactly on x0_hat."""
+    if flow_output == 'velocity':
+        return out
+    x0_hat = out.clamp(-1, 1) if clip else out
+    return (x_t - x0_hat) / t.view(-1, 1, 1, 1).clamp(min=t_min)
+
+
+def flow_loss(model, x0, y, t, noise, flow_output='velocity'):
     """Rectified flow: x_t = (1 - t) x0 + t noise, regress the velocity noise - x0."""
     tt = t.view(-1, 1, 1, 1)
-    out = model(x0 * (1 - tt) + noise * tt, t * 1000, y)
-    return (out.float() - (noise - x0)).pow(2).mean(dim=(1, 2, 3))
+    x_t = x0 * (1 - tt) + noise * tt
+    u = flow_velocity(model(x_t, t * 1000, y).float(), x_t, t, flow_output, t_min=0.05)
+    return (u - (noise - x0)).pow(2).mean(dim=(1, 2, 3))
 
 
 def train(cfg):
@@ -1082,7 +1100,11 @@ def train(cfg):
         # timesteps, noise and condition dropout drawn for the global batch, sliced per process
         gen = torch.Generator().manual_seed(c['seed'] * 1_000_003 + it)
         B = c['batch_size']
-        t_all = torch.rand(B, generator=gen) if c['objective'] == 'flow' else torch.randint(0, 1000, (B,), generator=gen)
+        if c['objective'] == 'flow':
+            t_all = torch.sigmoid(c['flow_t_mean'] + c['flow_t_std'] * torch.randn(B, generator=gen)) \
+                if c['flow_t_std'] > 0 else torch.rand(B, generator=gen)
+        else:
+            t_all = torch.randint(0, 1000, (B,), generator=gen)
         noise_all = torch.randn(B, *x_shape, generator=gen)
         drop_all = torch.rand(B, generator=gen) < c['class_dropout_prob']
         loss_sum = torch.zeros((), device=device)
@@ -1101,7 +1123,7 @@ def train(cfg):
                 model.require_backward_grad_sync = k == accum - 1
             with autocast:
                 if c['objective'] == 'flow':
-                    loss = flow_loss(model, x, y, t, noise).mean()
+                    loss = flow_loss(model, x, y, t, noise, c['flow_output']).mean()
                 else:
                     x_t = diffusion.q_sample(x, t, noise)
                     loss = diffusion.training_losses(model(x_t, t, y).float(), x, x_t, t, noise).mean()
@@ -1151,7 +1173,8 @@ def write_sample_grid(ema, c, data, x_shape, device, path):
     n = min(c['n_grid'], len(data))
     y = torch.stack([data[(i, False)][1] for i in range(n)]).to(device) if c['cond'] != 'none' else None
     x = sample(guided(ema, y, c['cfg_scale'], c['objective'], c['guidance_interval']), x_shape,
-               range(n), c['objective'], c['sampler'], c['num_sampling_steps'], device, clip=c['clip_denoised'])
+               range(n), c['objective'], c['sampler'], c['num_sampling_steps'], device, clip=c['clip_denoised'],
+               flow_output=c['flow_output'])
     vae = load_vae(c['vae_path']).to(device) if data.latent else None
     save_grid(decode_to_uint8(x, vae), path, ncol=int(math.ceil(math.sqrt(n))))
 
@@ -1206,6 +1229,24 @@ def extract(cfg):
 # the attribute reader (does the result keep the source's shape and color?)
 
 @torch.no_grad()
+def images_from_codes(model, ckpt, conditions, seeds, cfg, vae=None, desc='images'):
+    """The DiT's images (N, H, W, 3) uint8 for conditions (N, L) codes or (N,) classes, image i
+    from seeds[i], with the sampler and guidance of cfg."""
+    device = cfg['device']
+    size = int(math.sqrt(model.pos_embed.shape[1])) * model.patch_size
+    x_shape = (model.in_channels, size, size)
+    check_sampler(ckpt['objective'], cfg['sampler'])
+    out, bs = [], cfg['micro_batch_size']
+    for start in tqdm(range(0, len(seeds), bs), desc=desc, dynamic_ncols=True):
+        idx = list(range(start, min(len(seeds), start + bs)))
+        y = torch.as_tensor(conditions[idx].astype(np.int64)).to(device) if conditions is not None else None
+        x = sample(guided(model, y, cfg['cfg_scale'], ckpt['objective'], cfg['guidance_interval']), x_shape,
+                   [seeds[i] for i in idx], ckpt['objective'], cfg['sampler'], cfg['num_sampling_steps'], device,
+                   clip=cfg['clip_denoised'], flow_output=ckpt['config'].get('flow_output', 'velocity'))
+        out.append(decode_to_uint8(x, vae))
+    return np.concatenate(out)
+
+
 def recon(cfg):
     ckpt = load_checkpoint(os.path.join(cfg['out_dir'], 'diffusion.pt'))
     device = cfg['device']
@@ -1218,19 +1259,8 @@ def recon(cfg):
                          f"but the DiT in {cfg['out_dir']} was trained on L={ckpt['L']}, V={ckpt['V']}; "
                          "point --codes_dir at the tokenizer the DiT was trained with")
     vae = load_vae(cfg['vae_path']).to(device) if ckpt['space'] == 'latent' else None
-    size = int(math.sqrt(model.pos_embed.shape[1])) * model.patch_size
-    x_shape = (model.in_channels, size, size)
-    check_sampler(ckpt['objective'], cfg['sampler'])
-    out = []
-    bs = cfg['micro_batch_size']
-    for start in tqdm(range(0, n, bs), desc='recon', dynamic_ncols=True):
-        idx = range(start, min(n, start + bs))
-        y = torch.as_tensor(conditions[list(idx)].astype(np.int64)).to(device) if conditions is not None else None
-        x = sample(guided(model, y, cfg['cfg_scale'], ckpt['objective'], cfg['guidance_interval']), x_shape,
-                   [cfg['seed'] * 1_000_003 + i for i in idx], ckpt['objective'], cfg['sampler'],
-                   cfg['num_sampling_steps'], device, clip=cfg['clip_denoised'])
-        out.append(decode_to_uint8(x, vae))
-    recons = np.concatenate(out)
+    recons = images_from_codes(model, ckpt, conditions, [cfg['seed'] * 1_000_003 + i for i in range(n)], cfg,
+                               vae, desc='recon')
     sources = np.stack([np.array(images[i]) for i in range(n)])
     pairs = np.stack([sources[:32], recons[:32]], axis=1).reshape(-1, *sources.shape[1:])
     grid_path = os.path.join(cfg['out_dir'], f"recon_{cfg['split']}.png")
@@ -1238,6 +1268,53 @@ def recon(cfg):
     print(f"wrote {grid_path} (source | reconstruction pairs); {n} samples, {cfg['sampler']} "
           f"{cfg['num_sampling_steps']} steps, cfg {cfg['cfg_scale']}")
     return score_recon(cfg['data_dir'], cfg['split'], recons)
+
+
+def decode(cfg):
+    """Any code dump (prior samples, composed codes) -> images: a PNG grid, an .npz (arr_0,
+    uint8 NHWC) and, on the built-in data, the attribute reader's factor histogram."""
+    ckpt = load_checkpoint(os.path.join(cfg['out_dir'], 'diffusion.pt'))
+    if ckpt['cond'] != 'dlc':
+        raise ValueError(f"--mode=decode needs a DLC-conditioned DiT; {cfg['out_dir']} has cond='{ckpt['cond']}'")
+    device = cfg['device']
+    model = model_from_checkpoint(ckpt).to(device)
+    if not cfg['codes_path']:
+        raise ValueError("--mode=decode reads the codes in --codes_path (an .npy dump, e.g. prior.py's samples.npy)")
+    codes = check_codes(cfg['codes_path'], ckpt['L'], ckpt['V'])[:cfg['n_recon']]
+    vae = load_vae(cfg['vae_path']).to(device) if ckpt['space'] == 'latent' else None
+    images = images_from_codes(model, ckpt, codes, [cfg['seed'] * 1_000_003 + i for i in range(len(codes))], cfg,
+                               vae, desc='decode')
+    stem = os.path.splitext(cfg['codes_path'])[0]
+    save_grid(images[:64], stem + '_images.png', ncol=16)
+    np.savez(stem + '_images.npz', arr_0=images)
+    print(f"wrote {stem}_images.png and {stem}_images.npz ({len(images)} images)")
+    return score_samples(cfg['data_dir'], images)
+
+
+def score_samples(data_dir, images):
+    """On the built-in data: the reader's valid fraction and, per factor, the histogram of the
+    images against the training set's (total variation)."""
+    meta_path = os.path.join(data_dir, 'meta.json')
+    if not os.path.exists(meta_path):
+        return {}
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from data.shapes.prepare import read_attributes
+    with open(meta_path) as f:
+        meta = json.load(f)
+    read = read_attributes(images, meta)
+    factors = np.load(os.path.join(data_dir, 'train_factors.npy'))
+    scores = dict(valid=float(read['valid'].mean()))
+    print(f"attribute reader on {len(images)} images: valid {scores['valid']:.3f}; per factor, the share of each "
+          "value among the valid images vs the training set:")
+    for j, name in enumerate(['shape', 'color', 'background', 'size']):
+        values = meta[name]
+        got = read[name][read['valid'] if name != 'background' else read['background'] >= 0]
+        p = np.bincount(got, minlength=len(values)) / max(len(got), 1)
+        q = np.bincount(factors[:, j], minlength=len(values)) / len(factors)
+        scores[f'tv_{name}'] = 0.5 * float(np.abs(p - q).sum())
+        shares = ' '.join(f'{v}:{a:.2f}/{b:.2f}' for v, a, b in zip(values, p, q))
+        print(f"  {name:<11} TV {scores[f'tv_{name}']:.3f}   {shares}")
+    return scores
 
 
 def score_recon(data_dir, split, recons):
@@ -1265,7 +1342,7 @@ def score_recon(data_dir, split, recons):
 
 if __name__ == '__main__':
     cfg = configure(CONFIG, sys.argv[1:])
-    modes = {'train': train, 'extract': extract, 'recon': recon}
+    modes = {'train': train, 'extract': extract, 'recon': recon, 'decode': decode}
     if cfg['mode'] not in modes:
         raise ValueError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")
     modes[cfg['mode']](cfg)

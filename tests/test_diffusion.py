@@ -109,15 +109,27 @@ def exact_velocity(x, t):
     return t * centered / var - (MU + (1 - t) * STD ** 2 * centered / var)
 
 
-@pytest.mark.parametrize('objective, sampler, steps', [('eps', 'ddpm', 250), ('eps', 'ddim', 100),
-                                                      ('flow', 'euler', 100), ('flow', 'heun', 30)])
-def test_samplers_driven_by_the_exact_denoiser_reproduce_gaussian_data(objective, sampler, steps):
+def exact_x0(x, t):
+    """E[x_0 | x_t], what a flow network with flow_output='x0' predicts."""
+    t = t.view(-1, 1, 1, 1)
+    return MU + (1 - t) * STD ** 2 * (x - (1 - t) * MU) / ((1 - t) ** 2 * STD ** 2 + t ** 2)
+
+
+@pytest.mark.parametrize('objective, sampler, steps, output', [
+    ('eps', 'ddpm', 250, None), ('eps', 'ddim', 100, None), ('flow', 'euler', 100, 'velocity'),
+    ('flow', 'heun', 30, 'velocity'), ('flow', 'euler', 100, 'x0'), ('flow', 'heun', 30, 'x0')])
+def test_samplers_driven_by_the_exact_denoiser_reproduce_gaussian_data(objective, sampler, steps, output):
     full = D.GaussianDiffusion.linear()
-    fn = (lambda x, t: exact_eps(x, t, full)) if objective == 'eps' else exact_velocity
-    x = D.sample(fn, (4, 1, 1), range(3000), objective, sampler, steps, 'cpu')
+    fn = {None: lambda x, t: exact_eps(x, t, full), 'velocity': exact_velocity, 'x0': exact_x0}[output]
+    x = D.sample(fn, (4, 1, 1), range(3000), objective, sampler, steps, 'cpu', flow_output=output or 'velocity')
     mean, std = x.mean(dim=0).view(4), x.std(dim=0).view(4)
     assert torch.allclose(mean, MU.view(4), atol=0.06), mean
     assert torch.allclose(std, STD.view(4), rtol=0.08), std
+
+
+def test_the_velocity_of_the_exact_clean_image_prediction_is_the_exact_velocity():
+    x, t = torch.randn(16, 4, 1, 1), torch.rand(16) * 0.9 + 0.05
+    assert torch.allclose(D.flow_velocity(exact_x0(x, t), x, t, 'x0'), exact_velocity(x, t), atol=1e-5)
 
 
 def test_a_sample_depends_on_its_seed_only_not_on_its_batch():
