@@ -25,7 +25,10 @@ default) or DDIM (eta = 0).
 
 Rectified flow (objective = 'flow', as SiT): x_t = (1 - t) x_0 + t eps, t in [0, 1], the
 network predicts the velocity u = eps - x_0, loss ||u - u_hat||^2, sampled by an Euler or
-Heun ODE solver from t = 1 to 0, with the same guidance.
+Heun ODE solver from t = 1 to 0, with the same guidance. With flow_output = 'x0' the network
+predicts the clean image instead and u_hat = (x_t - x0_hat) / t (as JiT, Li & He 2025): the
+same loss on u, which weights the error of x0_hat by 1 / t^2 (t floored at 0.05). Training t
+is uniform, or logit-normal, sigmoid(N(flow_t_mean, flow_t_std)).
 
 Modes:  python diffusion.py [config.py] [--key=value ...]
     --mode=train     (torchrun for DDP) writes out_dir/diffusion.pt and sample grids
