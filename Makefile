@@ -1,5 +1,6 @@
 # make demo: set up, build the built-in data, train every stage briefly on the CPU, report.
-# Stages so far: tokenizer (train, probe), diffusion (train, reconstructions of val codes).
+# Stages so far: tokenizer (train, probe), diffusion (train, reconstructions of val codes),
+# prior (train, held-out ELBO, samples, and the DiT's images of the sampled codes).
 # make test: set up, then the test suite.
 PYTHON ?= python3
 VENV := .venv
@@ -21,8 +22,13 @@ data/shapes/meta.json: data/shapes/prepare.py $(VENV)/.installed
 demo: venv data
 	$(PY) tokenizer.py config/tokenizer_shapes.py --out_dir=$(DEMO)
 	$(PY) tokenizer.py config/tokenizer_shapes.py --out_dir=$(DEMO) --mode=probe
-	$(PY) diffusion.py config/diffusion_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --max_iters=400 --sample_interval=400
+	$(PY) diffusion.py config/diffusion_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --max_iters=1200 --sample_interval=1200
 	$(PY) diffusion.py config/diffusion_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=recon --n_recon=200
+	$(PY) prior.py config/prior_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --max_iters=600
+	$(PY) prior.py config/prior_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=eval
+	$(PY) prior.py config/prior_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=sample
+	$(PY) diffusion.py config/diffusion_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=decode \
+		--codes_path=$(DEMO)/samples.npy --n_recon=200
 
 test: venv
 	$(PY) -m pytest -q tests

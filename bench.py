@@ -3,8 +3,10 @@ bench.py: training throughput of the components, and MFU on CUDA.
 
     python bench.py --component=dit --model=DiT-XL/2 --image_size=256 --batch_size=32
     python bench.py --component=tokenizer --batch_size=64
+    python bench.py --component=prior --prior_model=medium --L=512 --V=256 --batch_size=64 --sample_steps=1024
 
 The DiT runs on latents (image_size / 8, 4 channels) when image_size >= 64, else on pixels.
+The prior reports training tok/s (tokens = codes x L) and sampling codes/s at sample_steps.
 MFU = achieved FLOP/s / peak (bf16 dense: 989 TFLOP/s for an H100 SXM, set --peak_tflops).
 FLOPs of a train step are counted as 3 x the forward pass's matmul FLOPs (forward + backward).
 """
@@ -16,8 +18,10 @@ import torch
 
 from configurator import configure
 
-component = 'dit'               # 'dit' | 'tokenizer'
+component = 'dit'               # 'dit' | 'tokenizer' | 'prior'
 model = 'DiT-XL/2'
+prior_model = 'medium'          # a key of prior.PRIOR_MODELS
+sample_steps = 128              # prior: sampler steps for the codes/s figure
 image_size = 256
 L = 512
 V = 256
@@ -27,8 +31,8 @@ warmup = 3
 compile = False
 peak_tflops = 989.0
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-CONFIG = {k: globals()[k] for k in ['component', 'model', 'image_size', 'L', 'V', 'batch_size', 'steps',
-                                    'warmup', 'compile', 'peak_tflops', 'device']}
+CONFIG = {k: globals()[k] for k in ['component', 'model', 'prior_model', 'sample_steps', 'image_size', 'L', 'V',
+                                    'batch_size', 'steps', 'warmup', 'compile', 'peak_tflops', 'device']}
 
 
 def dit_step_fn(c):
@@ -57,7 +61,7 @@ def dit_step_fn(c):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return step, 3 * flops, 'img/s'
+    return step, 3 * flops, 'img/s', 1
 
 
 def tokenizer_step_fn(c):
@@ -77,7 +81,39 @@ def tokenizer_step_fn(c):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return step, 3 * flops, 'img/s'
+    return step, 3 * flops, 'img/s', 1
+
+
+def prior_step_fn(c):
+    import prior as P
+    arch = P.PRIOR_MODELS[c['prior_model']]
+    net = P.SEDD(vocab_size=c['V'], seq_len=c['L'], cond_dim=128, dropout=0.0, **arch).to(c['device'])
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=c['device'].startswith('cuda'))
+    fwd = torch.compile(net) if c['compile'] else net
+    codes = torch.randint(0, c['V'], (c['batch_size'], c['L']), device=c['device'])
+    d, depth, T = arch['hidden_size'], arch['n_blocks'], c['L']
+    # per token, forward: per block 24 d^2 (qkv, out, mlp) + 4 T d (attention), then the output layer
+    flops = 2 * depth * (12 * d * d + 2 * T * d) + 2 * d * (c['V'] + 1)
+
+    def step():
+        t = 1e-3 + (1 - 1e-3) * torch.rand(len(codes), device=codes.device)
+        u = torch.rand(codes.shape, device=codes.device)
+        with autocast(c):
+            loss = P.diffusion_loss(fwd, codes, t, u, 1e-3, c['V']).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sampling():
+        net.eval()
+        t0 = time.time()
+        P.sample(P.model_score_fn(fwd, autocast(c)), c['batch_size'], c['L'], c['V'], c['sample_steps'],
+                 range(c['batch_size']), device=c['device'])
+        sync(c)
+        net.train()
+        return c['batch_size'] / (time.time() - t0)
+    step.sampling = sampling
+    return step, 3 * flops, 'tok/s', c['L']
 
 
 def autocast(c):
@@ -92,7 +128,8 @@ def sync(c):
 if __name__ == '__main__':
     c = configure(CONFIG, sys.argv[1:])
     torch.backends.cuda.matmul.allow_tf32 = True
-    step, flops_per_item, unit = {'dit': dit_step_fn, 'tokenizer': tokenizer_step_fn}[c['component']](c)
+    step, flops_per_item, unit, per_item = {'dit': dit_step_fn, 'tokenizer': tokenizer_step_fn,
+                                            'prior': prior_step_fn}[c['component']](c)
     for _ in range(c['warmup']):
         step()
     sync(c)
@@ -101,9 +138,13 @@ if __name__ == '__main__':
         step()
     sync(c)
     dt = (time.time() - t0) / c['steps']
-    rate = c['batch_size'] / dt
-    line = f"{c['component']} {c['model'] if c['component'] == 'dit' else ''} batch {c['batch_size']}: " \
+    rate = c['batch_size'] * per_item / dt
+    name = {'dit': c['model'], 'prior': c['prior_model']}.get(c['component'], '')
+    line = f"{c['component']} {name} batch {c['batch_size']}: " \
            f"{dt * 1000:.1f} ms/step, {rate:.1f} {unit}, {rate * flops_per_item / 1e12:.3f} TFLOP/s"
     if c['device'].startswith('cuda'):
         line += f", MFU {rate * flops_per_item / (c['peak_tflops'] * 1e12) * 100:.1f}%"
     print(line)
+    if hasattr(step, 'sampling'):
+        print(f"{c['component']} {name} sampling, {c['sample_steps']} steps, batch {c['batch_size']}: "
+              f"{step.sampling():.2f} codes/s")

@@ -233,6 +233,15 @@ def test_training_on_pixels_lowers_the_loss_and_writes_a_sample_grid(shapes_dir,
     scores = D.recon(dict(cfg, split='val', n_recon=8, micro_batch_size=4))
     assert set(scores) >= {'valid', 'shape', 'shape_and_color'}
     assert (tmp_path / 'recon_val.png').exists()
+    # any code dump (here the val codes again, as prior samples would be) decodes to images
+    codes_path = tmp_path / 'some_codes.npy'
+    np.save(codes_path, np.load(os.path.join(codes_dir, 'codes_val.npy'))[:6])
+    scores = D.decode(dict(cfg, mode='decode', codes_path=str(codes_path), n_recon=6, micro_batch_size=4))
+    assert 'valid' in scores and 'tv_shape' in scores
+    assert np.load(tmp_path / 'some_codes_images.npz')['arr_0'].shape == (6, 32, 32, 3)
+    np.save(codes_path, np.full((6, 4), 8, dtype=np.uint16))
+    with pytest.raises(ValueError, match='V=8'):
+        D.decode(dict(cfg, mode='decode', codes_path=str(codes_path)))
 
 
 @pytest.mark.parametrize('bad, message', [

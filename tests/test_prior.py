@@ -1,0 +1,309 @@
+"""Claims about the discrete prior (prior.py): the score-entropy loss, the samplers against an
+exactly known distribution, infilling, loading SEDD weights, and training (DDP, resume, checks)."""
+import itertools
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT
+import prior as P
+
+
+# -- the loss ------------------------------------------------------------------------------
+
+def test_score_entropy_is_non_negative_and_zero_at_the_true_score():
+    torch.manual_seed(0)
+    V, B, T = 6, 64, 5
+    x0 = torch.randint(0, V, (B, T))
+    sigma = torch.rand(B) * 5 + 0.01
+    x_t = torch.where(torch.rand(B, T) < 0.6, V, x0)
+    assert (x_t == V).any() and (x_t != V).any()
+    random_scores = torch.randn(B, T, V + 1) * 3
+    loss = P.score_entropy(random_scores, sigma, x_t, x0, V)
+    assert (loss >= 0).all() and (loss[x_t != V] == 0).all() and (loss[x_t == V] > 0).all()
+    # given x0, the true ratio at a masked position is onehot(x0) / (e^sigma - 1)
+    a = 1 / torch.expm1(sigma)
+    true = torch.full((B, T, V + 1), -1e4)
+    true.scatter_(-1, x0[..., None], a.log()[:, None, None].expand(B, T, 1))
+    assert P.score_entropy(true, sigma, x_t, x0, V).abs().max() < 1e-5
+
+
+def test_the_expected_loss_is_minimized_by_the_ratios_of_the_denoising_distribution():
+    # one masked token whose clean value is y ~ p0: E_y[loss] is smallest at s = log(p0 / (e^sigma - 1))
+    V, sigma = 5, torch.tensor([0.7])
+    p0 = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    def expected_loss(s):
+        return sum(p0[y] * P.score_entropy(s, sigma, torch.tensor([[V]]), torch.tensor([[y]]), V).sum() for y in range(V))
+    best = torch.cat([(p0 / torch.expm1(sigma)).log(), torch.zeros(1)]).view(1, 1, V + 1).requires_grad_(True)
+    expected_loss(best).backward()
+    assert best.grad.abs().max() < 1e-6
+    for _ in range(5):
+        other = best.detach() + 0.3 * torch.randn_like(best)
+        assert expected_loss(other) > expected_loss(best.detach())
+
+
+# -- the samplers, driven by the exact ratios of a known distribution --------------------------
+
+L_TOY, V_TOY = 3, 3
+SEQS = torch.tensor(list(itertools.product(range(V_TOY), repeat=L_TOY)))       # all 27 sequences
+PROB = (torch.rand(len(SEQS), generator=torch.Generator().manual_seed(0)) ** 3).double()
+PROB /= PROB.sum()
+
+
+def exact_log_ratios(x, sigma):
+    """log p0(x_l = y | the unmasked tokens of x) - log(e^sigma - 1), by enumeration."""
+    weights = ((x[:, None] == V_TOY) | (x[:, None] == SEQS[None])).all(-1).double() * PROB[None]
+    out = torch.zeros(len(x), L_TOY, V_TOY + 1, dtype=torch.float64)
+    for l in range(L_TOY):
+        cond = weights @ F.one_hot(SEQS[:, l], V_TOY).double()
+        out[:, l, :V_TOY] = (cond / cond.sum(1, keepdim=True)).clamp_min(1e-30).log()
+    out[..., :V_TOY] -= torch.expm1(sigma.double()).log()[:, None, None]
+    return out.scatter(-1, x[..., None], 0.0)
+
+
+def tv_to(codes, prob):
+    index = (codes * torch.tensor([V_TOY ** 2, V_TOY, 1])).sum(1)
+    empirical = torch.bincount(index, minlength=len(SEQS)).double() / len(codes)
+    return 0.5 * (empirical - prob).abs().sum().item()
+
+
+@pytest.mark.parametrize('sampler', ['analytic', 'euler'])
+def test_samplers_with_the_exact_score_reproduce_the_distribution(sampler):
+    n = 4000
+    codes = P.sample(exact_log_ratios, n, L_TOY, V_TOY, 64, range(n), sampler)
+    assert codes.min() >= 0 and codes.max() < V_TOY                       # no mask survives
+    # the expected TV of n draws is below 0.4 sqrt(K / n); sqrt(K / n) leaves room for the steps
+    assert tv_to(codes, PROB) < math.sqrt(len(SEQS) / n)
+    # one step unmasks every token independently: the dependence between positions is lost
+    assert tv_to(P.sample(exact_log_ratios, n, L_TOY, V_TOY, 1, range(n), sampler), PROB) > 0.15
+
+
+def test_infilling_keeps_the_given_tokens_and_samples_the_conditional():
+    n = 3000
+    given = torch.full((n, L_TOY), -1)
+    given[:, 1] = 2
+    codes = P.sample(exact_log_ratios, n, L_TOY, V_TOY, 48, range(n), given=given, remask_eta=0.05)
+    assert (codes[:, 1] == 2).all()
+    conditional = PROB * (SEQS[:, 1] == 2)
+    assert tv_to(codes, conditional / conditional.sum()) < math.sqrt(V_TOY ** 2 / n)
+
+
+def test_the_remasking_corrector_keeps_the_distribution():
+    n = 4000
+    codes = P.sample(exact_log_ratios, n, L_TOY, V_TOY, 64, range(n), remask_eta=0.1)
+    assert tv_to(codes, PROB) < math.sqrt(len(SEQS) / n)
+
+
+def test_a_code_depends_on_its_seed_only_not_on_its_batch():
+    model = tiny_model(dropout=0.0)
+    fn = P.model_score_fn(model)
+    together = P.sample(fn, 6, 8, 8, 10, [5, 6, 7, 8, 9, 10])
+    alone = P.sample(fn, 2, 8, 8, 10, [7, 8])
+    assert torch.equal(together[2:4], alone)
+
+
+# -- the model -------------------------------------------------------------------------------
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    args = dict(vocab_size=8, seq_len=8, n_blocks=2, hidden_size=32, n_heads=2, cond_dim=16, dropout=0.0)
+    args.update(kw)
+    model = P.SEDD(**args).eval()
+    for p in model.parameters():            # adaLN-Zero starts at the identity: perturb it
+        p.data += 0.05 * torch.randn_like(p)
+    return model
+
+
+def test_the_network_gives_log_ratios_for_every_token_and_zero_for_staying():
+    model = tiny_model()
+    x = torch.tensor([[0, 8, 3, 8, 7, 8, 8, 1]])
+    out = model(x, torch.tensor([1.3]))
+    assert out.shape == (1, 8, 9) and out.dtype == torch.float32
+    assert (out.gather(-1, x[..., None]) == 0).all()
+    # scale_by_sigma: the untrained network guesses ratio 1 / (V (e^sigma - 1)) for every token
+    fresh = P.SEDD(vocab_size=8, seq_len=8, n_blocks=1, hidden_size=16, n_heads=2, cond_dim=16)
+    out = fresh(torch.full((1, 8), 8), torch.tensor([0.4]))
+    assert torch.allclose(out[0, 0, :8], torch.full((8,), -math.log(8 * math.expm1(0.4))), atol=1e-5)
+
+
+def sedd_small_state_dict(vocab=50257, d=768, blocks=12, cond=128):
+    """The key names and shapes of louaaron/sedd-small (absorbing: vocabulary + 1), by hand."""
+    state = {'vocab_embed.embedding': (vocab + 1, d), 'sigma_map.mlp.0.weight': (cond, 256),
+             'sigma_map.mlp.0.bias': (cond,), 'sigma_map.mlp.2.weight': (cond, cond),
+             'sigma_map.mlp.2.bias': (cond,), 'rotary_emb.inv_freq': (d // 12 // 2,)}
+    for i in range(blocks):
+        state.update({f'blocks.{i}.norm1.weight': (d,), f'blocks.{i}.attn_qkv.weight': (3 * d, d),
+                      f'blocks.{i}.attn_out.weight': (d, d), f'blocks.{i}.norm2.weight': (d,),
+                      f'blocks.{i}.mlp.0.weight': (4 * d, d), f'blocks.{i}.mlp.0.bias': (4 * d,),
+                      f'blocks.{i}.mlp.2.weight': (d, 4 * d), f'blocks.{i}.mlp.2.bias': (d,),
+                      f'blocks.{i}.adaLN_modulation.weight': (6 * d, cond),
+                      f'blocks.{i}.adaLN_modulation.bias': (6 * d,)})
+    state.update({'output_layer.norm_final.weight': (d,), 'output_layer.linear.weight': (vocab + 1, d),
+                  'output_layer.linear.bias': (vocab + 1,), 'output_layer.adaLN_modulation.weight': (2 * d, cond),
+                  'output_layer.adaLN_modulation.bias': (2 * d,)})
+    gen = torch.Generator().manual_seed(0)
+    return {k: torch.randn(shape, generator=gen) * 0.02 for k, shape in state.items()}
+
+
+def test_a_sedd_small_checkpoint_loads_with_every_key_but_the_position_embedding(tmp_path):
+    state = sedd_small_state_dict()
+    torch.save({'model': {'module.' + k: v for k, v in state.items()}, 'step': 1}, tmp_path / 'checkpoint.pth')
+    model = P.SEDD(vocab_size=50257, seq_len=64, **P.PRIOR_MODELS['small'])
+    P.load_sedd(model, str(tmp_path / 'checkpoint.pth'))
+    loaded = model.state_dict()
+    assert set(loaded) == set(state) | {'pos_embed'}
+    for k, v in state.items():
+        assert torch.equal(loaded[k], v), k
+    del state['blocks.3.attn_out.weight']
+    torch.save(state, tmp_path / 'broken.pth')
+    with pytest.raises(ValueError, match='blocks.3.attn_out.weight'):
+        P.load_sedd(model, str(tmp_path / 'broken.pth'))
+    with pytest.raises(FileNotFoundError, match='nowhere.pth'):
+        P.load_sedd(model, str(tmp_path / 'nowhere.pth'))
+
+
+# -- training --------------------------------------------------------------------------------
+
+def toy_codes(n, seed):
+    """L = 8, V = 8 codes with hard rules: token 2 = token 1, token 5 = token 4 + 1 (mod 8)."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 8, size=(n, 8))
+    codes[:, 2] = codes[:, 1]
+    codes[:, 5] = (codes[:, 4] + 1) % 8
+    return codes.astype(np.uint16)
+
+
+def rules_hold(codes):
+    codes = np.asarray(codes)
+    return (codes[:, 2] == codes[:, 1]) & (codes[:, 5] == (codes[:, 4] + 1) % 8)
+
+
+@pytest.fixture(scope='module')
+def toy_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp('toy_codes')
+    torch.save(dict(L=8, V=8), out / 'tokenizer.pt')                     # the contract prior.py reads
+    np.save(out / 'codes_train.npy', toy_codes(4096, 0))
+    np.save(out / 'codes_val.npy', toy_codes(512, 1))
+    return str(out)
+
+
+def tiny_cfg(codes_dir, out_dir, **kw):
+    cfg = dict(P.CONFIG, codes_dir=codes_dir, out_dir=str(out_dir), device='cpu', model='tiny', dropout=0.0,
+               batch_size=16, micro_batch_size=8, max_iters=4, learning_rate=1e-3, warmup_iters=2,
+               ema_decay=0.9, eval_interval=0, log_interval=1, ckpt_interval=2, n_eval=64, n_samples=64,
+               sample_batch_size=32, num_steps=16)
+    cfg.update(kw)
+    return cfg
+
+
+def test_a_briefly_trained_prior_learns_a_hard_dependency_between_positions(toy_dir, tmp_path):
+    cfg = tiny_cfg(toy_dir, tmp_path, batch_size=64, micro_batch_size=64, max_iters=300, learning_rate=1e-3,
+                   warmup_iters=20, ema_decay=0.98, log_interval=50, eval_interval=300, ckpt_interval=300)
+    _, _, history = P.train(cfg)
+    codes, report = P.sample_mode(dict(cfg, n_samples=400, num_steps=32, sample_batch_size=200))
+    assert codes.shape == (400, 8) and codes.dtype == np.uint16
+    assert np.load(tmp_path / 'samples.npy').shape == (400, 8)
+    held = rules_hold(codes).mean()
+    assert held > 0.8, held                                                # chance: 1/64
+    # the ELBO beats coding each position on its own (3 bits), the truth being 2.25 bits
+    scores = P.eval_mode(dict(cfg, n_eval=512, eval_t_per_code=4))
+    assert scores['elbo_bits'] < scores['marginal_cross_entropy_bits'] - 0.3, scores
+    assert history[-1]['val_bits'] < history[0]['train_bits']
+
+
+def as_args(cfg):
+    return [f'--{k}={v!r}' if isinstance(v, (str, tuple)) else f'--{k}={v}'
+            for k, v in cfg.items() if v != P.CONFIG[k]]
+
+
+def test_two_processes_take_the_same_step_as_one_with_accumulation(toy_dir, tmp_path):
+    for name, nproc in [('one', 1), ('two', 2)]:
+        cfg = tiny_cfg(toy_dir, tmp_path / name, max_iters=2)
+        launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
+            if nproc > 1 else [sys.executable]
+        result = subprocess.run(launcher + ['prior.py'] + as_args(cfg), cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+    a = torch.load(tmp_path / 'one' / 'prior.pt', weights_only=True)
+    b = torch.load(tmp_path / 'two' / 'prior.pt', weights_only=True)
+    for k in a['model']:
+        torch.testing.assert_close(a['model'][k], b['model'][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert max((a['model'][k] - a['ema'][k]).abs().max().item() for k in a['model']) > 0
+
+
+def test_two_processes_sample_the_same_codes_as_one(toy_dir, tmp_path):
+    cfg = tiny_cfg(toy_dir, tmp_path, max_iters=2)
+    P.train(cfg)
+    for name, nproc in [('one', 1), ('two', 2)]:
+        args = as_args(dict(cfg, mode='sample', n_samples=10, sample_batch_size=4, num_steps=8,
+                            sample_path=str(tmp_path / f'{name}.npy')))
+        launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
+            if nproc > 1 else [sys.executable]
+        result = subprocess.run(launcher + ['prior.py'] + args, cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert np.array_equal(np.load(tmp_path / 'one.npy'), np.load(tmp_path / 'two.npy'))
+    # a tokenizer that makes other codes than the prior models is refused by sample and eval
+    other = tmp_path / 'other_tokenizer'
+    other.mkdir()
+    torch.save(dict(L=16, V=8), other / 'tokenizer.pt')
+    for fn in (P.sample_mode, P.eval_mode):
+        with pytest.raises(ValueError, match=r'models L=8, V=8.*makes L=16, V=8'):
+            fn(dict(cfg, codes_dir=str(other)))
+
+
+def test_stop_and_resume_equals_an_uninterrupted_run(toy_dir, tmp_path):
+    P.train(tiny_cfg(toy_dir, tmp_path / 'a', max_iters=6, dropout=0.1))
+    split = tiny_cfg(toy_dir, tmp_path / 'b', max_iters=6, run_iters=3, dropout=0.1)
+    P.train(split)
+    P.train(dict(split, init_from='resume', run_iters=-1))
+    a = torch.load(tmp_path / 'a' / 'prior.pt', weights_only=True)
+    b = torch.load(tmp_path / 'b' / 'prior.pt', weights_only=True)
+    assert a['iter_num'] == b['iter_num'] == 6
+    for part in ['model', 'ema', 'optimizer']:
+        for k, v in (a[part] if part != 'optimizer' else a[part]['state']).items():
+            w = b[part][k] if part != 'optimizer' else b[part]['state'][k]
+            if isinstance(v, dict):
+                assert all(torch.equal(v[j], w[j]) for j in v), (part, k)
+            else:
+                assert torch.equal(v, w), (part, k)
+
+
+@pytest.mark.parametrize('bad, message', [
+    (lambda c: np.where(c == 7, 8, c).astype(np.uint16), r'token 8 >= V=8'),
+    (lambda c: c[:, :5], r'shape \(4096, 5\).*L=8'),
+    (lambda c: c.astype(np.int64), r'dtype int64'),
+])
+def test_a_dump_that_does_not_fit_the_tokenizer_is_refused(toy_dir, tmp_path, bad, message):
+    bad_dir = tmp_path / 'codes'
+    bad_dir.mkdir()
+    torch.save(dict(L=8, V=8), bad_dir / 'tokenizer.pt')
+    np.save(bad_dir / 'codes_train.npy', bad(np.load(os.path.join(toy_dir, 'codes_train.npy'))))
+    with pytest.raises(ValueError, match=message) as err:
+        P.train(tiny_cfg(str(bad_dir), tmp_path / 'out'))
+    assert 'codes_train.npy' in str(err.value) and 'tokenizer.py --mode=dump' in str(err.value)
+    assert not (tmp_path / 'out' / 'prior.pt').exists()
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(toy_dir, tmp_path, monkeypatch):
+    real, calls = P.diffusion_loss, []
+    def loss_that_turns_nan(*args):
+        calls.append(1)
+        loss = real(*args)
+        return loss * float('nan') if len(calls) == 7 else loss            # iteration 3, micro-batch 1
+    monkeypatch.setattr(P, 'diffusion_loss', loss_that_turns_nan)
+    with pytest.raises(FloatingPointError, match=r'loss is nan.*at iteration 3.*prior.pt'):
+        P.train(tiny_cfg(toy_dir, tmp_path, max_iters=8))
+    assert torch.load(tmp_path / 'prior.pt', weights_only=True)['iter_num'] == 2
+
+
+def test_bench_reports_prior_throughput():
+    result = subprocess.run([sys.executable, 'bench.py', '--component=prior', '--prior_model=tiny', '--L=16',
+                             '--V=8', '--batch_size=4', '--steps=1', '--warmup=1', '--sample_steps=4'],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'tok/s' in result.stdout and 'codes/s' in result.stdout
