@@ -86,6 +86,8 @@ run_iters = -1                  # stop this run after so many iterations (resume
 learning_rate = 1e-4
 weight_decay = 0.0
 warmup_iters = 0
+lr_decay = False                # cosine decay from learning_rate to min_lr over max_iters (after warm-up)
+min_lr = 1e-5
 grad_clip = 1.0
 ema_decay = 0.9999
 # sampling
@@ -1031,6 +1033,16 @@ def flow_loss(model, x0, y, t, noise, flow_output='velocity'):
     return (u - (noise - x0)).pow(2).mean(dim=(1, 2, 3))
 
 
+def learning_rate_at(it, c):
+    """Linear warm-up, then constant (the DiT recipe) or a cosine decay to min_lr at max_iters."""
+    if it < c['warmup_iters']:
+        return c['learning_rate'] * (it + 1) / c['warmup_iters']
+    if not c['lr_decay']:
+        return c['learning_rate']
+    progress = (it - c['warmup_iters']) / max(1, c['max_iters'] - c['warmup_iters'])
+    return c['min_lr'] + 0.5 * (c['learning_rate'] - c['min_lr']) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def train(cfg):
     rank, world, device = setup_distributed(cfg['device'])
     c, master = cfg, rank == 0
@@ -1097,7 +1109,7 @@ def train(cfg):
     t0, history = time.time(), []
     while iter_num < stop:
         it = iter_num
-        lr = c['learning_rate'] * min(1.0, (it + 1) / c['warmup_iters']) if c['warmup_iters'] else c['learning_rate']
+        lr = learning_rate_at(it, c)
         for g in optimizer.param_groups:
             g['lr'] = lr
         # timesteps, noise and condition dropout drawn for the global batch, sliced per process
@@ -1294,17 +1306,25 @@ def decode(cfg):
     return score_samples(cfg['data_dir'], images)
 
 
-def score_samples(data_dir, images):
-    """On the built-in data: the reader's valid fraction and, per factor, the histogram of the
-    images against the training set's (total variation)."""
+def read_builtin(data_dir, images):
+    """The built-in dataset's attribute reader on uint8 images: (factors read, meta), or
+    (None, None) for data that is not the built-in dataset."""
     meta_path = os.path.join(data_dir, 'meta.json')
     if not os.path.exists(meta_path):
-        return {}
+        return None, None
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from data.shapes.prepare import read_attributes
     with open(meta_path) as f:
         meta = json.load(f)
-    read = read_attributes(images, meta)
+    return read_attributes(images, meta), meta
+
+
+def score_samples(data_dir, images):
+    """On the built-in data: the reader's valid fraction and, per factor, the histogram of the
+    images against the training set's (total variation)."""
+    read, meta = read_builtin(data_dir, images)
+    if read is None:
+        return {}
     factors = np.load(os.path.join(data_dir, 'train_factors.npy'))
     scores = dict(valid=float(read['valid'].mean()))
     print(f"attribute reader on {len(images)} images: valid {scores['valid']:.3f}; per factor, the share of each "
@@ -1322,15 +1342,10 @@ def score_samples(data_dir, images):
 
 def score_recon(data_dir, split, recons):
     """On the built-in data: the attribute reader's verdict on reconstructions of items 0..n-1."""
-    meta_path = os.path.join(data_dir, 'meta.json')
-    if not os.path.exists(meta_path):
+    read, _ = read_builtin(data_dir, recons)
+    if read is None:
         return {}
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from data.shapes.prepare import read_attributes
-    with open(meta_path) as f:
-        meta = json.load(f)
     factors = np.load(os.path.join(data_dir, f'{split}_factors.npy'))[:len(recons)]
-    read = read_attributes(recons, meta)
     scores = dict(valid=float(read['valid'].mean()),
                   shape=float((read['shape'] == factors[:, 0]).mean()),
                   color=float((read['color'] == factors[:, 1]).mean()),

@@ -260,6 +260,15 @@ def test_codes_that_do_not_match_the_tokenizer_or_the_data_are_refused(shapes_di
     assert 'codes_train.npy' in str(err.value) and 'tokenizer.py --mode=dump' in str(err.value)
 
 
+def test_the_learning_rate_warms_up_then_stays_or_decays_to_min_lr():
+    c = dict(D.CONFIG, learning_rate=1e-3, min_lr=1e-5, warmup_iters=10, max_iters=110, lr_decay=True)
+    lrs = [D.learning_rate_at(it, c) for it in range(111)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == lrs[10] == pytest.approx(1e-3)
+    assert lrs[60] == pytest.approx((1e-3 + 1e-5) / 2) and lrs[110] == pytest.approx(1e-5)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert D.learning_rate_at(100, dict(c, lr_decay=False)) == 1e-3
+
+
 def test_bench_reports_dit_training_throughput():
     result = subprocess.run([sys.executable, 'bench.py', '--model=DiT-Ti/8', '--image_size=32', '--batch_size=4',
                              '--steps=1', '--warmup=1', '--L=4', '--V=8'], cwd=ROOT, capture_output=True, text=True)
