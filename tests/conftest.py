@@ -1,5 +1,6 @@
 """Shared test fixtures: the repo on sys.path, a small built-in dataset, a tiny config."""
 import os
+import subprocess
 import sys
 
 import pytest
@@ -8,6 +9,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import data.shapes.prepare as shapes  # noqa: E402
+
+
+def run_script(script, args, nproc=1, check=True):
+    """python script args, or torchrun with nproc processes (gloo on the CPU), in the repo root."""
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
+        if nproc > 1 else [sys.executable]
+    cmd = launcher + [script] + args
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if check and result.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+    return result
 
 
 @pytest.fixture(scope='session')

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 import diffusion as D
 import tokenizer as T
 
@@ -195,10 +195,7 @@ def test_two_processes_take_the_same_step_as_one_with_accumulation(shapes_dir, c
     one = tiny_cfg(shapes_dir, codes_dir, tmp_path / 'one', objective=objective, max_iters=2)
     two = tiny_cfg(shapes_dir, codes_dir, tmp_path / 'two', objective=objective, max_iters=2)
     for cfg, nproc in [(one, 1), (two, 2)]:
-        launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
-            if nproc > 1 else [sys.executable]
-        result = subprocess.run(launcher + ['diffusion.py'] + as_args(cfg), cwd=ROOT, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr[-3000:]
+        run_script('diffusion.py', as_args(cfg), nproc)
     a = torch.load(tmp_path / 'one' / 'diffusion.pt', weights_only=True)
     b = torch.load(tmp_path / 'two' / 'diffusion.pt', weights_only=True)
     for k in a['model']:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 import prior as P
 
 
@@ -225,10 +225,7 @@ def as_args(cfg):
 def test_two_processes_take_the_same_step_as_one_with_accumulation(toy_dir, tmp_path):
     for name, nproc in [('one', 1), ('two', 2)]:
         cfg = tiny_cfg(toy_dir, tmp_path / name, max_iters=2)
-        launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
-            if nproc > 1 else [sys.executable]
-        result = subprocess.run(launcher + ['prior.py'] + as_args(cfg), cwd=ROOT, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr[-3000:]
+        run_script('prior.py', as_args(cfg), nproc)
     a = torch.load(tmp_path / 'one' / 'prior.pt', weights_only=True)
     b = torch.load(tmp_path / 'two' / 'prior.pt', weights_only=True)
     for k in a['model']:
@@ -242,10 +239,7 @@ def test_two_processes_sample_the_same_codes_as_one(toy_dir, tmp_path):
     for name, nproc in [('one', 1), ('two', 2)]:
         args = as_args(dict(cfg, mode='sample', n_samples=10, sample_batch_size=4, num_steps=8,
                             sample_path=str(tmp_path / f'{name}.npy')))
-        launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
-            if nproc > 1 else [sys.executable]
-        result = subprocess.run(launcher + ['prior.py'] + args, cwd=ROOT, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr[-3000:]
+        run_script('prior.py', args, nproc)
     assert np.array_equal(np.load(tmp_path / 'one.npy'), np.load(tmp_path / 'two.npy'))
     # a tokenizer that makes other codes than the prior models is refused by sample and eval
     other = tmp_path / 'other_tokenizer'

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import conftest
 from conftest import ROOT
 import tokenizer as T
 
@@ -37,12 +38,7 @@ def as_args(cfg):
 
 
 def run_script(args, nproc=1, check=True):
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
-    cmd = (launcher if nproc > 1 else [sys.executable]) + ['tokenizer.py'] + args
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if check and result.returncode:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
-    return result
+    return conftest.run_script('tokenizer.py', args, nproc, check)
 
 
 def model_of(cfg):
