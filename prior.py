@@ -294,13 +294,12 @@ def diffusion_loss(model, codes, t, u, eps, V):
 def sample_categorical(probs, generators):
     """One draw per row of unnormalized probabilities (N, ..., K) by the exponential race
     (Gumbel-max) in float64, row i from generators[i]."""
-    probs = probs.double()
-    u = torch.stack([torch.rand(probs.shape[1:], generator=g, dtype=torch.float64, device=probs.device)
-                     for g in generators])
-    return (probs / -torch.log(u.clamp_min(1e-300))).argmax(-1)
+    u = uniform(probs.shape[1:], generators, probs.device)
+    return (probs.double() / -torch.log(u.clamp_min(1e-300))).argmax(-1)
 
 
 def uniform(shape, generators, device):
+    """(len(generators), *shape) float64 uniforms, row i from generators[i]."""
     return torch.stack([torch.rand(shape, generator=g, dtype=torch.float64, device=device) for g in generators])
 
 
