@@ -1,6 +1,7 @@
 # make demo: set up, build the built-in data, train every stage briefly on the CPU, report.
-# Stages so far: tokenizer (train, probe), diffusion (train, reconstructions of val codes),
-# prior (train, held-out ELBO, samples, and the DiT's images of the sampled codes).
+# Stages: tokenizer (train, probe), diffusion (train, reconstructions of val codes), prior
+# (train, held-out ELBO, samples), a class-conditional DiT (the baseline), then every
+# sample.py mode (recon, uncond, compose, class) and one table of their scores.
 # make test: set up, then the test suite.
 PYTHON ?= python3
 VENV := .venv
@@ -28,8 +29,10 @@ demo: venv data
 	$(PY) prior.py config/prior_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=eval
 	$(PY) prior.py config/prior_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=sample \
 		--n_samples=1000 --num_steps=32 --remask_eta=0.05
-	$(PY) diffusion.py config/diffusion_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=decode \
-		--codes_path=$(DEMO)/samples.npy --n_recon=200
+	$(PY) diffusion.py config/diffusion_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO)/class --max_iters=600 \
+		--sample_interval=600 --cond=class --num_classes=18
+	$(PY) sample.py config/sample_shapes.py --mode=recon,uncond,compose,class --out_dir=$(DEMO)/samples \
+		--tokenizer_dir=$(DEMO) --diffusion_dir=$(DEMO) --prior_dir=$(DEMO) --class_dit=$(DEMO)/class/diffusion.pt
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -943,7 +943,9 @@ def save_atomic(obj, path):
 def load_checkpoint(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"diffusion checkpoint '{path}' not found: train one first "
-                                f"(python diffusion.py <config> --out_dir={os.path.dirname(path) or '.'})")
+                                f"(python diffusion.py <config> --out_dir={os.path.dirname(path) or '.'}), "
+                                "or for the class-conditional baseline download DiT-XL-2-256x256.pt from "
+                                "https://dl.fbaipublicfiles.com/DiT/models/")
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
@@ -1013,6 +1015,29 @@ def load_public_dit(model, path):
                                 "https://dl.fbaipublicfiles.com/DiT/models/ and set --init_from to its path")
     state = torch.load(path, map_location='cpu', weights_only=True)
     model.load_state_dict(state.get('ema', state), strict=True)
+
+
+def public_dit_from_weights(path, state):
+    """A class-conditional DiT rebuilt from a bare state dict (DiT-XL-2-256x256.pt and its
+    kin, loaded from path): the size and patch are read off the tensor shapes, the heads from
+    DiT_models. Returns (model, checkpoint-like info: objective eps, space, image size)."""
+    state = state.get('ema', state)
+    if 'y_embedder.embedding_table.weight' not in state:
+        raise ValueError(f"'{path}' is not a class-conditional DiT state dict (no y_embedder.embedding_table)")
+    hidden, in_channels, patch, _ = state['x_embedder.proj.weight'].shape
+    depth = len({k.split('.')[1] for k in state if k.startswith('blocks.')})
+    sizes = [v for v in DiT_models.values() if (v['hidden_size'], v['depth'], v['patch_size']) == (hidden, depth, patch)]
+    heads = sizes[0]['num_heads'] if sizes else max(h for h in (16, 12, 8, 6, 4, 2, 1) if hidden % h == 0)
+    input_size = int(math.sqrt(state['pos_embed'].shape[1])) * patch
+    args = dict(input_size=input_size, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
+                num_heads=heads, learn_sigma=state['final_layer.linear.weight'].shape[0] == 2 * in_channels * patch ** 2,
+                cond='class', num_classes=state['y_embedder.embedding_table.weight'].shape[0] - 1)
+    model = DiT(**args)
+    model.load_state_dict(state, strict=True)
+    latent = in_channels == 4
+    info = dict(objective='eps', space='latent' if latent else 'pixel', cond='class', model_args=args,
+                image_size=input_size * 8 if latent else input_size, config={})
+    return model.eval(), info
 
 
 def flow_velocity(out, x_t, t, flow_output, clip=False, t_min=1e-6):

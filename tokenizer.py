@@ -326,10 +326,14 @@ class SEMEncoder(nn.Module):
         return z, self.backbone.norm(s), self.backbone.norm(h[:, n_special:])
 
     @torch.no_grad()
+    def code_logits(self, x):
+        """The SEM logits z of normalized images x: (B, 3, H, W) -> (B, L, V)."""
+        h = self.backbone(x)
+        return self.sem.logits(h[:, :1 + self.backbone.n_registers])
+
     def encode(self, x):
         """The DLC of normalized images x: (B, 3, H, W) -> (B, L) token indices."""
-        h = self.backbone(x)
-        return self.sem.logits(h[:, :1 + self.backbone.n_registers]).argmax(dim=-1)
+        return self.code_logits(x).argmax(dim=-1)
 
 
 def model_args_from(cfg):
@@ -407,17 +411,22 @@ class ImageFolder(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        try:
-            with Image.open(self.files[i]) as im:
-                im = im.convert('RGB')
-                s = self.size / min(im.size)
-                w, h = max(self.size, round(im.width * s)), max(self.size, round(im.height * s))
-                im = im.resize((w, h), Image.BICUBIC)
-                left, top = (w - self.size) // 2, (h - self.size) // 2
-                im = im.crop((left, top, left + self.size, top + self.size))
-                return torch.from_numpy(np.asarray(im).copy())
-        except Exception as e:
-            raise RuntimeError(f"cannot read image '{self.files[i]}' ({e}); remove or replace it") from None
+        return load_image(self.files[i], self.size)
+
+
+def load_image(path, size):
+    """One image file -> uint8 (size, size, 3): short side resized to size, center square."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert('RGB')
+            s = size / min(im.size)
+            w, h = max(size, round(im.width * s)), max(size, round(im.height * s))
+            im = im.resize((w, h), Image.BICUBIC)
+            left, top = (w - size) // 2, (h - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+            return torch.from_numpy(np.asarray(im).copy())
+    except Exception as e:
+        raise RuntimeError(f"cannot read image '{path}' ({e}); remove or replace it") from None
 
 
 def open_split(data_dir, split, size):
@@ -965,17 +974,23 @@ def compute_codes(model, dataset, image_size, batch_size, device, desc='codes'):
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device_type == 'cuda' else nullcontext()
     out = []
     for images in tqdm(loader, desc=desc, dynamic_ncols=True):
-        x = to_float_images(images, device)
-        if x.shape[-1] != image_size:
-            if isinstance(dataset, ImageFolder):
-                top = (x.shape[-1] - image_size) // 2
-                x = x[..., top:top + image_size, top:top + image_size]
-            else:
-                x = F.interpolate(x, size=(image_size, image_size), mode='bilinear', antialias=True)
         with autocast:
-            out.append(model.encode(normalize(x)).cpu())
+            out.append(model.encode(encoder_input(images, image_size, isinstance(dataset, ImageFolder), device)).cpu())
     dtype = np.uint16 if model.sem.V <= 65536 else np.uint32
     return torch.cat(out).numpy().astype(dtype)
+
+
+def encoder_input(images, image_size, crop, device):
+    """uint8 (B, H, W, 3) -> the normalized (B, 3, S, S) the encoder reads, S = image_size: the
+    central square (crop: folder images loaded at 256/224 of S) or a resize (arrays)."""
+    x = to_float_images(images, device)
+    if x.shape[-1] != image_size:
+        if crop:
+            top = (x.shape[-1] - image_size) // 2
+            x = x[..., top:top + image_size, top:top + image_size]
+        else:
+            x = F.interpolate(x, size=(image_size, image_size), mode='bilinear', antialias=True)
+    return normalize(x)
 
 
 def save_npy_atomic(array, path):

@@ -1,0 +1,19 @@
+# The built-in pipeline: every sample.py mode on data/shapes, with the demo's checkpoints
+# (the tokenizer in out-shapes, the DiT in out-shapes-dit, the prior in out-shapes-prior and
+# a class-conditional DiT in out-shapes-dit-class), scored by the attribute reader.
+# python sample.py config/sample_shapes.py --mode=recon,uncond,compose,class
+out_dir = 'out-shapes-samples'
+device = 'cpu'
+n_samples = 200
+diffusion_dir = 'out-shapes-dit'
+class_dit = 'out-shapes-dit-class/diffusion.pt'
+tokenizer_dir = 'out-shapes'
+prior_dir = 'out-shapes-prior'
+data_dir = 'data/shapes'
+split = 'val'
+dit_sampler = 'euler'           # the built-in DiT is a flow model (config/diffusion_shapes.py)
+dit_steps = 25
+cfg_scale = 3.0
+clip_denoised = True
+prior_steps = 128
+batch_size = 50

@@ -1,0 +1,433 @@
+"""
+sample.py: the pipeline that makes images from the trained components.
+
+    recon    images -> tokenizer (the argmax DLC) -> DiT -> images: what the code keeps
+    uncond   prior (SEDD) -> DLC -> DiT -> images: the paper's unconditional generation
+    compose  two or more source images -> SEM distributions at a low temperature -> their
+             average -> one token sampled per position -> DiT -> images
+    class    class labels -> a class-conditional DiT (diffusion.py --cond=class, or the public
+             DiT-XL-2-256x256.pt through --class_dit): the baseline
+    text     prompts -> text2dlc -> DLC -> DiT: comes with text2dlc.py
+
+Composition (Lavoie, Noukhovitch, Courville 2025, section 4). For source images x_1 .. x_K
+with SEM logits z(x_k) in R^{L x V}, at temperature tau (0.001: near one-hot),
+
+    p_l = (1/K) sum_k softmax(z_l(x_k) / tau),        c_l ~ p_l  independently for l = 1..L
+
+so each token of the new code is, in effect, the token of one source chosen at random: the
+code mixes the sources' parts, and the DiT renders a combination that need not exist in the
+training data. With one source, c is the source's own DLC (the argmax), i.e. recon.
+
+Sample i of a run is seeded by its global index alone: its code draw (prior or composition)
+from  2 (seed * 1_000_003 + i) + 1  and its image noise from  2 (seed * 1_000_003 + i), so
+`torchrun --nproc_per_node=8 sample.py ...` writes the same images as one process.
+
+Every mode rebuilds its models from their checkpoints alone and checks that they agree: the
+tokenizer's or the prior's (L, V) against the DiT's, the DiT's conditioning against the mode,
+and its image size and space (pixels, or SD-VAE latents: then vae_path) against the outputs.
+
+Outputs in out_dir, for each mode:
+    <mode>.npz        arr_0: uint8 (N, H, W, 3), what eval_fid.py and the ADM suite read
+    <mode>.png        a grid of the first n_grid images (sources beside results: recon, compose)
+    <mode>_codes.npy  the DLCs the images were drawn from (recon, uncond, compose)
+    <mode>/000000.png ... one PNG per image, with save_pngs=True
+On the built-in data, the attribute reader scores every set (valid single shape; recon: the
+source's shape and color kept; compose: factors taken from the sources, novel combinations;
+uncond: factor histograms against the training set; class: the label's shape and color kept).
+mode may list several modes, 'recon,uncond,compose,class': they run in turn and one table of
+their scores ends the run (what `make demo` prints).
+
+    python sample.py config/sample_shapes.py --mode=recon,uncond,compose,class
+    torchrun --nproc_per_node=8 sample.py --mode=uncond --n_samples=50000 --prior_dir=... --diffusion_dir=...
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+import diffusion as D
+import prior as P
+import tokenizer as T
+from configurator import configure
+
+# -----------------------------------------------------------------------------
+# config: the defaults are the ImageNet 256 pipeline (DiT-XL/2 on SD-VAE latents, DLC512)
+mode = 'uncond'                 # 'recon' | 'uncond' | 'compose' | 'class' | 'text', or a list 'recon,uncond'
+out_dir = 'out-samples'
+seed = 0
+n_samples = 64                  # images per mode
+# checkpoints
+diffusion_dir = 'out-diffusion'             # diffusion.pt, trained by diffusion.py
+class_dit = ''                  # class: a class-conditional DiT, its diffusion.pt or a bare state dict
+                                # (DiT-XL-2-256x256.pt); '' = diffusion_dir's
+tokenizer_dir = 'out-imagenet-tokenizer'    # tokenizer.pt: recon, compose
+prior_dir = 'out-prior'                     # prior.pt: uncond
+vae_path = ''                   # sd-vae-ft-ema weights, for a DiT on latents
+# sources of recon and compose
+data_dir = 'data/imagenet'
+split = 'val'
+sources = ''                    # groups split by ',', members by '+': dataset indices of `split` or image
+                                # files ('3+17,5+9', 'cat.png+dog.png'); sample i uses group i mod #groups.
+                                # '' = recon: items 0..n-1; compose: pairs (2i, 2i+1)
+compose_tau = 0.001             # the SEM temperature of composition (the paper's)
+labels = ''                     # class: labels '207,360' (sample i: i mod #labels); '' = drawn per sample
+# image model sampling
+dit_sampler = 'ddpm'            # eps: 'ddpm' | 'ddim';  flow: 'euler' | 'heun'
+dit_steps = 250
+cfg_scale = 1.0                 # 1.0 = no guidance (DiT-XL/2's class anchor, FID 2.27, used 1.5)
+guidance_interval = (0.0, 1.0)
+clip_denoised = False           # clip the predicted x_0 to [-1, 1] (pixel space needs it)
+# prior sampling
+prior_sampler = 'analytic'      # 'analytic' | 'euler'
+prior_steps = 1024
+remask_eta = 0.0                # ReMDM-cap re-masking; 0 = off
+# output
+batch_size = 32                 # images per process per forward
+n_grid = 64
+save_pngs = False
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items()
+               if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
+CONFIG = {k: globals()[k] for k in config_keys}
+MODES = ('recon', 'uncond', 'compose', 'class', 'text')
+
+
+# -----------------------------------------------------------------------------
+# Composition: a pure function of the sources' SEM logits
+
+def compose_codes(logits, tau, generators):
+    """logits (N, K, L, V): the SEM logits of the K sources of each of N samples. Returns (N, L)
+    codes, token l of sample n drawn from the average over sources of softmax(z_l / tau), with
+    generators[n]. Softmax and average in float64: at tau = 0.001 the float32 logits / tau
+    would leave other tokens exactly at 0 anyway, but the sum must stay a distribution."""
+    p = torch.softmax(logits.double() / tau, dim=-1).mean(dim=1)       # (N, L, V)
+    return torch.stack([torch.multinomial(p[n], 1, generator=g).squeeze(1) for n, g in enumerate(generators)])
+
+
+def seeds_of(cfg, indices):
+    """(code seeds, image seeds) of global sample indices."""
+    base = [cfg['seed'] * 1_000_003 + i for i in indices]
+    return [2 * b + 1 for b in base], [2 * b for b in base]
+
+
+# -----------------------------------------------------------------------------
+# Models, each from its checkpoint alone, and the checks that they fit together
+
+def load_image_model(cfg, want_cond, device):
+    """The DiT and what its checkpoint says about it (objective, space, image size, cond, L, V)."""
+    source = os.path.join(cfg['diffusion_dir'], 'diffusion.pt')
+    if want_cond == 'class' and cfg['class_dit']:
+        source = cfg['class_dit']
+    info = D.load_checkpoint(source)
+    if 'model_args' in info:
+        model = D.model_from_checkpoint(info)
+    else:                                       # a bare state dict: the public class-conditional weights
+        model, info = D.public_dit_from_weights(source, info)
+    if info['cond'] != want_cond:
+        raise ValueError(f"this mode needs a DiT with cond='{want_cond}', but {source} has cond='{info['cond']}'; "
+                         "point --diffusion_dir at one trained with that conditioning"
+                         + (" (or --class_dit at DiT-XL-2-256x256.pt)" if want_cond == 'class' else ''))
+    D.check_sampler(info['objective'], cfg['dit_sampler'])
+    side = int(round(model.pos_embed.shape[1] ** 0.5)) * model.patch_size
+    vae = None
+    if info['space'] == 'latent':
+        if not cfg['vae_path']:
+            raise ValueError(f"{source} generates SD-VAE latents: set --vae_path to sd-vae-ft-ema's weights")
+        vae = D.load_vae(cfg['vae_path']).to(device).eval()
+        channels = vae.post_quant_conv.in_channels
+        factor = 2 ** sum(isinstance(m, D._VAEUpsample) for m in vae.modules())
+        if model.in_channels != channels or side * factor != info['image_size']:
+            raise ValueError(f"{source} makes {model.in_channels} x {side} x {side} latents of {info['image_size']} px "
+                             f"images, which the VAE in {cfg['vae_path']} ({channels} channels, {factor}x upsampling) "
+                             "does not decode to that size")
+    elif model.in_channels != 3 or side != info['image_size']:
+        raise ValueError(f"{source} is a pixel-space DiT of {model.in_channels} x {side} x {side}, not of RGB images "
+                         f"of {info['image_size']} px")
+    return model.to(device), info, vae, source, (model.in_channels, side, side)
+
+
+def check_code_contract(what, path, L, V, info, dit_source):
+    if (L, V) != (info['L'], info['V']):
+        raise ValueError(f"the {what} in {path} makes codes of L={L}, V={V}, but the DiT in {dit_source} was "
+                         f"trained on L={info['L']}, V={info['V']}; use the {what} the DiT's codes came from")
+
+
+def load_tokenizer(cfg, info, dit_source, device):
+    path = os.path.join(cfg['tokenizer_dir'], 'tokenizer.pt')
+    ckpt = T.load_checkpoint(path)
+    check_code_contract('tokenizer', path, ckpt['L'], ckpt['V'], info, dit_source)
+    return T.encoder_from_checkpoint(ckpt).to(device), ckpt
+
+
+def load_prior(cfg, info, dit_source, device):
+    model, ckpt = P.load_prior(cfg['prior_dir'], device)
+    check_code_contract('prior', os.path.join(cfg['prior_dir'], 'prior.pt'), ckpt['L'], ckpt['V'], info, dit_source)
+    return model, ckpt
+
+
+# -----------------------------------------------------------------------------
+# Sources: dataset items or image files, grouped
+
+def parse_groups(cfg, mode, n_items):
+    """The source groups: lists of ints (dataset indices) or strings (files)."""
+    if not cfg['sources']:
+        n = cfg['n_samples']
+        groups = [[i] for i in range(n)] if mode == 'recon' else [[2 * i, 2 * i + 1] for i in range(n)]
+    else:
+        groups = [[int(m) if m.strip().isdigit() else m.strip() for m in g.split('+')]
+                  for g in cfg['sources'].split(',') if g.strip()]
+    for g in groups:
+        if mode == 'recon' and len(g) != 1:
+            raise ValueError(f"recon reconstructs one image per group, got {'+'.join(map(str, g))} in --sources")
+        for m in g:
+            if isinstance(m, int) and not (n_items and m < n_items):
+                raise ValueError(f"source index {m} is outside split '{cfg['split']}' of '{cfg['data_dir']}' "
+                                 f"({n_items} items)")
+            if isinstance(m, str) and not os.path.exists(m):
+                raise FileNotFoundError(f"source image '{m}' not found (--sources takes dataset indices or files)")
+    return groups
+
+
+class Sources:
+    """Reads source images as uint8 (H, W, 3) at the tokenizer's resolution."""
+    def __init__(self, cfg, tok_ckpt):
+        self.size = tok_ckpt['image_size']
+        self.dataset, self.crop = None, False
+        array = os.path.join(cfg['data_dir'], f"{cfg['split']}_images.npy")
+        if os.path.exists(array) or os.path.isdir(os.path.join(cfg['data_dir'], cfg['split'])):
+            self.dataset = T.open_split(cfg['data_dir'], cfg['split'], T.load_size(self.size, cfg['data_dir'], cfg['split']))
+            self.crop = isinstance(self.dataset, T.ImageFolder)
+
+    def __len__(self):
+        return len(self.dataset) if self.dataset is not None else 0
+
+    def __getitem__(self, member):
+        if isinstance(member, str):
+            return T.load_image(member, self.size)
+        if self.dataset is None:
+            raise FileNotFoundError("dataset indices in --sources need --data_dir and --split of an existing split")
+        return self.dataset[member]
+
+    def logits(self, encoder, members, device):
+        """SEM logits (len(members), L, V) of source images."""
+        images = torch.stack([self[m] for m in members])
+        crop = self.crop and not any(isinstance(m, str) for m in members)
+        return encoder.code_logits(T.encoder_input(images, self.size, crop, device)).float()
+
+
+# -----------------------------------------------------------------------------
+# The run: each process draws its share of the indices, into one shared array
+
+def shared_array(path, shape, dtype, rank, world):
+    """An .npy memmap that rank 0 creates and every process writes its rows of."""
+    if rank == 0:
+        np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape).flush()
+    if world > 1:
+        dist.barrier()
+    return np.load(path, mmap_mode='r+')
+
+
+@torch.no_grad()
+def run_mode(cfg, mode, rank, world, device):
+    """Draw cfg['n_samples'] images of one mode; rank 0 returns (images, codes, groups, extra)."""
+    if mode == 'text':
+        raise ValueError("mode 'text' needs text2dlc.py (prompts -> DLC), which comes in a later issue")
+    info_cond = 'class' if mode == 'class' else 'dlc'
+    dit, info, vae, dit_source, x_shape = load_image_model(cfg, info_cond, device)
+    n, bs = cfg['n_samples'], cfg['batch_size']
+    groups, sources, labels = None, None, None
+    if mode in ('recon', 'compose'):
+        encoder, tok_ckpt = load_tokenizer(cfg, info, dit_source, device)
+        sources = Sources(cfg, tok_ckpt)
+        groups = parse_groups(cfg, mode, len(sources))
+    elif mode == 'uncond':
+        prior, prior_ckpt = load_prior(cfg, info, dit_source, device)
+    else:
+        n_classes = dit.null
+        if cfg['labels']:
+            labels = [int(x) for x in str(cfg['labels']).split(',')]
+            if max(labels) >= n_classes:
+                raise ValueError(f"label {max(labels)} is not a class of {dit_source} ({n_classes} classes)")
+        else:
+            labels = [int(torch.randint(n_classes, (1,), generator=torch.Generator().manual_seed(s)))
+                      for s in seeds_of(cfg, range(n))[0]]
+
+    size = info['image_size']
+    os.makedirs(cfg['out_dir'], exist_ok=True)
+    images_path = os.path.join(cfg['out_dir'], f'{mode}.partial.npy')
+    images = shared_array(images_path, (n, size, size, 3), np.uint8, rank, world)
+    codes = None
+    if mode != 'class':
+        codes = shared_array(os.path.join(cfg['out_dir'], f'{mode}_codes.partial.npy'), (n, info['L']),
+                             np.uint16 if info['V'] <= 65536 else np.uint32, rank, world)
+    mine = list(range(rank, n, world))
+    flow_output = info['config'].get('flow_output', 'velocity')
+    bar = tqdm(total=n, desc=mode, disable=rank != 0, dynamic_ncols=True)
+    for start in range(0, len(mine), bs):
+        idx = mine[start:start + bs]
+        code_seeds, image_seeds = seeds_of(cfg, idx)
+        if mode in ('recon', 'compose'):
+            batch_groups = [groups[i % len(groups)] for i in idx]
+            members = sorted({m for g in batch_groups for m in g}, key=str)
+            z = dict(zip(members, sources.logits(encoder, members, device)))
+            if mode == 'recon':
+                y = torch.stack([z[g[0]].argmax(-1) for g in batch_groups])
+            else:
+                K = max(len(g) for g in batch_groups)
+                # groups of fewer sources repeat theirs: the average is unchanged
+                logits = torch.stack([torch.stack([z[g[k % len(g)]] for k in range(K)]) for g in batch_groups])
+                y = compose_codes(logits, cfg['compose_tau'], [torch.Generator().manual_seed(s) for s in code_seeds])
+        elif mode == 'uncond':
+            y = P.generate(prior, len(idx), cfg['prior_steps'], cfg['prior_sampler'], prior_ckpt['noise_eps'],
+                           code_seeds, device, len(idx), cfg['remask_eta'], progress=False)
+        else:
+            y = torch.tensor([labels[i % len(labels)] for i in idx])
+        y = y.to(device)
+        x = D.sample(D.guided(dit, y, cfg['cfg_scale'], info['objective'], cfg['guidance_interval']), x_shape,
+                     image_seeds, info['objective'], cfg['dit_sampler'], cfg['dit_steps'], device,
+                     clip=cfg['clip_denoised'], flow_output=flow_output)
+        images[idx] = D.decode_to_uint8(x, vae)
+        if codes is not None:
+            codes[idx] = y.cpu().numpy()
+        bar.update(min(n, (start + len(idx)) * world) - bar.n)
+    bar.close()
+    images.flush()
+    if codes is not None:
+        codes.flush()
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        return None
+    extra = dict(groups=groups, sources=sources, labels=labels, dit_source=dit_source)
+    return np.load(images_path), (np.load(images_path.replace('.partial', '_codes.partial')) if codes is not None
+                                  else None), extra
+
+
+def fit(image, size):
+    """A uint8 image resized to size x size, for the grid."""
+    image = np.asarray(image)
+    if image.shape[0] == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+
+
+def write_outputs(cfg, mode, images, codes, extra):
+    """<mode>.npz (atomic), <mode>_codes.npy, the grid, and per-image PNGs."""
+    out = cfg['out_dir']
+    tmp = os.path.join(out, f'{mode}.tmp.npz')
+    np.savez(tmp, arr_0=images)
+    os.replace(tmp, os.path.join(out, f'{mode}.npz'))
+    os.remove(os.path.join(out, f'{mode}.partial.npy'))
+    if codes is not None:
+        os.replace(os.path.join(out, f'{mode}_codes.partial.npy'), os.path.join(out, f'{mode}_codes.npy'))
+    n_show = min(cfg['n_grid'], len(images))
+    size = images.shape[1]
+    if extra['groups'] is not None:           # each entry: its sources, then the result
+        groups = [extra['groups'][i % len(extra['groups'])] for i in range(n_show)]
+        K = max(len(g) for g in groups)
+        blank = np.full_like(images[0], 255)
+        tiles = []
+        for i, g in enumerate(groups):
+            tiles += [fit(extra['sources'][m].numpy(), size) for m in g] + [blank] * (K - len(g)) + [images[i]]
+        D.save_grid(np.stack(tiles), os.path.join(out, f'{mode}.png'), ncol=(K + 1) * max(1, 16 // (K + 1)))
+    else:
+        D.save_grid(images[:n_show], os.path.join(out, f'{mode}.png'), ncol=min(16, n_show))
+    if cfg['save_pngs']:
+        os.makedirs(os.path.join(out, mode), exist_ok=True)
+        for i, im in enumerate(images):
+            Image.fromarray(im).save(os.path.join(out, mode, f'{i:06d}.png'))
+    print(f"wrote {out}/{mode}.npz ({len(images)} images), {out}/{mode}.png"
+          + (f", {out}/{mode}_codes.npy" if codes is not None else '') + (f", {out}/{mode}/*.png" if cfg['save_pngs'] else ''))
+
+
+# -----------------------------------------------------------------------------
+# Scores on the built-in data: the attribute reader of data/shapes
+
+def reader_scores(cfg, mode, images, extra):
+    """valid, and per mode: recon/class the source's (label's) shape and color kept; compose
+    every factor taken from a source, a combination equal to no source, a (shape, color) pair
+    held out of training; uncond the factor histograms' distance to the training set."""
+    read, meta = D.read_builtin(cfg['data_dir'], images)
+    if read is None:
+        return {}
+    valid = read['valid']
+    scores = dict(n=len(images), valid=float(valid.mean()))
+    if mode == 'uncond':
+        scores.update(D.score_samples(cfg['data_dir'], images))
+        return scores
+    if mode == 'class':
+        shape, color = np.divmod(np.array([extra['labels'][i % len(extra['labels'])] for i in range(len(images))]),
+                                 len(meta['color']))
+        scores['kept'] = float(((read['shape'] == shape) & (read['color'] == color)).mean())
+        return scores
+    groups = [extra['groups'][i % len(extra['groups'])] for i in range(len(images))]
+    if any(isinstance(m, str) for g in groups for m in g):
+        return scores                                  # files: no factors to compare with
+    factors = np.load(os.path.join(cfg['data_dir'], f"{cfg['split']}_factors.npy"))
+    if mode == 'recon':
+        source = factors[[g[0] for g in groups]]
+        scores['kept'] = float(((read['shape'] == source[:, 0]) & (read['color'] == source[:, 1])).mean())
+        return scores
+    got = np.stack([read['shape'], read['color'], read['background']], axis=1)            # (N, 3)
+    from_sources = [all(got[i, j] in factors[g, j] for j in range(3)) for i, g in enumerate(groups)]
+    novel = [not any((got[i] == factors[m, :3]).all() for m in g) for i, g in enumerate(groups)]
+    held_out = {tuple(p) for p in meta['held_out']}
+    unseen = [(int(got[i, 0]), int(got[i, 1])) in held_out for i in range(len(images))]
+    scores['from_sources'] = float(np.mean(valid & np.array(from_sources)))
+    scores['novel'] = float(np.mean(valid & np.array(from_sources) & np.array(novel)))
+    scores['unseen_pair'] = float(np.mean(valid & np.array(unseen)))
+    return scores
+
+
+def print_table(results):
+    columns = [('n', 'images'), ('valid', 'valid'), ('kept', 'shape+color kept'), ('from_sources', 'from sources'),
+               ('novel', 'novel'), ('unseen_pair', 'unseen pair'), ('tv', 'TV shape/color/bg/size'), ('time', 'time')]
+    rows = []
+    for mode, s in results.items():
+        row = dict(s, time=f"{s['seconds']:.0f} s")
+        if 'tv_shape' in s:
+            row['tv'] = '/'.join(f"{s[f'tv_{k}']:.2f}" for k in ('shape', 'color', 'background', 'size'))
+        rows.append([mode] + [row[k] if isinstance(row.get(k), str) else
+                              (f"{row[k]:.3f}" if isinstance(row.get(k), float) else str(row.get(k, '-')))
+                              for k, _ in columns])
+    header = ['mode'] + [title for _, title in columns]
+    widths = [max(len(str(r[j])) for r in rows + [header]) for j in range(len(header))]
+    print('\n' + '  '.join(h.ljust(w) for h, w in zip(header, widths)))
+    for r in rows:
+        print('  '.join(str(v).ljust(w) for v, w in zip(r, widths)))
+
+
+def main(cfg):
+    modes = [m.strip() for m in cfg['mode'].split(',')]
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"--mode={m} is not one of {MODES}")
+    rank, world, device = D.setup_distributed(cfg['device'])
+    results = {}
+    for m in modes:
+        t0 = time.time()
+        out = run_mode(cfg, m, rank, world, device)
+        if rank == 0:
+            images, codes, extra = out
+            write_outputs(cfg, m, images, codes, extra)
+            results[m] = dict(reader_scores(cfg, m, images, extra), seconds=time.time() - t0)
+    if world > 1:
+        dist.destroy_process_group()
+    if rank == 0:
+        with open(os.path.join(cfg['out_dir'], 'scores.json'), 'w') as f:
+            json.dump(results, f, indent=1)
+        if any(len(s) > 1 for s in results.values()):
+            print_table(results)
+    return results
+
+
+if __name__ == '__main__':
+    main(configure(CONFIG, sys.argv[1:]))

@@ -1,0 +1,200 @@
+"""Claims about the pipeline (sample.py): composition takes each token from a source, one
+source is recon, the images do not depend on the number of processes, and the models are
+checked against each other before anything runs."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_script
+import diffusion as D
+import prior as P
+import sample as S
+import tokenizer as T
+
+
+# -- composition, the pure function ----------------------------------------------------------
+
+def test_composing_two_codes_takes_each_token_from_either_with_equal_odds():
+    torch.manual_seed(0)
+    L, V, n = 16, 10, 400
+    # two sources whose top logit stands out by more than tau (as a trained SEM's does)
+    logits = 0.3 * torch.randn(2, L, V) + 3 * torch.nn.functional.one_hot(torch.randint(V, (2, L)), V)
+    a, b = logits[0].argmax(-1), logits[1].argmax(-1)
+    gens = [torch.Generator().manual_seed(s) for s in range(n)]
+    codes = S.compose_codes(logits.expand(n, 2, L, V), 0.001, gens)  # (n, L)
+    from_a, from_b = codes == a, codes == b
+    assert (from_a | from_b).all()                                  # every token from a source
+    differ = a != b
+    assert differ.sum() >= 8
+    share_a = from_a[:, differ].float().mean().item()
+    assert abs(share_a - 0.5) < 4 * 0.5 / np.sqrt(n * differ.sum().item()), share_a
+    # the average of K near-one-hot distributions: three sources, one token each
+    three = torch.stack([logits[0], logits[1], logits[0]])
+    codes3 = S.compose_codes(three.expand(n, 3, L, V), 0.001, gens)
+    assert abs((codes3 == a)[:, differ].float().mean().item() - 2 / 3) < 0.05
+
+
+def test_composing_one_code_gives_back_its_argmax_and_a_high_temperature_does_not():
+    torch.manual_seed(1)
+    logits = 0.3 * torch.randn(50, 1, 32, 8) + 3 * torch.nn.functional.one_hot(torch.randint(8, (50, 1, 32)), 8)
+    gens = [torch.Generator().manual_seed(s) for s in range(50)]
+    assert torch.equal(S.compose_codes(logits, 0.001, gens), logits[:, 0].argmax(-1))
+    assert not torch.equal(S.compose_codes(logits, 1.0, gens), logits[:, 0].argmax(-1))
+
+
+# -- a tiny trained pipeline on the built-in data ---------------------------------------------
+
+@pytest.fixture(scope='module')
+def pipeline(shapes_dir, tmp_path_factory):
+    """A tokenizer (L=4, V=8), a DLC DiT, a class DiT and a prior, each briefly trained."""
+    root = tmp_path_factory.mktemp('pipeline')
+    tok = dict(T.CONFIG, data_dir=shapes_dir, out_dir=str(root / 'tok'), device='cpu', patch_size=8, embed_dim=32,
+               depth=1, num_heads=2, image_size=32, L=4, V=8, ssl_loss='infonce', n_local_crops=0,
+               layerscale_init=1.0, head_hidden_dim=32, head_bottleneck_dim=16, batch_size=32, max_iters=5,
+               warmup_iters=1, learning_rate=2e-3,
+               color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0, 0.0),
+               solarize_prob=(0.0, 0.0, 0.0), log_interval=1)
+    T.train(tok)
+    for split in ['train', 'val']:
+        T.dump(dict(tok, dump_split=split))
+    dit = dict(D.CONFIG, data_dir=shapes_dir, codes_dir=tok['out_dir'], device='cpu', model='DiT-Ti/8',
+               image_size=32, objective='flow', flow_output='x0', batch_size=16, micro_batch_size=16, max_iters=3,
+               learning_rate=1e-3, sample_interval=0, log_interval=1, ckpt_interval=3, sampler='euler',
+               num_sampling_steps=4)
+    D.train(dict(dit, out_dir=str(root / 'dit')))
+    D.train(dict(dit, out_dir=str(root / 'dit_class'), cond='class', num_classes=18))
+    P.train(dict(P.CONFIG, codes_dir=tok['out_dir'], out_dir=str(root / 'prior'), device='cpu', model='tiny',
+                 dropout=0.0, batch_size=16, micro_batch_size=16, max_iters=3, warmup_iters=1, eval_interval=0,
+                 log_interval=1, ckpt_interval=3))
+    return dict(root=root, shapes=shapes_dir, tok=tok['out_dir'], dit=str(root / 'dit'),
+                dit_class=str(root / 'dit_class' / 'diffusion.pt'), prior=str(root / 'prior'))
+
+
+def sample_cfg(p, out_dir, **kw):
+    cfg = dict(S.CONFIG, out_dir=str(out_dir), device='cpu', n_samples=6, diffusion_dir=p['dit'],
+               class_dit=p['dit_class'], tokenizer_dir=p['tok'], prior_dir=p['prior'], data_dir=p['shapes'],
+               split='val', dit_sampler='euler', dit_steps=3, cfg_scale=2.0, clip_denoised=True, prior_steps=4,
+               batch_size=4, n_grid=6)
+    cfg.update(kw)
+    return cfg
+
+
+def as_args(cfg):
+    return [f'--{k}={v!r}' if isinstance(v, (str, tuple)) else f'--{k}={v}'
+            for k, v in cfg.items() if v != S.CONFIG[k]]
+
+
+def test_two_processes_write_the_same_images_as_one(pipeline, tmp_path):
+    modes = 'recon,uncond,compose,class'
+    for name, nproc in [('one', 1), ('two', 2)]:
+        run_script('sample.py', as_args(sample_cfg(pipeline, tmp_path / name, mode=modes, n_samples=5,
+                                                   batch_size=2)), nproc)
+    for mode in modes.split(','):
+        a = np.load(tmp_path / 'one' / f'{mode}.npz')['arr_0']
+        b = np.load(tmp_path / 'two' / f'{mode}.npz')['arr_0']
+        assert a.shape == (5, 32, 32, 3) and a.dtype == np.uint8
+        assert np.array_equal(a, b), mode
+        assert (tmp_path / 'two' / f'{mode}.png').exists()
+        if mode != 'class':
+            assert np.array_equal(np.load(tmp_path / 'one' / f'{mode}_codes.npy'),
+                                  np.load(tmp_path / 'two' / f'{mode}_codes.npy')), mode
+    assert not list((tmp_path / 'two').glob('*partial*'))           # nothing half-written is left
+
+
+def test_compose_with_one_source_is_recon_of_that_source(pipeline, tmp_path):
+    sources = '0,3,5,7,11,12'
+    results = S.main(sample_cfg(pipeline, tmp_path, mode='recon,compose', sources=sources, save_pngs=True))
+    recon, compose = (np.load(tmp_path / f'{m}_codes.npy') for m in ('recon', 'compose'))
+    dump = np.load(os.path.join(pipeline['tok'], 'codes_val.npy'))
+    assert np.array_equal(recon, dump[[0, 3, 5, 7, 11, 12]])        # recon encodes as the dump did
+    assert np.array_equal(compose, recon)                           # the same codes, so the same images
+    assert np.array_equal(np.load(tmp_path / 'recon.npz')['arr_0'], np.load(tmp_path / 'compose.npz')['arr_0'])
+    assert len(list((tmp_path / 'recon').glob('*.png'))) == 6
+    assert set(results['recon']) >= {'valid', 'kept'} and set(results['compose']) >= {'novel', 'from_sources'}
+
+
+def test_compose_with_two_sources_takes_every_token_from_one_of_them(pipeline, tmp_path):
+    S.main(sample_cfg(pipeline, tmp_path, mode='compose', n_samples=40, dit_steps=1))
+    codes = np.load(tmp_path / 'compose_codes.npy')                 # pairs (2i, 2i+1) of val
+    dump = np.load(os.path.join(pipeline['tok'], 'codes_val.npy'))
+    a, b = dump[0:80:2], dump[1:80:2]
+    assert ((codes == a) | (codes == b)).all()
+    differ = a != b
+    assert 0.3 < (codes == a)[differ].mean() < 0.7                  # both sources give tokens
+    # sources as image files give the codes of those images
+    from PIL import Image
+    images = np.load(os.path.join(pipeline['shapes'], 'val_images.npy'))
+    files = [str(tmp_path / f'{i}.png') for i in (0, 1)]
+    for i, f in enumerate(files):
+        Image.fromarray(images[i]).save(f)
+    S.main(sample_cfg(pipeline, tmp_path / 'files', mode='compose', n_samples=4, dit_steps=1,
+                      sources='+'.join(files)))
+    from_files = np.load(tmp_path / 'files' / 'compose_codes.npy')
+    assert ((from_files == dump[0]) | (from_files == dump[1])).all()
+
+
+def test_the_reader_calls_a_copy_of_a_source_not_novel_and_a_recon_of_the_source_kept(pipeline):
+    images = np.load(os.path.join(pipeline['shapes'], 'val_images.npy'))[:40]
+    cfg = sample_cfg(pipeline, '/unused')
+    pairs = [[2 * i, 2 * i + 1] for i in range(20)]
+    copies = images[0:40:2]                                         # each "composition" is its first source
+    scores = S.reader_scores(cfg, 'compose', copies, dict(groups=pairs))
+    assert scores['from_sources'] == scores['valid'] > 0.9 and scores['novel'] == 0.0
+    scores = S.reader_scores(cfg, 'recon', images[:20], dict(groups=[[i] for i in range(20)]))
+    assert scores['kept'] > 0.9
+    wrong = S.reader_scores(cfg, 'recon', images[20:40], dict(groups=[[i] for i in range(20)]))
+    assert wrong['kept'] < 0.6
+
+
+def test_models_that_do_not_fit_together_are_refused(pipeline, tmp_path):
+    # a tokenizer of other codes than the DiT's
+    other = tmp_path / 'tok'
+    other.mkdir()
+    ckpt = torch.load(os.path.join(pipeline['tok'], 'tokenizer.pt'), weights_only=True)
+    torch.save(dict(ckpt, L=6), other / 'tokenizer.pt')
+    with pytest.raises(ValueError, match=r'L=6, V=8.*trained on L=4, V=8'):
+        S.main(sample_cfg(pipeline, tmp_path / 'a', mode='recon', tokenizer_dir=str(other)))
+    # a prior of other codes
+    prior_ckpt = torch.load(os.path.join(pipeline['prior'], 'prior.pt'), weights_only=True)
+    (tmp_path / 'prior').mkdir()
+    torch.save(dict(prior_ckpt, V=16), tmp_path / 'prior' / 'prior.pt')
+    with pytest.raises(ValueError, match=r'prior.*V=16.*trained on L=4, V=8'):
+        S.main(sample_cfg(pipeline, tmp_path / 'b', mode='uncond', prior_dir=str(tmp_path / 'prior')))
+    # the wrong conditioning for the mode, a sampler of the other objective, a missing VAE
+    with pytest.raises(ValueError, match="cond='dlc'"):
+        S.main(sample_cfg(pipeline, tmp_path / 'c', mode='class', class_dit=''))
+    with pytest.raises(ValueError, match="sampler 'ddpm'"):
+        S.main(sample_cfg(pipeline, tmp_path / 'd', mode='uncond', dit_sampler='ddpm'))
+    dit_ckpt = torch.load(os.path.join(pipeline['dit'], 'diffusion.pt'), weights_only=True)
+    (tmp_path / 'latent').mkdir()
+    torch.save(dict(dit_ckpt, space='latent'), tmp_path / 'latent' / 'diffusion.pt')
+    with pytest.raises(ValueError, match='vae_path'):
+        S.main(sample_cfg(pipeline, tmp_path / 'e', mode='uncond', diffusion_dir=str(tmp_path / 'latent')))
+    # sources that do not exist
+    with pytest.raises(ValueError, match='source index 9999'):
+        S.main(sample_cfg(pipeline, tmp_path / 'f', mode='compose', sources='1+9999'))
+    with pytest.raises(FileNotFoundError, match='nope.png'):
+        S.main(sample_cfg(pipeline, tmp_path / 'g', mode='compose', sources='1+nope.png'))
+    with pytest.raises(ValueError, match='one image per group'):
+        S.main(sample_cfg(pipeline, tmp_path / 'h', mode='recon', sources='1+2'))
+
+
+def test_a_bare_class_conditional_state_dict_is_rebuilt_from_its_shapes_and_samples(pipeline, tmp_path):
+    # the public DiT-XL-2-256x256.pt is a bare state dict; DiT-S/2 has the same layout
+    reference = D.DiT(input_size=32, patch_size=2, in_channels=4, hidden_size=384, depth=12, num_heads=6,
+                      learn_sigma=True, cond='class', num_classes=1000)
+    model, info = D.public_dit_from_weights('DiT-S-2.pt', reference.state_dict())
+    assert info['space'] == 'latent' and info['image_size'] == 256 and info['objective'] == 'eps'
+    assert model.blocks[0].attn.num_heads == 6 and len(model.blocks) == 12 and model.null == 1000
+    # a small pixel-space one samples through class mode, labels as given
+    small = D.DiT(input_size=32, patch_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2,
+                  learn_sigma=True, cond='class', num_classes=5)
+    torch.save(small.state_dict(), tmp_path / 'bare.pt')
+    S.main(sample_cfg(pipeline, tmp_path, mode='class', class_dit=str(tmp_path / 'bare.pt'), dit_sampler='ddim',
+                      dit_steps=3, labels='1,4', n_samples=4))
+    assert np.load(tmp_path / 'class.npz')['arr_0'].shape == (4, 32, 32, 3)
+    with pytest.raises(ValueError, match='label 7'):
+        S.main(sample_cfg(pipeline, tmp_path, mode='class', class_dit=str(tmp_path / 'bare.pt'),
+                          dit_sampler='ddim', labels='7'))
