@@ -45,6 +45,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -260,6 +261,8 @@ def run_mode(cfg, mode, rank, world, device):
             labels = [int(torch.randint(n_classes, (1,), generator=torch.Generator().manual_seed(s)))
                       for s in seeds_of(cfg, range(n))[0]]
 
+    # the prior samples in bf16 on CUDA, as prior.py does; the DiT and the tokenizer in fp32 (TF32)
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if 'cuda' in device else nullcontext()
     size = info['image_size']
     os.makedirs(cfg['out_dir'], exist_ok=True)
     images_path = os.path.join(cfg['out_dir'], f'{mode}.partial.npy')
@@ -287,7 +290,7 @@ def run_mode(cfg, mode, rank, world, device):
                 y = compose_codes(logits, cfg['compose_tau'], [torch.Generator().manual_seed(s) for s in code_seeds])
         elif mode == 'uncond':
             y = P.generate(prior, len(idx), cfg['prior_steps'], cfg['prior_sampler'], prior_ckpt['noise_eps'],
-                           code_seeds, device, len(idx), cfg['remask_eta'], progress=False)
+                           code_seeds, device, len(idx), cfg['remask_eta'], autocast=autocast, progress=False)
         else:
             y = torch.tensor([labels[i % len(labels)] for i in idx])
         y = y.to(device)
@@ -307,8 +310,8 @@ def run_mode(cfg, mode, rank, world, device):
     if rank != 0:
         return None
     extra = dict(groups=groups, sources=sources, labels=labels, dit_source=dit_source)
-    return np.load(images_path), (np.load(images_path.replace('.partial', '_codes.partial')) if codes is not None
-                                  else None), extra
+    codes_path = images_path.replace('.partial', '_codes.partial')
+    return np.load(images_path, mmap_mode='r'), np.load(codes_path) if codes is not None else None, extra
 
 
 def fit(image, size):
@@ -411,6 +414,8 @@ def main(cfg):
         if m not in MODES:
             raise ValueError(f"--mode={m} is not one of {MODES}")
     rank, world, device = D.setup_distributed(cfg['device'])
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     results = {}
     for m in modes:
         t0 = time.time()

@@ -1,7 +1,12 @@
 """Claims about configurator.py: config files and --key=value override a flat config block,
 and a typo or a wrong type is an error instead of a silently different run."""
+import glob
+import importlib
+import os
+
 import pytest
 
+from conftest import ROOT
 from configurator import configure
 
 DEFAULTS = dict(lr=1e-4, batch_size=256, out_dir='out', compile=False, crop_scale=(0.32, 1.0))
@@ -37,3 +42,11 @@ def test_an_unknown_key_in_a_config_file_names_the_file(tmp_path):
     path.write_text("batch_sise = 64\n")
     with pytest.raises(ValueError, match=f"{path}.*batch_sise"):
         configure(DEFAULTS, [str(path)])
+
+
+@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(ROOT, 'config', '*.py'))))
+def test_every_config_file_sets_only_keys_its_script_has(path):
+    script = os.path.basename(path).split('_')[0]                  # config/<script>_<name>.py
+    module = importlib.import_module(script)
+    cfg = configure(module.CONFIG, [path])
+    assert cfg.keys() == module.CONFIG.keys()
