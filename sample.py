@@ -104,13 +104,12 @@ MODES = ('recon', 'uncond', 'compose', 'class', 'text')
 # -----------------------------------------------------------------------------
 # Composition: a pure function of the sources' SEM logits
 
-def compose_codes(logits, tau, generators):
-    """logits (N, K, L, V): the SEM logits of the K sources of each of N samples. Returns (N, L)
-    codes, token l of sample n drawn from the average over sources of softmax(z_l / tau), with
-    generators[n]. Softmax and average in float64: at tau = 0.001 the float32 logits / tau
-    would leave other tokens exactly at 0 anyway, but the sum must stay a distribution."""
-    p = torch.softmax(logits.double() / tau, dim=-1).mean(dim=1)       # (N, L, V)
-    return torch.stack([torch.multinomial(p[n], 1, generator=g).squeeze(1) for n, g in enumerate(generators)])
+def compose_code(logits, tau, generator):
+    """logits (K, L, V): the SEM logits of K source images. Returns one (L,) code, token l drawn
+    from the average over the sources of softmax(z_l / tau), with `generator`. In float64, so
+    that the average of K near-one-hot rows is exactly a mixture of the K argmax tokens."""
+    p = torch.softmax(logits.double() / tau, dim=-1).mean(dim=0)        # (L, V)
+    return torch.multinomial(p, 1, generator=generator).squeeze(1)
 
 
 def seeds_of(cfg, indices):
@@ -238,7 +237,7 @@ def shared_array(path, shape, dtype, rank, world):
 
 @torch.no_grad()
 def run_mode(cfg, mode, rank, world, device):
-    """Draw cfg['n_samples'] images of one mode; rank 0 returns (images, codes, groups, extra)."""
+    """Draw cfg['n_samples'] images of one mode; rank 0 returns (images, codes, extra)."""
     if mode == 'text':
         raise ValueError("mode 'text' needs text2dlc.py (prompts -> DLC), which comes in a later issue")
     info_cond = 'class' if mode == 'class' else 'dlc'
@@ -284,10 +283,8 @@ def run_mode(cfg, mode, rank, world, device):
             if mode == 'recon':
                 y = torch.stack([z[g[0]].argmax(-1) for g in batch_groups])
             else:
-                K = max(len(g) for g in batch_groups)
-                # groups of fewer sources repeat theirs: the average is unchanged
-                logits = torch.stack([torch.stack([z[g[k % len(g)]] for k in range(K)]) for g in batch_groups])
-                y = compose_codes(logits, cfg['compose_tau'], [torch.Generator().manual_seed(s) for s in code_seeds])
+                y = torch.stack([compose_code(torch.stack([z[m] for m in g]), cfg['compose_tau'],
+                                              torch.Generator().manual_seed(s)) for g, s in zip(batch_groups, code_seeds)])
         elif mode == 'uncond':
             y = P.generate(prior, len(idx), cfg['prior_steps'], cfg['prior_sampler'], prior_ckpt['noise_eps'],
                            code_seeds, device, len(idx), cfg['remask_eta'], autocast=autocast, progress=False)
