@@ -197,30 +197,32 @@ def parse_groups(cfg, mode, n_items):
 
 
 class Sources:
-    """Reads source images as uint8 (H, W, 3) at the tokenizer's resolution."""
+    """Source images: items of the split, or files, read the way the split's items are (arrays:
+    resized to the tokenizer's size; folders, or no split: at 256/224 of it, central square)."""
     def __init__(self, cfg, tok_ckpt):
         self.size = tok_ckpt['image_size']
-        self.dataset, self.crop = None, False
+        self.dataset = None
         array = os.path.join(cfg['data_dir'], f"{cfg['split']}_images.npy")
         if os.path.exists(array) or os.path.isdir(os.path.join(cfg['data_dir'], cfg['split'])):
             self.dataset = T.open_split(cfg['data_dir'], cfg['split'], T.load_size(self.size, cfg['data_dir'], cfg['split']))
-            self.crop = isinstance(self.dataset, T.ImageFolder)
+        self.crop = not isinstance(self.dataset, T.ImageArray)
+        self.file_size = round(self.size * 256 / 224) if self.crop else self.size
 
     def __len__(self):
         return len(self.dataset) if self.dataset is not None else 0
 
     def __getitem__(self, member):
+        """uint8 (H, W, 3)."""
         if isinstance(member, str):
-            return T.load_image(member, self.size)
+            return T.load_image(member, self.file_size)
         if self.dataset is None:
             raise FileNotFoundError("dataset indices in --sources need --data_dir and --split of an existing split")
         return self.dataset[member]
 
     def logits(self, encoder, members, device):
         """SEM logits (len(members), L, V) of source images."""
-        images = torch.stack([self[m] for m in members])
-        crop = self.crop and not any(isinstance(m, str) for m in members)
-        return encoder.code_logits(T.encoder_input(images, self.size, crop, device)).float()
+        x = torch.cat([T.encoder_input(self[m][None], self.size, self.crop, device) for m in members])
+        return encoder.code_logits(x).float()
 
 
 # -----------------------------------------------------------------------------
