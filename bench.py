@@ -106,9 +106,12 @@ def prior_step_fn(c):
 
     def sampling():
         net.eval()
+        draw = lambda steps: P.sample(P.model_score_fn(fwd, autocast(c)), c['batch_size'], c['L'], c['V'], steps,
+                                      range(c['batch_size']), device=c['device'])
+        draw(2)                                     # warm-up: a compiled model recompiles for inference
+        sync(c)
         t0 = time.time()
-        P.sample(P.model_score_fn(fwd, autocast(c)), c['batch_size'], c['L'], c['V'], c['sample_steps'],
-                 range(c['batch_size']), device=c['device'])
+        draw(c['sample_steps'])
         sync(c)
         net.train()
         return c['batch_size'] / (time.time() - t0)
