@@ -132,6 +132,9 @@ def test_bad_inputs_are_refused_with_the_reason(tmp_path):
     np.savez(tmp_path / 'floats.npz', arr_0=np.zeros((4, 8, 8, 3), dtype=np.float32))
     with pytest.raises(ValueError, match='float32.*expected uint8'):
         E.read_images(str(tmp_path / 'floats.npz'))
+    np.savez(tmp_path / 'gray.npz', arr_0=np.zeros((4, 8, 8), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r'shape \(4, 8, 8\).*\(N, H, W, 3\)'):
+        E.read_images(str(tmp_path / 'gray.npz'))
     with pytest.raises(ValueError, match='at least 2'):
         E.statistics(np.zeros((1, 2048)))
     with pytest.raises(FileNotFoundError, match='nothing.npz'):

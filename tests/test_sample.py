@@ -113,6 +113,9 @@ def test_compose_with_one_source_is_recon_of_that_source(pipeline, tmp_path):
     assert np.array_equal(compose, recon)                           # the same codes, so the same images
     assert np.array_equal(np.load(tmp_path / 'recon.npz')['arr_0'], np.load(tmp_path / 'compose.npz')['arr_0'])
     assert len(list((tmp_path / 'recon').glob('*.png'))) == 6
+    # what eval_fid.py reads: the .npz and the folder of PNGs hold the same images
+    import eval_fid as E
+    assert np.array_equal(E.read_images(str(tmp_path / 'recon.npz')), E.read_images(str(tmp_path / 'recon')))
     assert set(results['recon']) >= {'valid', 'kept'} and set(results['compose']) >= {'novel', 'from_sources'}
 
 
