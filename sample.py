@@ -228,6 +228,11 @@ class Sources:
 # -----------------------------------------------------------------------------
 # The run: each process draws its share of the indices, into one shared array
 
+def partial_paths(out_dir, mode):
+    """Where the processes write a mode's images and codes until rank 0 publishes them."""
+    return os.path.join(out_dir, f'{mode}.partial.npy'), os.path.join(out_dir, f'{mode}_codes.partial.npy')
+
+
 def shared_array(path, shape, dtype, rank, world):
     """An .npy memmap that rank 0 creates and every process writes its rows of."""
     if rank == 0:
@@ -266,12 +271,11 @@ def run_mode(cfg, mode, rank, world, device):
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if 'cuda' in device else nullcontext()
     size = info['image_size']
     os.makedirs(cfg['out_dir'], exist_ok=True)
-    images_path = os.path.join(cfg['out_dir'], f'{mode}.partial.npy')
+    images_path, codes_path = partial_paths(cfg['out_dir'], mode)
     images = shared_array(images_path, (n, size, size, 3), np.uint8, rank, world)
     codes = None
     if mode != 'class':
-        codes = shared_array(os.path.join(cfg['out_dir'], f'{mode}_codes.partial.npy'), (n, info['L']),
-                             np.uint16 if info['V'] <= 65536 else np.uint32, rank, world)
+        codes = shared_array(codes_path, (n, info['L']), np.uint16 if info['V'] <= 65536 else np.uint32, rank, world)
     mine = list(range(rank, n, world))
     flow_output = info['config'].get('flow_output', 'velocity')
     bar = tqdm(total=n, desc=mode, disable=rank != 0, dynamic_ncols=True)
@@ -309,7 +313,6 @@ def run_mode(cfg, mode, rank, world, device):
     if rank != 0:
         return None
     extra = dict(groups=groups, sources=sources, labels=labels, dit_source=dit_source)
-    codes_path = images_path.replace('.partial', '_codes.partial')
     return np.load(images_path, mmap_mode='r'), np.load(codes_path) if codes is not None else None, extra
 
 
@@ -327,9 +330,10 @@ def write_outputs(cfg, mode, images, codes, extra):
     tmp = os.path.join(out, f'{mode}.tmp.npz')
     np.savez(tmp, arr_0=images)
     os.replace(tmp, os.path.join(out, f'{mode}.npz'))
-    os.remove(os.path.join(out, f'{mode}.partial.npy'))
+    images_partial, codes_partial = partial_paths(out, mode)
+    os.remove(images_partial)
     if codes is not None:
-        os.replace(os.path.join(out, f'{mode}_codes.partial.npy'), os.path.join(out, f'{mode}_codes.npy'))
+        os.replace(codes_partial, os.path.join(out, f'{mode}_codes.npy'))
     n_show = min(cfg['n_grid'], len(images))
     size = images.shape[1]
     if extra['groups'] is not None:           # each entry: its sources, then the result
@@ -357,14 +361,14 @@ def reader_scores(cfg, mode, images, extra):
     """valid, and per mode: recon/class the source's (label's) shape and color kept; compose
     every factor taken from a source, a combination equal to no source, a (shape, color) pair
     held out of training; uncond the factor histograms' distance to the training set."""
+    if mode == 'uncond':
+        scores = D.score_samples(cfg['data_dir'], images)
+        return dict(n=len(images), **scores) if scores else {}
     read, meta = D.read_builtin(cfg['data_dir'], images)
     if read is None:
         return {}
     valid = read['valid']
     scores = dict(n=len(images), valid=float(valid.mean()))
-    if mode == 'uncond':
-        scores.update(D.score_samples(cfg['data_dir'], images))
-        return scores
     if mode == 'class':
         shape, color = np.divmod(np.array([extra['labels'][i % len(extra['labels'])] for i in range(len(images))]),
                                  len(meta['color']))
@@ -397,14 +401,13 @@ def print_table(results):
         row = dict(s, time=f"{s['seconds']:.0f} s")
         if 'tv_shape' in s:
             row['tv'] = '/'.join(f"{s[f'tv_{k}']:.2f}" for k in ('shape', 'color', 'background', 'size'))
-        rows.append([mode] + [row[k] if isinstance(row.get(k), str) else
-                              (f"{row[k]:.3f}" if isinstance(row.get(k), float) else str(row.get(k, '-')))
-                              for k, _ in columns])
+        cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+        rows.append([mode] + [cell(row.get(k, '-')) for k, _ in columns])
     header = ['mode'] + [title for _, title in columns]
-    widths = [max(len(str(r[j])) for r in rows + [header]) for j in range(len(header))]
-    print('\n' + '  '.join(h.ljust(w) for h, w in zip(header, widths)))
-    for r in rows:
-        print('  '.join(str(v).ljust(w) for v, w in zip(r, widths)))
+    widths = [max(len(r[j]) for r in rows + [header]) for j in range(len(header))]
+    print()
+    for r in [header] + rows:
+        print('  '.join(v.ljust(w) for v, w in zip(r, widths)))
 
 
 def main(cfg):
