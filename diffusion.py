@@ -105,6 +105,7 @@ n_recon = 500                   # recon and decode: at most so many images
 codes_path = ''                 # decode: a code dump to turn into images (e.g. prior.py's samples.npy)
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16'              # CUDA autocast: 'bfloat16' | 'float32' (no autocast); the CPU runs float32
 compile = False
 grad_checkpoint = False
 num_workers = 8
@@ -1073,13 +1074,16 @@ def train(cfg):
     c, master = cfg, rank == 0
     device_type = 'cuda' if 'cuda' in device else 'cpu'
     check_sampler(c['objective'], c['sampler'])
+    if c['dtype'] not in ('bfloat16', 'float32'):
+        raise ValueError(f"--dtype={c['dtype']} is not 'bfloat16' or 'float32'")
     if c['batch_size'] % (world * c['micro_batch_size']):
         raise ValueError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) x "
                          f"micro_batch_size ({c['micro_batch_size']})")
     accum = c['batch_size'] // (world * c['micro_batch_size'])
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device_type == 'cuda' else nullcontext()
+    bf16 = device_type == 'cuda' and c['dtype'] == 'bfloat16'
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if bf16 else nullcontext()
     os.makedirs(c['out_dir'], exist_ok=True)
     ckpt_path = os.path.join(c['out_dir'], 'diffusion.pt')
 
