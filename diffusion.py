@@ -28,7 +28,9 @@ network predicts the velocity u = eps - x_0, loss ||u - u_hat||^2, sampled by an
 Heun ODE solver from t = 1 to 0, with the same guidance. With flow_output = 'x0' the network
 predicts the clean image instead and u_hat = (x_t - x0_hat) / t (as JiT, Li & He 2025): the
 same loss on u, which weights the error of x0_hat by 1 / t^2 (t floored at 0.05). Training t
-is uniform, or logit-normal, sigmoid(N(flow_t_mean, flow_t_std)).
+is uniform, or logit-normal, sigmoid(N(m, flow_t_std)), where m = flow_t_mean over the first
+half of training and then moves linearly to flow_t_mean + flow_t_shift (a curriculum: the
+layout at high noise first, the outlines at low noise last).
 
 Modes:  python diffusion.py [config.py] [--key=value ...]
     --mode=train     (torchrun for DDP) writes out_dir/diffusion.pt and sample grids
@@ -77,6 +79,7 @@ objective = 'eps'               # 'eps' (Gaussian diffusion, learned variance) |
 flow_output = 'velocity'        # flow: the network outputs 'velocity' (SiT) or 'x0' (the clean image)
 flow_t_mean = 0.0               # flow: t = sigmoid(N(mean, std)) in training; std 0 = uniform t
 flow_t_std = 0.0
+flow_t_shift = 0.0              # flow: added to that mean linearly over the second half of training (< 0: toward low noise)
 hflip = True                    # random horizontal flips (latents: the flipped extraction)
 # optimization
 batch_size = 256                # global, across processes and accumulation steps
@@ -1069,6 +1072,13 @@ def learning_rate_at(it, c):
     return c['min_lr'] + 0.5 * (c['learning_rate'] - c['min_lr']) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def flow_t_mean_at(it, c):
+    """The mean of the logit-normal training t: flow_t_mean, then over the second half of
+    max_iters a linear move to flow_t_mean + flow_t_shift."""
+    progress = min(1.0, max(0.0, 2 * it / c['max_iters'] - 1))
+    return c['flow_t_mean'] + progress * c['flow_t_shift']
+
+
 def train(cfg):
     rank, world, device = setup_distributed(cfg['device'])
     c, master = cfg, rank == 0
@@ -1145,7 +1155,7 @@ def train(cfg):
         gen = torch.Generator().manual_seed(c['seed'] * 1_000_003 + it)
         B = c['batch_size']
         if c['objective'] == 'flow':
-            t_all = torch.sigmoid(c['flow_t_mean'] + c['flow_t_std'] * torch.randn(B, generator=gen)) \
+            t_all = torch.sigmoid(flow_t_mean_at(it, c) + c['flow_t_std'] * torch.randn(B, generator=gen)) \
                 if c['flow_t_std'] > 0 else torch.rand(B, generator=gen)
         else:
             t_all = torch.randint(0, 1000, (B,), generator=gen)

@@ -266,6 +266,25 @@ def test_the_learning_rate_warms_up_then_stays_or_decays_to_min_lr():
     assert D.learning_rate_at(100, dict(c, lr_decay=False)) == 1e-3
 
 
+def test_the_noise_curriculum_moves_the_mean_of_t_over_the_second_half_of_training(shapes_dir, codes_dir, tmp_path):
+    c = dict(D.CONFIG, flow_t_mean=0.8, flow_t_shift=-1.2, max_iters=100)
+    means = [D.flow_t_mean_at(it, c) for it in range(151)]
+    assert means[0] == means[50] == 0.8 and means[75] == pytest.approx(0.2)
+    assert means[100] == means[150] == pytest.approx(-0.4)
+    assert all(a >= b for a, b in zip(means, means[1:]))
+    # and the trainer draws its t from it: the same first half, then other steps
+    runs = {}
+    for shift in [0.0, -3.0]:
+        cfg = tiny_cfg(shapes_dir, codes_dir, tmp_path / str(shift), objective='flow', flow_t_mean=0.8,
+                       flow_t_std=0.8, flow_t_shift=shift, max_iters=4, ckpt_interval=2)
+        D.train(dict(cfg, run_iters=2))
+        half = torch.load(tmp_path / str(shift) / 'diffusion.pt', weights_only=True)['model']
+        D.train(dict(cfg, init_from='resume'))
+        runs[shift] = half, torch.load(tmp_path / str(shift) / 'diffusion.pt', weights_only=True)['model']
+    assert all(torch.equal(runs[0.0][0][k], runs[-3.0][0][k]) for k in runs[0.0][0])
+    assert not all(torch.equal(runs[0.0][1][k], runs[-3.0][1][k]) for k in runs[0.0][1])
+
+
 def test_bench_reports_dit_training_throughput():
     result = subprocess.run([sys.executable, 'bench.py', '--model=DiT-Ti/8', '--image_size=32', '--batch_size=4',
                              '--steps=1', '--warmup=1', '--L=4', '--V=8'], cwd=ROOT, capture_output=True, text=True)
