@@ -105,6 +105,7 @@ n_grid = 16
 split = 'val'                   # the split --mode=extract and --mode=recon read
 extract_flip = True             # also extract the latents of the flipped images
 n_recon = 500                   # recon and decode: at most so many images
+recon_from_t = 1.0              # recon, flow, pixels: start from the source noised to this t (SDEdit); 1 = from noise
 codes_path = ''                 # decode: a code dump to turn into images (e.g. prior.py's samples.npy)
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -715,13 +716,18 @@ def sample_noise(shape, seeds, device):
 
 @torch.no_grad()
 def sample(model_fn, shape, seeds, objective, sampler, steps, device, clip=False, diffusion=None,
-           flow_output='velocity'):
+           flow_output='velocity', x_start=None, t_start=1.0):
     """Draw len(seeds) samples of `shape` (C, H, W). eps: 'ddpm' ancestral steps or 'ddim' on
-    `steps` respaced timesteps; flow: 'euler' or 'heun' steps of the ODE from t = 1 to 0."""
+    `steps` respaced timesteps; flow: 'euler' or 'heun' steps of the ODE from t = 1 to 0.
+    Flow only: with x_start and t_start < 1, start from x_start noised to t_start and take the
+    steps of the same grid below t_start (SDEdit: how much of a given image survives)."""
     x = sample_noise(shape, seeds, device)
     if objective == 'flow':
         ts = torch.linspace(1.0, 0.0, steps + 1)
-        for k in range(steps):
+        if t_start < 1.0:
+            x = (1 - t_start) * x_start.to(device) + t_start * x
+            ts = torch.cat([torch.tensor([t_start]), ts[ts < t_start]])
+        for k in range(len(ts) - 1):
             t, t_next = ts[k].item(), ts[k + 1].item()
             tv = torch.full((len(x),), t, device=device)
             u = flow_velocity(model_fn(x, tv), x, tv, flow_output, clip)
@@ -732,6 +738,8 @@ def sample(model_fn, shape, seeds, objective, sampler, steps, device, clip=False
                 x_next = x + (t_next - t) * 0.5 * (u + u_next)
             x = x_next
         return x
+    if t_start < 1.0:
+        raise ValueError("starting from a noised image (t_start < 1) is implemented for objective='flow' only")
     spaced = (diffusion or GaussianDiffusion.linear()).respaced(steps)
     step_seeds = [[int(s) * 7919 + 1 + i for s in seeds] for i in range(spaced.num_timesteps)]
     for i in reversed(range(spaced.num_timesteps)):
@@ -1283,9 +1291,10 @@ def extract(cfg):
 # the attribute reader (does the result keep the source's shape and color?)
 
 @torch.no_grad()
-def images_from_codes(model, ckpt, conditions, seeds, cfg, vae=None, desc='images'):
+def images_from_codes(model, ckpt, conditions, seeds, cfg, vae=None, desc='images', starts=None):
     """The DiT's images (N, H, W, 3) uint8 for conditions (N, L) codes or (N,) classes, image i
-    from seeds[i], with the sampler and guidance of cfg."""
+    from seeds[i], with the sampler and guidance of cfg; with starts (N, C, H, W), from those
+    noised to cfg['recon_from_t'] instead of from pure noise."""
     device = cfg['device']
     size = int(math.sqrt(model.pos_embed.shape[1])) * model.patch_size
     x_shape = (model.in_channels, size, size)
@@ -1296,7 +1305,8 @@ def images_from_codes(model, ckpt, conditions, seeds, cfg, vae=None, desc='image
         y = torch.as_tensor(conditions[idx].astype(np.int64)).to(device) if conditions is not None else None
         x = sample(guided(model, y, cfg['cfg_scale'], ckpt['objective'], cfg['guidance_interval']), x_shape,
                    [seeds[i] for i in idx], ckpt['objective'], cfg['sampler'], cfg['num_sampling_steps'], device,
-                   clip=cfg['clip_denoised'], flow_output=ckpt['config'].get('flow_output', 'velocity'))
+                   clip=cfg['clip_denoised'], flow_output=ckpt['config'].get('flow_output', 'velocity'),
+                   x_start=None if starts is None else starts[idx], t_start=1.0 if starts is None else cfg['recon_from_t'])
         out.append(decode_to_uint8(x, vae))
     return np.concatenate(out)
 
@@ -1313,14 +1323,20 @@ def recon(cfg):
                          f"but the DiT in {cfg['out_dir']} was trained on L={ckpt['L']}, V={ckpt['V']}; "
                          "point --codes_dir at the tokenizer the DiT was trained with")
     vae = load_vae(cfg['vae_path']).to(device) if ckpt['space'] == 'latent' else None
-    recons = images_from_codes(model, ckpt, conditions, [cfg['seed'] * 1_000_003 + i for i in range(n)], cfg,
-                               vae, desc='recon')
     sources = np.stack([np.array(images[i]) for i in range(n)])
+    starts = None
+    if cfg['recon_from_t'] < 1.0:             # SDEdit: from the source itself, noised to recon_from_t
+        if ckpt['objective'] != 'flow' or vae is not None:
+            raise ValueError("--recon_from_t < 1 starts from the noised source image: a pixel-space flow DiT only")
+        starts = torch.from_numpy(sources).permute(0, 3, 1, 2).float() / 127.5 - 1
+    recons = images_from_codes(model, ckpt, conditions, [cfg['seed'] * 1_000_003 + i for i in range(n)], cfg,
+                               vae, desc='recon', starts=starts)
     pairs = np.stack([sources[:32], recons[:32]], axis=1).reshape(-1, *sources.shape[1:])
     grid_path = os.path.join(cfg['out_dir'], f"recon_{cfg['split']}.png")
     save_grid(pairs, grid_path, ncol=16)
     print(f"wrote {grid_path} (source | reconstruction pairs); {n} samples, {cfg['sampler']} "
-          f"{cfg['num_sampling_steps']} steps, cfg {cfg['cfg_scale']}")
+          f"{cfg['num_sampling_steps']} steps, cfg {cfg['cfg_scale']}"
+          + (f", from the sources noised to t = {cfg['recon_from_t']}" if starts is not None else ''))
     return score_recon(cfg['data_dir'], cfg['split'], recons)
 
 

@@ -132,6 +132,24 @@ def test_the_velocity_of_the_exact_clean_image_prediction_is_the_exact_velocity(
     assert torch.allclose(D.flow_velocity(exact_x0(x, t), x, t, 'x0'), exact_velocity(x, t), atol=1e-5)
 
 
+def test_sdedit_keeps_a_nearly_clean_start_and_maps_a_noised_one_to_the_data():
+    data = lambda n, seed: MU + STD * torch.randn(n, 4, 1, 1, generator=torch.Generator().manual_seed(seed))
+    start = data(200, 1)
+    near = D.sample(exact_velocity, (4, 1, 1), range(200), 'flow', 'euler', 25, 'cpu', x_start=start, t_start=0.04)
+    assert (near - start).abs().mean() < 0.06                    # the image survives a little noise
+    # from halfway, the exact flow carries noised data samples back onto the data distribution
+    start = data(3000, 2)
+    mid = D.sample(exact_velocity, (4, 1, 1), range(3000), 'flow', 'euler', 50, 'cpu', x_start=start, t_start=0.5)
+    assert torch.allclose(mid.mean(dim=0).view(4), MU.view(4), atol=0.06)
+    assert torch.allclose(mid.std(dim=0).view(4), STD.view(4), rtol=0.08)
+    assert (mid - start).abs().mean() > 0.1                      # and it did move them
+    plain = D.sample(exact_velocity, (4, 1, 1), range(8), 'flow', 'heun', 10, 'cpu')
+    assert torch.equal(plain, D.sample(exact_velocity, (4, 1, 1), range(8), 'flow', 'heun', 10, 'cpu',
+                                       x_start=start[:8], t_start=1.0))
+    with pytest.raises(ValueError, match='flow'):
+        D.sample(lambda x, t: x, (4, 1, 1), range(2), 'eps', 'ddim', 10, 'cpu', x_start=start[:2], t_start=0.5)
+
+
 def test_a_sample_depends_on_its_seed_only_not_on_its_batch():
     model = tiny_dit()
     y = torch.randint(0, 7, (4, 5))
