@@ -23,14 +23,14 @@ data/shapes/meta.json: data/shapes/prepare.py $(VENV)/.installed
 demo: venv data
 	$(PY) tokenizer.py config/tokenizer_shapes.py --out_dir=$(DEMO)
 	$(PY) tokenizer.py config/tokenizer_shapes.py --out_dir=$(DEMO) --mode=probe
-	$(PY) diffusion.py config/diffusion_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --max_iters=1200 --sample_interval=1200
+	$(PY) diffusion.py config/diffusion_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --max_iters=3000 --sample_interval=3000
 	$(PY) diffusion.py config/diffusion_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=recon --n_recon=200
 	$(PY) prior.py config/prior_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --max_iters=600
 	$(PY) prior.py config/prior_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=eval
 	$(PY) prior.py config/prior_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=sample \
 		--n_samples=1000 --num_steps=32 --remask_eta=0.05
-	$(PY) diffusion.py config/diffusion_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO)/class --max_iters=600 \
-		--sample_interval=600 --cond=class --num_classes=18
+	$(PY) diffusion.py config/diffusion_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO)/class --max_iters=1500 \
+		--sample_interval=1500 --cond=class --num_classes=18
 	$(PY) sample.py config/sample_shapes.py --mode=recon,uncond,compose,class --out_dir=$(DEMO)/samples \
 		--tokenizer_dir=$(DEMO) --diffusion_dir=$(DEMO) --prior_dir=$(DEMO) --class_dit=$(DEMO)/class/diffusion.pt
 
