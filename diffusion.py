@@ -36,7 +36,8 @@ Modes:  python diffusion.py [config.py] [--key=value ...]
     --mode=train     (torchrun for DDP) writes out_dir/diffusion.pt and sample grids
     --mode=extract   writes out_dir/latents_<split>.npy (float16) with the SD-VAE encoder
     --mode=recon     codes of a split -> DiT -> images, PNG grid beside the sources, and on the
-                     built-in data the attribute reader's scores
+                     built-in data the attribute reader's scores; --recon_from_t < 1 starts
+                     from the source noised to that t instead of from noise (SDEdit)
 """
 import copy
 import json
