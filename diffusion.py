@@ -1119,7 +1119,7 @@ def train(cfg):
                       [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=c['weight_decay']),
                                    dict(params=no_decay, weight_decay=0.0)],
-                                  lr=c['learning_rate'], betas=(0.9, 0.999), fused=device_type == 'cuda')
+                                  lr=c['learning_rate'], betas=(0.9, 0.999), fused=True)
     iter_num = 0
     if c['init_from'] == 'resume':
         ckpt = load_checkpoint(ckpt_path)
@@ -1130,6 +1130,7 @@ def train(cfg):
         if master:
             print(f"resuming from {ckpt_path} at iteration {iter_num}")
     raw_model = model
+    ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())   # one fused EMA update
     if c['compile']:
         model = torch.compile(model)
     if world > 1:
@@ -1204,8 +1205,7 @@ def train(cfg):
         # a large share of the zero-initialized network in the average
         ema_decay = min(c['ema_decay'], (1 + it) / (10 + it))
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), raw_model.parameters()):
-                pe.lerp_(pm, 1 - ema_decay)
+            torch._foreach_lerp_(ema_params, model_params, 1 - ema_decay)
         iter_num += 1
         bar.update(1)
         if iter_num % c['log_interval'] == 0 or iter_num == stop:
