@@ -75,6 +75,7 @@ image_size = 256
 cond = 'dlc'                    # 'dlc' | 'class' | 'none'
 num_classes = 1000              # cond='class'
 learn_sigma = True              # objective='eps': predict the variance too
+head_hidden = 0                 # > 0: a hidden layer of this width in the final layer (not in DiT)
 class_dropout_prob = 0.1
 objective = 'eps'               # 'eps' (Gaussian diffusion, learned variance) | 'flow'
 flow_output = 'velocity'        # flow: the network outputs 'velocity' (SiT) or 'x0' (the clean image)
@@ -222,15 +223,21 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, hidden_size, patch_size, out_channels):
+    """Each token to its patch of the output. head_hidden > 0 (not in DiT) puts one hidden
+    layer of that width before the last linear map: a nonlinear per-token patch decoder."""
+    def __init__(self, hidden_size, patch_size, out_channels, head_hidden=0):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.hidden = nn.Linear(hidden_size, head_hidden) if head_hidden else None
+        self.linear = nn.Linear(head_hidden or hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        x = modulate(self.norm_final(x), shift, scale)
+        if self.hidden is not None:
+            x = F.gelu(self.hidden(x), approximate='tanh')
+        return self.linear(x)
 
 
 def sincos_pos_embed(dim, grid):
@@ -247,7 +254,7 @@ def sincos_pos_embed(dim, grid):
 class DiT(nn.Module):
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, learn_sigma=True, cond='dlc', num_classes=1000,
-                 L=512, V=256, grad_checkpoint=False):
+                 L=512, V=256, head_hidden=0, grad_checkpoint=False):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -266,7 +273,7 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.from_numpy(sincos_pos_embed(hidden_size, grid)).float().unsqueeze(0),
                                       requires_grad=False)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, head_hidden)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -1018,7 +1025,8 @@ def model_args_from(cfg, contract, in_channels, input_size):
     arch = DiT_models[cfg['model']]
     return dict(input_size=input_size, in_channels=in_channels, mlp_ratio=4.0, cond=cfg['cond'],
                 learn_sigma=cfg['learn_sigma'] and cfg['objective'] == 'eps',
-                num_classes=cfg['num_classes'], L=contract.get('L', 0), V=contract.get('V', 0), **arch)
+                num_classes=cfg['num_classes'], L=contract.get('L', 0), V=contract.get('V', 0),
+                head_hidden=cfg['head_hidden'], **arch)
 
 
 def load_public_dit(model, path):

@@ -88,6 +88,23 @@ def test_public_dit_s2_weights_load_strictly(tmp_path):
         D.load_public_dit(model, str(tmp_path / 'missing.pt'))
 
 
+def test_a_hidden_layer_in_the_final_layer_adds_two_keys_and_comes_back_from_a_checkpoint(
+        shapes_dir, codes_dir, tmp_path):
+    plain, wide = tiny_dit(), tiny_dit(head_hidden=24)
+    plain_keys, wide_keys = plain.state_dict(), wide.state_dict()
+    assert set(wide_keys) - set(plain_keys) == {'final_layer.hidden.weight', 'final_layer.hidden.bias'}
+    assert set(plain_keys) <= set(wide_keys)                 # head_hidden=0 keeps DiT's layout (test above)
+    assert wide_keys['final_layer.hidden.weight'].shape == (24, 32)
+    assert wide_keys['final_layer.linear.weight'].shape == (4 * 4 * 6, 24)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.randint(0, 7, (2, 5))
+    assert wide(x, t, y).shape == plain(x, t, y).shape == (2, 6, 16, 16)
+    cfg = tiny_cfg(shapes_dir, codes_dir, tmp_path, objective='flow', max_iters=2, head_hidden=24)
+    model, _, _ = D.train(cfg)
+    restored = D.model_from_checkpoint(D.load_checkpoint(str(tmp_path / 'diffusion.pt')), weights='model')
+    assert restored.final_layer.hidden.out_features == 24
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in restored.state_dict().items())
+
+
 # -- samplers, with the exact denoiser of Gaussian data ------------------------------------
 
 MU = torch.tensor([0.5, -0.3, 0.0, 0.2]).view(1, 4, 1, 1)
