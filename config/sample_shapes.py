@@ -14,6 +14,7 @@ split = 'val'
 dit_sampler = 'euler'           # the built-in DiT is a flow model (config/diffusion_shapes.py)
 dit_steps = 25
 cfg_scale = 3.0
+guidance_interval = (0.1, 1.0)  # as config/diffusion_shapes.py: unguided last steps
 clip_denoised = True
 prior_steps = 128
 # the 14 (shape, color) classes of the training split; the 4 held-out pairs (2, 9, 12, 17) have
