@@ -53,6 +53,26 @@ def test_guidance_scale_one_is_the_conditional_model_and_guides_every_eps_channe
     assert torch.allclose(out[:, 3:], cond[:, 3:], atol=1e-5)        # the variance is not guided
 
 
+def test_the_guidance_interval_leaves_the_steps_outside_it_unguided():
+    model = tiny_dit()
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 7, (2, 5))
+    null = torch.full_like(y, model.null)
+    for objective, t_low, t_high, scale in [('flow', 0.05, 0.5, 1000), ('eps', 50, 500, 1)]:
+        fn = D.guided(model, y, 3.0, objective, interval=(0.1, 1.0))
+        low, high = torch.full((2,), t_low), torch.full((2,), t_high)
+        assert torch.allclose(fn(x, low), model(x, low * scale, y), atol=1e-6)
+        cond, uncond = model(x, high * scale, y), model(x, high * scale, null)
+        assert torch.allclose(fn(x, high)[:, :3], uncond[:, :3] + 3.0 * (cond[:, :3] - uncond[:, :3]), atol=1e-4)
+    # the built-in config's 25 Euler steps with interval (0.1, 1): the last two (t = 0.08, 0.04) unguided
+    model = tiny_dit(learn_sigma=False)                     # a flow network: 3 output channels
+    batches, plain = [], model.forward
+    model.forward = lambda x, t, y: batches.append(len(x)) or plain(x, t, y)
+    D.sample(D.guided(model, y, 3.0, 'flow', (0.1, 1.0)), (3, 16, 16), [0, 1], 'flow', 'euler', 25, 'cpu',
+             flow_output='x0')
+    model.forward = plain
+    assert batches == [4] * 23 + [2] * 2
+
+
 def dit_s2_state_dict():
     """The exact key names and shapes of facebookresearch/DiT's DiT-S/2 at 256 px
     (class-conditional, learned sigma: 32 x 32 x 4 latents, 8 output channels)."""
