@@ -65,7 +65,7 @@ def test_the_guidance_interval_leaves_the_steps_outside_it_unguided():
         assert torch.allclose(fn(x, high)[:, :3], uncond[:, :3] + 3.0 * (cond[:, :3] - uncond[:, :3]), atol=1e-4)
     # the built-in config's 25 Euler steps with interval (0.1, 1): the last two (t = 0.08, 0.04) unguided
     model = tiny_dit(learn_sigma=False)                     # a flow network: 3 output channels
-    batches, plain = [], model.forward
+    batches, plain = [], model.forward      # swapped, not hooked: forward_with_cfg calls self.forward
     model.forward = lambda x, t, y: batches.append(len(x)) or plain(x, t, y)
     D.sample(D.guided(model, y, 3.0, 'flow', (0.1, 1.0)), (3, 16, 16), [0, 1], 'flow', 'euler', 25, 'cpu',
              flow_output='x0')
