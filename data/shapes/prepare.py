@@ -9,6 +9,8 @@ Every image shows one flat-colored shape on a flat background. Its factors:
     size        small, large   (bounding-box side as a fraction of the image side)
     position    continuous center, uniform, the shape fully inside with a 1 px margin
 and one caption that names them: "a small red triangle on a gray background, top left".
+Users name fewer: a second caption file holds, per image, the full caption and three partial
+ones that leave factors out ("a red triangle", "a small shape, top left"), tab-separated.
 
 A fixed set of (shape, color) pairs is held out: it never appears in train or val, and
 the ood split holds only those pairs, so a model can be tested on compositions it has
@@ -23,6 +25,7 @@ Written to out_dir:
     {split}_factors.npy   int64   (N, 4)  shape, color, background, size (indices into meta)
     {split}_pos.npy       float32 (N, 2)  center x, y as fractions of the image side
     {split}_captions.txt  one caption per line, in row order
+    {split}_captions_varied.txt  per line: the full caption, then N_PARTIAL partial ones, by tabs
     meta.json             names, palettes, held-out pairs, split sizes
 
 Run from anywhere (a relative out_dir is taken from the repo root):
@@ -67,6 +70,8 @@ POSITION_WORDS = [['top left', 'top', 'top right'],
                   ['left', 'center', 'right'],
                   ['bottom left', 'bottom', 'bottom right']]
 SUPERSAMPLE = 4  # draw at this many times the resolution, then box-downsample
+CAPTION_PARTS = ['size', 'color', 'shape', 'background', 'position']
+N_PARTIAL = 3    # partial captions per image in {split}_captions_varied.txt
 
 
 def make_meta(image_size, seed, splits):
@@ -85,11 +90,40 @@ def position_word(x, y):
     return POSITION_WORDS[row][col]
 
 
-def describe(factors_row, pos_row, meta):
-    """The caption of one image: 'a small red triangle on a gray background, top left'."""
+def describe(factors_row, pos_row, meta, parts=CAPTION_PARTS):
+    """The caption of one image: 'a small red triangle on a gray background, top left', naming
+    only the factors in `parts` ('a red triangle'; 'a small shape, top left' without the shape)."""
     shape, color, background, size_idx = (int(v) for v in factors_row)
-    return (f"a {meta['size'][size_idx]} {meta['color'][color]} {meta['shape'][shape]} "
-            f"on a {meta['background'][background]} background, {position_word(*pos_row)}")
+    words = ['a'] + [meta['size'][size_idx]] * ('size' in parts) + [meta['color'][color]] * ('color' in parts)
+    words.append(meta['shape'][shape] if 'shape' in parts else 'shape')
+    if 'background' in parts:
+        words += ['on', 'a', meta['background'][background], 'background']
+    caption = ' '.join(words)
+    return caption + f", {position_word(*pos_row)}" if 'position' in parts else caption
+
+
+def partial_parts(rng):
+    """A random non-empty subset of CAPTION_PARTS, each part kept with probability 1/2."""
+    while True:
+        keep = rng.random(len(CAPTION_PARTS)) < 0.5
+        if keep.any():
+            return [p for p, k in zip(CAPTION_PARTS, keep) if k]
+
+
+def parse_caption(caption, meta):
+    """The factors a caption names, the inverse of describe: {'shape': 2, 'color': 0, ...}, with
+    only the factors whose words it holds (any wording that uses the dataset's words)."""
+    words = caption.lower().replace(',', ' ').split()
+    named = {}
+    for factor in ['shape', 'color', 'background', 'size']:
+        for j, name in enumerate(meta[factor]):
+            if name not in words:
+                continue
+            at = words.index(name)
+            is_background = at + 1 < len(words) and words[at + 1] == 'background'
+            if (factor == 'background') == is_background:     # 'a white square on a black background'
+                named[factor] = j
+    return named
 
 
 def render(image_size, factors_row, pos_row):
@@ -144,11 +178,17 @@ def make_dataset(out_dir, image_size=32, n_train=30000, n_val=2000, n_ood=2000, 
         for i in range(counts[split]):
             images[i] = render(image_size, factors[i], pos[i])
         captions = [describe(f, p, meta) for f, p in zip(factors, pos)]
+        # their own stream, so that the images and full captions do not depend on them
+        caption_rng = np.random.default_rng([seed, split_id, 1])
+        varied = ['\t'.join([c] + [describe(f, p, meta, partial_parts(caption_rng)) for _ in range(N_PARTIAL)])
+                  for c, f, p in zip(captions, factors, pos)]
         np.save(os.path.join(out_dir, f'{split}_images.npy'), images)
         np.save(os.path.join(out_dir, f'{split}_factors.npy'), factors)
         np.save(os.path.join(out_dir, f'{split}_pos.npy'), pos)
         with open(os.path.join(out_dir, f'{split}_captions.txt'), 'w') as f:
             f.write('\n'.join(captions) + '\n' if captions else '')
+        with open(os.path.join(out_dir, f'{split}_captions_varied.txt'), 'w') as f:
+            f.write('\n'.join(varied) + '\n' if varied else '')
         print(f"{split}: {len(images)} images {image_size}x{image_size}, {len(pairs)} (shape, color) "
               f"pairs, {images.nbytes / 1e6:.1f} MB -> {out_dir}")
     with open(os.path.join(out_dir, 'meta.json'), 'w') as f:
