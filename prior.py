@@ -34,6 +34,10 @@ ReMDM corrector (Wang et al. 2025, the 'cap' schedule), remask_eta > 0: each unm
 re-masked with probability rho = min(eta, (1 - alpha_s) / alpha_t), alpha = e^-sigma, and
 unmasking is made more likely by (alpha_s - (1 - rho) alpha_t) / (alpha_s - alpha_t), which
 keeps every step's marginals those of the forward process while letting early tokens be revised.
+The random-order sampler (LLaDA's, which the paper uses for text to DLC) instead unmasks
+ceil(L / steps) positions per step in a random order fixed at the start, each drawn from the
+denoising distribution p_0(y) ~ r_y sharpened by a temperature T, p_0^(1/T); a committed token
+is never revisited. With T = 1 and the true ratios it too samples the data distribution.
 Infilling: positions given in advance are written back after every step; the network sees them
 as context, so the rest is drawn from the conditional.
 
@@ -94,7 +98,8 @@ eval_interval = 5000
 n_eval = 2048                   # held-out codes scored (0 = all)
 eval_t_per_code = 4             # noise levels drawn per held-out code
 # sampling
-sampler = 'analytic'            # 'analytic' (Tweedie tau-leaping) | 'euler'
+sampler = 'analytic'            # 'analytic' (Tweedie tau-leaping) | 'euler' | 'random_order' (LLaDA's)
+temperature = 1.0               # random_order: draw from p_0^(1/temperature)
 num_steps = 1024
 remask_eta = 0.0                # ReMDM-cap re-masking; 0 = off
 n_samples = 2000
@@ -245,16 +250,20 @@ class SEDD(nn.Module):
         return out.scatter(-1, x[..., None], 0.0)                 # staying put has ratio 1
 
 
-def load_sedd(model, path):
-    """A SEDD checkpoint (a state dict, or a dict holding one under 'model', DDP 'module.'
-    prefixes allowed) into `model`: every key must match but our pos_embed, which SEDD lacks."""
+def sedd_state_dict(path):
+    """The parameters in a SEDD checkpoint (.pth / .bin: a state dict, or a dict holding one under
+    'model'; DDP 'module.' prefixes allowed), as a plain {name: tensor}."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"SEDD checkpoint '{path}' not found; set --init_from to a local copy "
                                 "(e.g. louaaron/sedd-small) or to 'scratch'")
     state = torch.load(path, map_location='cpu', weights_only=True)
     state = state.get('model', state)
-    state = {k.removeprefix('module.'): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    return {k.removeprefix('module.'): v for k, v in state.items()}
+
+
+def load_sedd(model, path):
+    """A SEDD checkpoint into `model`: every key must match but our pos_embed, which SEDD lacks."""
+    missing, unexpected = model.load_state_dict(sedd_state_dict(path), strict=False)
     if unexpected or set(missing) - {'pos_embed'}:
         raise ValueError(f"'{path}' does not fit this prior: missing {sorted(missing)}, unexpected "
                          f"{sorted(unexpected)}; its vocabulary and size must match --model")
@@ -305,11 +314,12 @@ def uniform(shape, generators, device):
 
 @torch.no_grad()
 def sample(score_fn, n, L, V, steps, seeds, sampler='analytic', eps=1e-3, device='cpu', given=None,
-           remask_eta=0.0):
+           remask_eta=0.0, temperature=1.0):
     """n codes (n, L) in [0, V). score_fn(x (n, L), sigma (n,)) -> log ratios (n, L, V + 1).
-    Code i depends on seeds[i] alone. given: (n, L) tokens to keep fixed, -1 where free."""
-    if sampler not in ('analytic', 'euler'):
-        raise ValueError(f"sampler '{sampler}' is not 'analytic' or 'euler'")
+    Code i depends on seeds[i] alone. given: (n, L) tokens to keep fixed, -1 where free.
+    temperature: of the random-order sampler only."""
+    if sampler not in ('analytic', 'euler', 'random_order'):
+        raise ValueError(f"sampler '{sampler}' is not 'analytic', 'euler' or 'random_order'")
     generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     x = torch.full((n, L), V, dtype=torch.long, device=device)
     known = None
@@ -317,6 +327,8 @@ def sample(score_fn, n, L, V, steps, seeds, sampler='analytic', eps=1e-3, device
         given = given.to(device).long()
         known = given >= 0
         x = torch.where(known, given, x)
+    if sampler == 'random_order':
+        return sample_random_order(score_fn, x, V, min(steps, L), generators, eps, temperature)
     ts = torch.linspace(1.0, eps, steps + 1, dtype=torch.float64)
     for i in range(steps):
         t, s = ts[i], ts[i + 1]
@@ -344,6 +356,26 @@ def sample(score_fn, n, L, V, steps, seeds, sampler='analytic', eps=1e-3, device
     ratio = score_fn(x, sigma.float().expand(n).to(device)).double().exp()[..., :V]
     x = torch.where(x == V, sample_categorical(ratio, generators), x)
     return torch.where(known, given, x) if known is not None else x
+
+
+def sample_random_order(score_fn, x, V, steps, generators, eps, temperature):
+    """The random-order sampler on x (n, L), V where free: step i of `steps` commits the free
+    positions ranked in [k_{i-1}, k_i) of a random order, k_i = round(free * (i + 1) / steps),
+    each drawn from p_0^(1/T). The network sees the noise level of the share still masked."""
+    n, L = x.shape
+    free = x == V
+    order = uniform((L,), generators, x.device).masked_fill(~free, 2.0)      # known positions last
+    rank = order.argsort(-1).argsort(-1)                                    # (n, L) place in the order
+    n_free = free.sum(-1, keepdim=True)
+    for i in range(steps):
+        sigma, _ = log_linear(torch.tensor(1.0 - i / steps, dtype=torch.float64), eps)
+        log_p = score_fn(x, sigma.float().expand(n).to(x.device)).double()[..., :V]   # log p_0 + const
+        log_p = (log_p - log_p.amax(-1, keepdim=True)) / temperature
+        draw = sample_categorical(log_p.exp(), generators)
+        low, high = torch.round(n_free * i / steps), torch.round(n_free * (i + 1) / steps)
+        commit = free & (rank >= low) & (rank < high)
+        x = torch.where(commit, draw, x)
+    return x
 
 
 def model_score_fn(model, autocast=nullcontext()):
@@ -611,14 +643,14 @@ def check_contract(cfg, L, V):
 
 
 def generate(model, n, steps, sampler, eps, seeds, device, batch_size, remask_eta=0.0, given=None,
-             autocast=nullcontext(), progress=True):
+             autocast=nullcontext(), progress=True, temperature=1.0):
     """n codes from the prior in batches; code i from seeds[i]; given: (n, L), -1 where free."""
     out = []
     for start in tqdm(range(0, n, batch_size), desc='prior samples', disable=not progress, dynamic_ncols=True):
         stop = min(n, start + batch_size)
         out.append(sample(model_score_fn(model, autocast), stop - start, model.seq_len, model.vocab_size, steps,
                           seeds[start:stop], sampler, eps, device, None if given is None else given[start:stop],
-                          remask_eta).cpu())
+                          remask_eta, temperature).cpu())
     return torch.cat(out) if out else torch.zeros(0, model.seq_len, dtype=torch.long)
 
 
@@ -632,7 +664,8 @@ def sample_mode(cfg):
     mine = list(range(rank, n, world))                            # sample i is seeded by i alone
     seeds = [cfg['seed'] * 1_000_003 + i for i in mine]
     codes = generate(model, len(mine), cfg['num_steps'], cfg['sampler'], ckpt['noise_eps'], seeds, device,
-                     cfg['sample_batch_size'], cfg['remask_eta'], autocast=autocast, progress=rank == 0)
+                     cfg['sample_batch_size'], cfg['remask_eta'], autocast=autocast, progress=rank == 0,
+                     temperature=cfg['temperature'])
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, (mine, codes.numpy()))

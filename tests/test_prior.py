@@ -84,6 +84,25 @@ def test_samplers_with_the_exact_score_reproduce_the_distribution(sampler):
     assert tv_to(P.sample(exact_log_ratios, n, L_TOY, V_TOY, 1, range(n), sampler), PROB) > 0.15
 
 
+def test_the_random_order_sampler_reproduces_the_distribution_and_a_low_temperature_sharpens_it():
+    n = 4000
+    codes = P.sample(exact_log_ratios, n, L_TOY, V_TOY, L_TOY, range(n), 'random_order')
+    assert codes.min() >= 0 and codes.max() < V_TOY
+    assert tv_to(codes, PROB) < math.sqrt(len(SEQS) / n)
+    # all at once, each token from its own marginal: the dependence between positions is lost
+    assert tv_to(P.sample(exact_log_ratios, n, L_TOY, V_TOY, 1, range(n), 'random_order'), PROB) > 0.15
+    # T = 0.2 piles the draws onto the likeliest sequences: the top one far above its probability
+    cold = P.sample(exact_log_ratios, n, L_TOY, V_TOY, L_TOY, range(n), 'random_order', temperature=0.2)
+    top = PROB.argmax()
+    assert (cold == SEQS[top]).all(1).double().mean() > PROB[top] + 0.2
+    given = torch.full((n, L_TOY), -1)
+    given[:, 1] = 2
+    infilled = P.sample(exact_log_ratios, n, L_TOY, V_TOY, L_TOY, range(n), 'random_order', given=given)
+    conditional = PROB * (SEQS[:, 1] == 2)
+    assert (infilled[:, 1] == 2).all()
+    assert tv_to(infilled, conditional / conditional.sum()) < math.sqrt(V_TOY ** 2 / n)
+
+
 def test_infilling_keeps_the_given_tokens_and_samples_the_conditional():
     n = 3000
     given = torch.full((n, L_TOY), -1)
