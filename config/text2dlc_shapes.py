@@ -1,0 +1,30 @@
+# The built-in text model: a tiny DDiT over [DLC][sep][caption] on the built-in tokenizer's codes
+# (L = 32, V = 32) and the captions of data/shapes, on a 2-core CPU. Run config/tokenizer_shapes.py
+# and its probe first (the probe writes out-shapes/codes_{train,val}.npy).
+# python text2dlc.py config/text2dlc_shapes.py
+# python text2dlc.py config/text2dlc_shapes.py --mode=sample --prompts='a red square|a blue circle'
+out_dir = 'out-shapes-text2dlc'
+codes_dir = 'out-shapes'
+data_dir = 'data/shapes'
+# each line: the full caption, then three that leave factors out ('a red square'), one drawn per step
+captions_path = 'data/shapes/{split}_captions_varied.txt'
+device = 'cpu'
+text_encoding = 'words'         # one token a word: captions of at most 13 tokens (bytes: up to 60)
+caption_len = 16
+model = 'tiny'                  # 4 blocks, width 128
+dropout = 0.0
+noise_caption = False
+caption_dropout = 0.1
+batch_size = 128
+micro_batch_size = 128
+max_iters = 3000
+learning_rate = 1e-3
+min_lr = 1e-5
+warmup_iters = 100
+ema_decay = 0.999
+eval_interval = 500
+n_eval = 1000
+log_interval = 100
+ckpt_interval = 500
+sampler = 'random_order'
+temperature = 0.2

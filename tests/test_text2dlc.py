@@ -1,0 +1,247 @@
+"""Claims about text to DLC (text2dlc.py): encodings round-trip and travel in the checkpoint, a
+pretrained text model is extended without touching its text rows, the loss is LLaDA's masked
+cross-entropy, generation writes only codes and never touches the prompt, a briefly trained
+model follows its captions, and training is the same on any number of processes and on resume."""
+import base64
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_script
+from test_prior import sedd_small_state_dict
+import prior as P
+import text2dlc as X
+
+
+# -- text encodings ---------------------------------------------------------------------------
+
+TEXTS = ['a small red triangle on a gray background, top left', 'a blue circle', '', 'héllo, wörld! 42',
+         'an unknown wording']
+
+
+def roundtrip(spec):
+    enc = X.encoding_from_spec(spec)
+    for text in TEXTS:
+        assert enc.decode(enc.encode_ordinary(text)) == text
+    return enc
+
+
+def test_the_built_in_encodings_round_trip_text_and_words_take_one_token_each(tmp_path):
+    byte_enc = roundtrip(X.encoding_spec('bytes'))
+    assert byte_enc.n_vocab == 257 and byte_enc.eot_token == 256
+    spec = X.encoding_spec('words', ['a small red triangle, top left', 'a red square'])
+    words = roundtrip(spec)
+    assert len(words.encode_ordinary('a small red triangle')) == 4       # bytes: 20
+    assert len(words.encode_ordinary('a red square, top left')) == 6
+    # the spec is plain data: it travels in a weights_only checkpoint and rebuilds the same encoding
+    torch.save(dict(encoding=spec), tmp_path / 'ckpt.pt')
+    back = X.encoding_from_spec(torch.load(tmp_path / 'ckpt.pt', weights_only=True)['encoding'])
+    assert back.encode_ordinary(TEXTS[0]) == words.encode_ordinary(TEXTS[0]) and back.n_vocab == words.n_vocab
+
+
+def test_a_local_tiktoken_ranks_file_is_a_byte_level_bpe_that_round_trips(tmp_path):
+    # a small ranks file in the .tiktoken format: every byte, then merges (each from two ranked parts)
+    ranks = {bytes([i]): i for i in range(256)}
+    for merge in [b'th', b' t', b'he', b' the', b're', b' re', b'ed', b' red', b'in', b'ing']:
+        ranks[merge] = len(ranks)
+    path = tmp_path / 'tiny.tiktoken'
+    path.write_text(''.join(f"{base64.b64encode(b).decode()} {r}\n" for b, r in ranks.items()))
+    enc = roundtrip(X.encoding_spec(str(path)))
+    assert enc.n_vocab == len(ranks) + 1 and enc.eot_token == len(ranks)   # <|endoftext|> after the ranks
+    assert enc.encode_ordinary(' the red') == [ranks[b' the'], ranks[b' red']]
+    broken = tmp_path / 'broken.tiktoken'
+    broken.write_text('not a ranks line\n')
+    with pytest.raises(ValueError, match='broken.tiktoken'):
+        X.encoding_spec(str(broken))
+    with pytest.raises(FileNotFoundError, match='nowhere.tiktoken.*gpt2.tiktoken'):
+        X.encoding_spec(str(tmp_path / 'nowhere.tiktoken'))
+
+
+# -- a pretrained text model, extended --------------------------------------------------------
+
+def test_extending_sedd_small_keeps_every_text_row_and_the_mask_and_adds_codes_and_separator(tmp_path):
+    n_text, V, L, T = 50257, 16, 8, 8
+    state = sedd_small_state_dict()
+    torch.save({'model': {'module.' + k: v for k, v in state.items()}}, tmp_path / 'checkpoint.pth')
+    model = P.SEDD(vocab_size=n_text + V + 1, seq_len=L + 1 + T, **P.PRIOR_MODELS['small'])
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    new = X.extend_pretrained(model, X.read_pretrained(str(tmp_path / 'checkpoint.pth')), n_text, V)
+    got = model.state_dict()
+    for key in ['vocab_embed.embedding', 'output_layer.linear.weight', 'output_layer.linear.bias']:
+        assert got[key].shape[0] == state[key].shape[0] + V + 1             # V codes and the separator
+        assert torch.equal(got[key][:n_text], state[key][:n_text])          # text rows, bit for bit
+        assert torch.equal(got[key][-1], state[key][-1])                    # SEDD's mask is still the mask
+        assert torch.equal(got[key][n_text:n_text + V + 1], fresh[key][n_text:n_text + V + 1])
+    for key, value in state.items():
+        if key not in ('vocab_embed.embedding', 'output_layer.linear.weight', 'output_layer.linear.bias'):
+            assert torch.equal(got[key], value), key
+    assert torch.equal(got['pos_embed'], fresh['pos_embed']) and any('pos_embed' in n for n in new)
+    # a checkpoint of another vocabulary is refused, naming both sizes
+    with pytest.raises(ValueError, match='50257 text tokens.*has 300'):
+        X.extend_pretrained(P.SEDD(vocab_size=300 + V + 1, seq_len=L + 1 + T, **P.PRIOR_MODELS['small']),
+                            state, 300, V, 'sedd-small')
+    with pytest.raises(FileNotFoundError, match='nowhere.pth'):
+        X.read_pretrained(str(tmp_path / 'nowhere.pth'))
+
+
+# -- the loss ---------------------------------------------------------------------------------
+
+def tiny_model(vocab, seq_len):
+    torch.manual_seed(0)
+    model = P.SEDD(vocab_size=vocab, seq_len=seq_len, n_blocks=1, hidden_size=32, n_heads=2, cond_dim=16, dropout=0.0)
+    for p in model.parameters():                                            # away from the zero init
+        p.data.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def test_the_loss_is_the_masked_cross_entropy_weighted_by_one_over_the_mask_probability():
+    n_text, V, L = 10, 4, 3
+    mask_id = n_text + V + 1
+    model = tiny_model(mask_id, L + 1 + 4)
+    codes = torch.tensor([[0, 3, 1], [2, 2, 0]])
+    caps, lens = torch.tensor([[5, 6, 9, 9], [7, 9, 9, 9]]), torch.tensor([2, 1])
+    x0, pad = X.sequences(codes, caps, lens, n_text, V)
+    assert x0[0].tolist() == [10, 13, 11, 14, 5, 6, 9, 9] and pad[1].tolist() == [0] * 5 + [1] * 3
+    t = torch.tensor([0.3, 0.8])
+    u = torch.rand(x0.shape, generator=torch.Generator().manual_seed(1))
+    u[:, -1] = 0.0                                                          # pads: would be masked if allowed
+    got, count = X.masked_cross_entropy(model, x0, ~pad, t, u, mask_id, 1e-3)
+    p = 0.999 * t + 1e-3
+    masked = (u < p[:, None]) & ~pad
+    assert masked.any(1).all() and not (masked & pad).any()
+    x_t = torch.where(masked, mask_id, x0)
+    out = model(x_t, -torch.log1p(-p))
+    for b in range(2):
+        want = sum(-torch.log_softmax(out[b, i, :mask_id], -1)[x0[b, i]] / p[b] for i in range(x0.shape[1])
+                   if masked[b, i])
+        torch.testing.assert_close(got[b], want)
+    assert count.tolist() == masked.sum(1).tolist()
+
+
+# -- generation -------------------------------------------------------------------------------
+
+def test_generation_writes_only_code_tokens_and_never_touches_the_prompt():
+    spec = X.encoding_spec('bytes')
+    enc = X.encoding_from_spec(spec)
+    L, V, T = 6, 5, 12
+    n_text = enc.n_vocab
+    model = tiny_model(n_text + V + 1, L + 1 + T)
+    ckpt = dict(L=L, V=V, n_text=n_text, caption_len=T, noise_eps=1e-3)
+    prompts = ['a red square', 'a much longer prompt than twelve bytes', '']
+    caps, lens = X.encode_captions(enc, prompts, T)
+    want = torch.cat([torch.full((3, 1), n_text + V), caps], 1)
+    seen = []
+    model.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    for sampler, cfg_scale in [('random_order', 1.0), ('analytic', 3.0), ('euler', 1.0)]:
+        seen.clear()
+        codes = X.generate(model, enc, ckpt, prompts, [0, 1, 2], 'cpu', sampler, 4, 0.2, cfg_scale, progress=False)
+        assert codes.shape == (3, L) and codes.min() >= 0 and codes.max() < V
+        conditional = [x for x in seen if (x[:, L + 1:] != enc.eot_token).any()]
+        assert conditional and all(torch.equal(x[:, L:], want) for x in conditional)
+        assert all(((x[:, :L] == n_text + V + 1) | ((x[:, :L] >= n_text) & (x[:, :L] < n_text + V))).all()
+                   for x in seen)                                           # code positions: codes or mask
+        if cfg_scale != 1.0:                                                # the unconditional pass: empty
+            assert any((x[:, L + 1:] == enc.eot_token).all() for x in seen)
+
+
+# -- training on toy pairs whose captions decide the codes -------------------------------------
+
+WORDS = ['red', 'green', 'blue', 'gold']
+
+
+def toy_pairs(n, seed):
+    """L = 4, V = 8: the caption 'red blue' (or 'blue and red' ...) decides the code [a, b, a + b, 7]."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, 4, n), rng.integers(0, 4, n)
+    codes = np.stack([a, b + 4, (a + b) % 8, np.full(n, 7)], 1).astype(np.uint16)
+    captions = [f"{WORDS[i]} {WORDS[j]}\tthe {WORDS[i]} one and the {WORDS[j]} one" for i, j in zip(a, b)]
+    return codes, captions
+
+
+@pytest.fixture(scope='module')
+def toy_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp('toy_pairs')
+    torch.save(dict(L=4, V=8), out / 'tokenizer.pt')                       # the contract text2dlc reads
+    for split, n, seed in [('train', 2048, 0), ('val', 256, 1)]:
+        codes, captions = toy_pairs(n, seed)
+        np.save(out / f'codes_{split}.npy', codes)
+        (out / f'{split}_captions.txt').write_text('\n'.join(captions) + '\n')
+    return str(out)
+
+
+def tiny_cfg(toy_dir, out_dir, **kw):
+    cfg = dict(X.CONFIG, codes_dir=toy_dir, data_dir=toy_dir, out_dir=str(out_dir), device='cpu', model='tiny',
+               text_encoding='words', caption_len=8, dropout=0.0, batch_size=16, micro_batch_size=8, max_iters=4,
+               learning_rate=1e-3, lr_decay=False, warmup_iters=2, ema_decay=0.9, eval_interval=0, log_interval=1,
+               ckpt_interval=2, n_eval=64, sample_batch_size=64)
+    cfg.update(kw)
+    return cfg
+
+
+def test_a_briefly_trained_model_draws_the_codes_its_prompts_describe(toy_dir, tmp_path):
+    cfg = tiny_cfg(toy_dir, tmp_path, batch_size=64, micro_batch_size=64, max_iters=250, noise_caption=False,
+                   caption_dropout=0.1, ema_decay=0.98, log_interval=50, eval_interval=250, ckpt_interval=250)
+    _, _, history = X.train(cfg)
+    assert history[-1]['val_code_bits'] < 0.5 * history[0]['train_loss']
+    prompts = [f"{WORDS[i]} {WORDS[j]}" for i in range(4) for j in range(4)]
+    codes, _ = X.sample_mode(dict(cfg, mode='sample', prompts='|'.join(prompts), n_samples=64))
+    want = np.array([[i, j + 4, (i + j) % 8, 7] for i in range(4) for j in range(4)] * 4)
+    assert codes.shape == (64, 4) and codes.dtype == np.uint16
+    assert (codes == want).all(1).mean() > 0.8                             # chance: 1 / 4096
+    written = (tmp_path / 'text_codes_prompts.txt').read_text().splitlines()
+    assert written[:16] == prompts and len(written) == 64
+
+
+def as_args(cfg):
+    return [f'--{k}={v!r}' if isinstance(v, (str, tuple)) else f'--{k}={v}'
+            for k, v in cfg.items() if v != X.CONFIG[k]]
+
+
+def test_two_processes_take_the_same_step_as_one_with_accumulation(toy_dir, tmp_path):
+    for name, nproc in [('one', 1), ('two', 2)]:
+        run_script('text2dlc.py', as_args(tiny_cfg(toy_dir, tmp_path / name, max_iters=2, noise_caption=True,
+                                                  caption_dropout=0.3)), nproc)
+    a = torch.load(tmp_path / 'one' / 'text2dlc.pt', weights_only=True)
+    b = torch.load(tmp_path / 'two' / 'text2dlc.pt', weights_only=True)
+    for k in a['model']:
+        torch.testing.assert_close(a['model'][k], b['model'][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert max((a['model'][k] - a['ema'][k]).abs().max().item() for k in a['model']) > 0
+    assert a['encoding'] == b['encoding'] and X.encoding_from_spec(a['encoding']).decode([0x61]) == 'a'
+
+
+def test_stop_and_resume_equals_an_uninterrupted_run(toy_dir, tmp_path):
+    X.train(tiny_cfg(toy_dir, tmp_path / 'a', max_iters=6, dropout=0.1, caption_dropout=0.2))
+    split = tiny_cfg(toy_dir, tmp_path / 'b', max_iters=6, run_iters=3, dropout=0.1, caption_dropout=0.2)
+    X.train(split)
+    X.train(dict(split, init_from='resume', run_iters=-1))
+    a = torch.load(tmp_path / 'a' / 'text2dlc.pt', weights_only=True)
+    b = torch.load(tmp_path / 'b' / 'text2dlc.pt', weights_only=True)
+    assert a['iter_num'] == b['iter_num'] == 6
+    for part in ['model', 'ema']:
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), (part, k)
+    for k, state in a['optimizer']['state'].items():
+        assert all(torch.equal(v, b['optimizer']['state'][k][j]) for j, v in state.items()), k
+
+
+def test_captions_or_codes_that_do_not_fit_are_refused_with_the_file_named(toy_dir, tmp_path):
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    torch.save(dict(L=4, V=8), bad / 'tokenizer.pt')
+    codes, captions = toy_pairs(64, 0)
+    np.save(bad / 'codes_train.npy', codes)
+    (bad / 'train_captions.txt').write_text('\n'.join(captions[:60]) + '\n')
+    with pytest.raises(ValueError, match=r'train_captions.txt.*60 lines.*codes_train.npy.*64 codes'):
+        X.train(tiny_cfg(str(bad), tmp_path / 'out'))
+    (bad / 'train_captions.txt').write_text('\n\n')
+    with pytest.raises(ValueError, match=r'train_captions.txt.*is empty'):
+        X.train(tiny_cfg(str(bad), tmp_path / 'out'))
+    (bad / 'train_captions.txt').write_text('\n'.join(captions) + '\n')
+    np.save(bad / 'codes_train.npy', codes[:, :3])
+    with pytest.raises(ValueError, match=r'codes_train.npy.*L=4'):
+        X.train(tiny_cfg(str(bad), tmp_path / 'out'))
+    with pytest.raises(FileNotFoundError, match=r'nowhere_train.txt'):
+        X.train(tiny_cfg(toy_dir, tmp_path / 'out', captions_path=str(tmp_path / 'nowhere_{split}.txt')))
+    assert not (tmp_path / 'out' / 'text2dlc.pt').exists()
