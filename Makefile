@@ -1,7 +1,8 @@
 # make demo: set up, build the built-in data, train every stage briefly on the CPU, report.
 # Stages: tokenizer (train, probe), diffusion (train, reconstructions of val codes), prior
-# (train, held-out ELBO, samples), a class-conditional DiT (the baseline), then every
-# sample.py mode (recon, uncond, compose, class) and one table of their scores.
+# (train, held-out ELBO, samples), the text model (train, codes for a few prompts), a
+# class-conditional DiT (the baseline), then every sample.py mode (recon, uncond, compose, class,
+# text) and one table of their scores.
 # make test: set up, then the test suite.
 PYTHON ?= python3
 VENV := .venv
@@ -29,10 +30,14 @@ demo: venv data
 	$(PY) prior.py config/prior_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=eval
 	$(PY) prior.py config/prior_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=sample \
 		--n_samples=1000 --num_steps=32 --remask_eta=0.05
+	$(PY) text2dlc.py config/text2dlc_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --max_iters=600
+	$(PY) text2dlc.py config/text2dlc_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=sample \
+		--prompts='a red square|a small green circle|a large blue triangle on a white background'
 	$(PY) diffusion.py config/diffusion_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO)/class --max_iters=1500 \
 		--sample_interval=1500 --cond=class --num_classes=18
-	$(PY) sample.py config/sample_shapes.py --mode=recon,uncond,compose,class --out_dir=$(DEMO)/samples \
-		--tokenizer_dir=$(DEMO) --diffusion_dir=$(DEMO) --prior_dir=$(DEMO) --class_dit=$(DEMO)/class/diffusion.pt
+	$(PY) sample.py config/sample_shapes.py --mode=recon,uncond,compose,class,text --out_dir=$(DEMO)/samples \
+		--tokenizer_dir=$(DEMO) --diffusion_dir=$(DEMO) --prior_dir=$(DEMO) --text2dlc_dir=$(DEMO) \
+		--class_dit=$(DEMO)/class/diffusion.pt
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -7,7 +7,7 @@ sample.py: the pipeline that makes images from the trained components.
              average -> one token sampled per position -> DiT -> images
     class    class labels -> a class-conditional DiT (diffusion.py --cond=class, or the public
              DiT-XL-2-256x256.pt through --class_dit): the baseline
-    text     prompts -> text2dlc -> DLC -> DiT: comes with text2dlc.py
+    text     prompts -> text2dlc (a text diffusion LM fine-tuned on (DLC, caption)) -> DLC -> DiT
 
 Composition (Lavoie, Noukhovitch, Courville 2025, section 4). For source images x_1 .. x_K
 with SEM logits z(x_k) in R^{L x V}, at temperature tau (0.001: near one-hot),
@@ -28,16 +28,19 @@ and its image size and space (pixels, or SD-VAE latents: then vae_path) against 
 
 Outputs in out_dir, for each mode:
     <mode>.npz        arr_0: uint8 (N, H, W, 3), what eval_fid.py and the ADM suite read
-    <mode>.png        a grid of the first n_grid images (sources beside results: recon, compose)
-    <mode>_codes.npy  the DLCs the images were drawn from (recon, uncond, compose)
+    <mode>.png        a grid of the first n_grid images (sources beside results: recon, compose;
+                      the prompt under each image: text)
+    <mode>_codes.npy  the DLCs the images were drawn from (recon, uncond, compose, text)
     <mode>/000000.png ... one PNG per image, with save_pngs=True
 On the built-in data, the attribute reader scores every set (valid single shape; recon: the
 source's shape and color kept; compose: factors taken from the sources, novel combinations;
-uncond: factor histograms against the training set; class: the label's shape and color kept).
+uncond: factor histograms against the training set; class: the label's shape and color kept;
+text: each factor the prompt names kept).
 mode may list several modes, 'recon,uncond,compose,class': they run in turn and one table of
 their scores ends the run (what `make demo` prints).
 
     python sample.py config/sample_shapes.py --mode=recon,uncond,compose,class
+    python sample.py config/sample_shapes.py --mode=text --prompts='a red square|a small blue triangle'
     torchrun --nproc_per_node=8 sample.py --mode=uncond --n_samples=50000 --prior_dir=... --diffusion_dir=...
 """
 import json
@@ -55,6 +58,7 @@ from tqdm import tqdm
 
 import diffusion as D
 import prior as P
+import text2dlc as T2D
 import tokenizer as T
 from configurator import configure
 
@@ -70,6 +74,7 @@ class_dit = ''                  # class: a class-conditional DiT, its diffusion.
                                 # (DiT-XL-2-256x256.pt); '' = diffusion_dir's
 tokenizer_dir = 'out-imagenet-tokenizer'    # tokenizer.pt: recon, compose
 prior_dir = 'out-prior'                     # prior.pt: uncond
+text2dlc_dir = 'out-text2dlc'               # text2dlc.pt: text
 vae_path = ''                   # sd-vae-ft-ema weights, for a DiT on latents
 # sources of recon and compose
 data_dir = 'data/imagenet'
@@ -79,6 +84,7 @@ sources = ''                    # groups split by ',', members by '+': dataset i
                                 # '' = recon: items 0..n-1; compose: pairs (2i, 2i+1)
 compose_tau = 0.001             # the SEM temperature of composition (the paper's)
 labels = ''                     # class: labels '207,360' (sample i: i mod #labels); '' = drawn per sample
+prompts = ''                    # text: 'a red square|a blue circle' or a file, one per line (sample i: i mod #prompts)
 # image model sampling
 dit_sampler = 'ddpm'            # eps: 'ddpm' | 'ddim';  flow: 'euler' | 'heun'
 dit_steps = 250
@@ -89,6 +95,11 @@ clip_denoised = False           # clip the predicted x_0 to [-1, 1] (pixel space
 prior_sampler = 'analytic'      # 'analytic' | 'euler'
 prior_steps = 1024
 remask_eta = 0.0                # ReMDM-cap re-masking; 0 = off
+# text model sampling (the paper's: one code token per step in random order, temperature 0.2)
+text_sampler = 'random_order'   # 'random_order' | 'analytic' | 'euler'
+text_steps = 0                  # 0 = L
+text_temperature = 0.2
+text_cfg_scale = 1.0            # guidance on the prompt; 1 = none (the paper's)
 # output
 batch_size = 32                 # images per process per forward
 n_grid = 64
@@ -173,6 +184,13 @@ def load_prior(cfg, info, dit_source, device):
     return model, ckpt
 
 
+def load_text_model(cfg, info, dit_source, device):
+    model, ckpt, enc = T2D.load_text2dlc(cfg['text2dlc_dir'], device)
+    check_code_contract('text model', os.path.join(cfg['text2dlc_dir'], 'text2dlc.pt'), ckpt['L'], ckpt['V'], info,
+                        dit_source)
+    return model, ckpt, enc
+
+
 # -----------------------------------------------------------------------------
 # Sources: dataset items or image files, grouped
 
@@ -245,18 +263,19 @@ def shared_array(path, shape, dtype, rank, world):
 @torch.no_grad()
 def run_mode(cfg, mode, rank, world, device):
     """Draw cfg['n_samples'] images of one mode; rank 0 returns (images, codes, extra)."""
-    if mode == 'text':
-        raise ValueError("mode 'text' needs text2dlc.py (prompts -> DLC), which comes in a later issue")
     info_cond = 'class' if mode == 'class' else 'dlc'
     dit, info, vae, dit_source, x_shape = load_image_model(cfg, info_cond, device)
     n, bs = cfg['n_samples'], cfg['batch_size']
-    groups, sources, labels = None, None, None
+    groups, sources, labels, prompts = None, None, None, None
     if mode in ('recon', 'compose'):
         encoder, tok_ckpt = load_tokenizer(cfg, info, dit_source, device)
         sources = Sources(cfg, tok_ckpt)
         groups = parse_groups(cfg, mode, len(sources))
     elif mode == 'uncond':
         prior, prior_ckpt = load_prior(cfg, info, dit_source, device)
+    elif mode == 'text':
+        text_model, text_ckpt, enc = load_text_model(cfg, info, dit_source, device)
+        prompts = T2D.read_prompts(cfg['prompts'])
     else:
         n_classes = dit.null
         if cfg['labels']:
@@ -294,6 +313,10 @@ def run_mode(cfg, mode, rank, world, device):
         elif mode == 'uncond':
             y = P.generate(prior, len(idx), cfg['prior_steps'], cfg['prior_sampler'], prior_ckpt['noise_eps'],
                            code_seeds, device, len(idx), cfg['remask_eta'], autocast=autocast, progress=False)
+        elif mode == 'text':
+            y = T2D.generate(text_model, enc, text_ckpt, [prompts[i % len(prompts)] for i in idx], code_seeds, device,
+                             cfg['text_sampler'], cfg['text_steps'], cfg['text_temperature'], cfg['text_cfg_scale'],
+                             len(idx), autocast=autocast, progress=False)
         else:
             y = torch.tensor([labels[i % len(labels)] for i in idx])
         y = y.to(device)
@@ -312,7 +335,7 @@ def run_mode(cfg, mode, rank, world, device):
         dist.barrier()
     if rank != 0:
         return None
-    extra = dict(groups=groups, sources=sources, labels=labels, dit_source=dit_source)
+    extra = dict(groups=groups, sources=sources, labels=labels, prompts=prompts, dit_source=dit_source)
     return np.load(images_path, mmap_mode='r'), np.load(codes_path) if codes is not None else None, extra
 
 
@@ -344,6 +367,9 @@ def write_outputs(cfg, mode, images, codes, extra):
         for i, g in enumerate(groups):
             tiles += [fit(extra['sources'][m].numpy(), size) for m in g] + [blank] * (K - len(g)) + [images[i]]
         D.save_grid(np.stack(tiles), os.path.join(out, f'{mode}.png'), ncol=(K + 1) * max(1, 16 // (K + 1)))
+    elif extra['prompts'] is not None:
+        prompts = [extra['prompts'][i % len(extra['prompts'])] for i in range(n_show)]
+        captioned_grid(images[:n_show], prompts, os.path.join(out, f'{mode}.png'), ncol=min(8, n_show))
     else:
         D.save_grid(images[:n_show], os.path.join(out, f'{mode}.png'), ncol=min(16, n_show))
     if cfg['save_pngs']:
@@ -352,6 +378,23 @@ def write_outputs(cfg, mode, images, codes, extra):
             Image.fromarray(im).save(os.path.join(out, mode, f'{i:06d}.png'))
     print(f"wrote {out}/{mode}.npz ({len(images)} images), {out}/{mode}.png"
           + (f", {out}/{mode}_codes.npy" if codes is not None else '') + (f", {out}/{mode}/*.png" if cfg['save_pngs'] else ''))
+
+
+def captioned_grid(images, captions, path, ncol, side=128, lines=4):
+    """A grid of images, each enlarged to side x side with its caption wrapped beneath it."""
+    import textwrap
+    from PIL import ImageDraw
+    line_height, width = 12, side // 6                          # the default bitmap font: 6 x 11 px
+    tile_h = side + lines * line_height + 4
+    nrow = math.ceil(len(images) / ncol)
+    canvas = Image.new('RGB', (ncol * (side + 4), nrow * tile_h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (i % ncol) * (side + 4), (i // ncol) * tile_h
+        canvas.paste(Image.fromarray(np.asarray(image)).resize((side, side), Image.NEAREST), (x, y))
+        for j, line in enumerate(textwrap.wrap(caption, width)[:lines]):
+            draw.text((x + 2, y + side + 2 + j * line_height), line, fill=(0, 0, 0))
+    canvas.save(path)
 
 
 # -----------------------------------------------------------------------------
@@ -369,6 +412,20 @@ def reader_scores(cfg, mode, images, extra):
         return {}
     valid = read['valid']
     scores = dict(n=len(images), valid=float(valid.mean()))
+    if mode == 'text':
+        from data.shapes.prepare import parse_caption
+        named = [parse_caption(extra['prompts'][i % len(extra['prompts'])], meta) for i in range(len(images))]
+        for factor in ['shape', 'color', 'background', 'size']:
+            rows = [i for i, f in enumerate(named) if factor in f]
+            if rows:
+                scores[f'{factor}_kept'] = float(np.mean([read[factor][i] == named[i][factor] for i in rows]))
+        both = [i for i, f in enumerate(named) if 'shape' in f and 'color' in f]
+        if both:
+            scores['kept'] = float(np.mean([read['shape'][i] == named[i]['shape'] and
+                                            read['color'][i] == named[i]['color'] for i in both]))
+        print('text: the factors the prompts name, kept in the images (share of the prompts naming each): ' +
+              ', '.join(f"{k} {v:.3f}" for k, v in scores.items() if k.endswith('kept')))
+        return scores
     if mode == 'class':
         shape, color = np.divmod(np.array([extra['labels'][i % len(extra['labels'])] for i in range(len(images))]),
                                  len(meta['color']))

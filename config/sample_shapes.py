@@ -1,7 +1,8 @@
 # The built-in pipeline: every sample.py mode on data/shapes, with the demo's checkpoints
-# (the tokenizer in out-shapes, the DiT in out-shapes-dit, the prior in out-shapes-prior and
-# a class-conditional DiT in out-shapes-dit-class), scored by the attribute reader.
-# python sample.py config/sample_shapes.py --mode=recon,uncond,compose,class
+# (the tokenizer in out-shapes, the DiT in out-shapes-dit, the prior in out-shapes-prior, the text
+# model in out-shapes-text2dlc and a class-conditional DiT in out-shapes-dit-class), scored by the
+# attribute reader.
+# python sample.py config/sample_shapes.py --mode=recon,uncond,compose,class,text
 out_dir = 'out-shapes-samples'
 device = 'cpu'
 n_samples = 200
@@ -9,6 +10,8 @@ diffusion_dir = 'out-shapes-dit'
 class_dit = 'out-shapes-dit-class/diffusion.pt'
 tokenizer_dir = 'out-shapes'
 prior_dir = 'out-shapes-prior'
+text2dlc_dir = 'out-shapes-text2dlc'
+prompts = 'data/shapes/val_captions.txt'   # text: sample i is prompted with the caption of val image i
 data_dir = 'data/shapes'
 split = 'val'
 dit_sampler = 'euler'           # the built-in DiT is a flow model (config/diffusion_shapes.py)

@@ -1,6 +1,7 @@
 """Claims about the pipeline (sample.py): composition takes each token from a source, one
 source is recon, the images do not depend on the number of processes, and the models are
 checked against each other before anything runs."""
+import json
 import os
 
 import numpy as np
@@ -11,6 +12,7 @@ from conftest import run_script
 import diffusion as D
 import prior as P
 import sample as S
+import text2dlc as X
 import tokenizer as T
 
 
@@ -49,7 +51,7 @@ def test_composing_one_code_gives_back_its_argmax_and_a_high_temperature_does_no
 
 @pytest.fixture(scope='module')
 def pipeline(shapes_dir, tmp_path_factory):
-    """A tokenizer (L=4, V=8), a DLC DiT, a class DiT and a prior, each briefly trained."""
+    """A tokenizer (L=4, V=8), a DLC DiT, a class DiT, a prior and a text model, each briefly trained."""
     root = tmp_path_factory.mktemp('pipeline')
     tok = dict(T.CONFIG, data_dir=shapes_dir, out_dir=str(root / 'tok'), device='cpu', patch_size=8, embed_dim=32,
                depth=1, num_heads=2, image_size=32, L=4, V=8, ssl_loss='infonce', n_local_crops=0,
@@ -69,13 +71,19 @@ def pipeline(shapes_dir, tmp_path_factory):
     P.train(dict(P.CONFIG, codes_dir=tok['out_dir'], out_dir=str(root / 'prior'), device='cpu', model='tiny',
                  dropout=0.0, batch_size=16, micro_batch_size=16, max_iters=3, warmup_iters=1, eval_interval=0,
                  log_interval=1, ckpt_interval=3))
+    X.train(dict(X.CONFIG, codes_dir=tok['out_dir'], data_dir=shapes_dir, out_dir=str(root / 'text'), device='cpu',
+                 captions_path=os.path.join(shapes_dir, '{split}_captions_varied.txt'), text_encoding='words',
+                 caption_len=16, model='tiny', dropout=0.0, batch_size=16, micro_batch_size=16, max_iters=3,
+                 learning_rate=1e-3, warmup_iters=1, eval_interval=0, log_interval=1, ckpt_interval=3))
     return dict(root=root, shapes=shapes_dir, tok=tok['out_dir'], dit=str(root / 'dit'),
-                dit_class=str(root / 'dit_class' / 'diffusion.pt'), prior=str(root / 'prior'))
+                dit_class=str(root / 'dit_class' / 'diffusion.pt'), prior=str(root / 'prior'),
+                text=str(root / 'text'))
 
 
 def sample_cfg(p, out_dir, **kw):
     cfg = dict(S.CONFIG, out_dir=str(out_dir), device='cpu', n_samples=6, diffusion_dir=p['dit'],
-               class_dit=p['dit_class'], tokenizer_dir=p['tok'], prior_dir=p['prior'], data_dir=p['shapes'],
+               class_dit=p['dit_class'], tokenizer_dir=p['tok'], prior_dir=p['prior'], text2dlc_dir=p['text'],
+               prompts='a red square|a small blue triangle on a white background, top|a shape', data_dir=p['shapes'],
                split='val', dit_sampler='euler', dit_steps=3, cfg_scale=2.0, clip_denoised=True, prior_steps=4,
                batch_size=4, n_grid=6)
     cfg.update(kw)
@@ -88,7 +96,7 @@ def as_args(cfg):
 
 
 def test_two_processes_write_the_same_images_as_one(pipeline, tmp_path):
-    modes = 'recon,uncond,compose,class'
+    modes = 'recon,uncond,compose,class,text'
     for name, nproc in [('one', 1), ('two', 2)]:
         run_script('sample.py', as_args(sample_cfg(pipeline, tmp_path / name, mode=modes, n_samples=5,
                                                    batch_size=2)), nproc)
@@ -102,6 +110,22 @@ def test_two_processes_write_the_same_images_as_one(pipeline, tmp_path):
             assert np.array_equal(np.load(tmp_path / 'one' / f'{mode}_codes.npy'),
                                   np.load(tmp_path / 'two' / f'{mode}_codes.npy')), mode
     assert not list((tmp_path / 'two').glob('*partial*'))           # nothing half-written is left
+    scores = json.loads((tmp_path / 'one' / 'scores.json').read_text())['text']
+    assert {'valid', 'kept', 'shape_kept', 'color_kept', 'background_kept', 'size_kept'} <= set(scores)
+
+
+def test_text_mode_scores_the_factors_each_prompt_names(pipeline):
+    """The reader's verdict on text images: true images of the prompts' factors keep them all."""
+    val = np.load(os.path.join(pipeline['shapes'], 'val_images.npy'))[:20]
+    captions = (open(os.path.join(pipeline['shapes'], 'val_captions.txt')).read().splitlines())[:20]
+    cfg = sample_cfg(pipeline, '/unused')
+    right = S.reader_scores(cfg, 'text', val, dict(prompts=captions))
+    assert right['kept'] > 0.9 and right['size_kept'] > 0.9 and right['background_kept'] > 0.9
+    wrong = S.reader_scores(cfg, 'text', val, dict(prompts=captions[1:] + captions[:1]))
+    assert wrong['kept'] < 0.5
+    # a prompt that names only a color is scored on color alone
+    only = S.reader_scores(cfg, 'text', val[:1], dict(prompts=['something red' if 'red' in captions[0] else 'a red one']))
+    assert set(only) == {'n', 'valid', 'color_kept'}
 
 
 def test_compose_with_one_source_is_recon_of_that_source(pipeline, tmp_path):
@@ -167,6 +191,12 @@ def test_models_that_do_not_fit_together_are_refused(pipeline, tmp_path):
     torch.save(dict(prior_ckpt, V=16), tmp_path / 'prior' / 'prior.pt')
     with pytest.raises(ValueError, match=r'prior.*V=16.*trained on L=4, V=8'):
         S.main(sample_cfg(pipeline, tmp_path / 'b', mode='uncond', prior_dir=str(tmp_path / 'prior')))
+    # a text model of other codes
+    text_ckpt = torch.load(os.path.join(pipeline['text'], 'text2dlc.pt'), weights_only=True)
+    (tmp_path / 'text').mkdir()
+    torch.save(dict(text_ckpt, L=6), tmp_path / 'text' / 'text2dlc.pt')
+    with pytest.raises(ValueError, match=r'text model.*L=6, V=8.*trained on L=4, V=8'):
+        S.main(sample_cfg(pipeline, tmp_path / 'b2', mode='text', text2dlc_dir=str(tmp_path / 'text')))
     # the wrong conditioning for the mode, a sampler of the other objective, a missing VAE
     with pytest.raises(ValueError, match="cond='dlc'"):
         S.main(sample_cfg(pipeline, tmp_path / 'c', mode='class', class_dit=''))
