@@ -4,9 +4,11 @@ bench.py: training throughput of the components, and MFU on CUDA.
     python bench.py --component=dit --model=DiT-XL/2 --image_size=256 --batch_size=32
     python bench.py --component=tokenizer --batch_size=64
     python bench.py --component=prior --prior_model=medium --L=512 --V=256 --batch_size=64 --sample_steps=1024
+    python bench.py --component=text2dlc --prior_model=small --L=512 --V=256 --caption_len=128 --batch_size=16
 
 The DiT runs on latents (image_size / 8, 4 channels) when image_size >= 64, else on pixels.
-The prior reports training tok/s (tokens = codes x L) and sampling codes/s at sample_steps.
+The prior reports training tok/s (tokens = codes x L) and sampling codes/s at sample_steps; the
+text model (prior_model's size, a vocabulary of n_text + V + 2) tok/s over [code][sep][caption].
 MFU = achieved FLOP/s / peak (bf16 dense: 989 TFLOP/s for an H100 SXM, set --peak_tflops).
 FLOPs of a train step are counted as 3 x the forward pass's matmul FLOPs (forward + backward).
 """
@@ -18,13 +20,15 @@ import torch
 
 from configurator import configure
 
-component = 'dit'               # 'dit' | 'tokenizer' | 'prior'
+component = 'dit'               # 'dit' | 'tokenizer' | 'prior' | 'text2dlc'
 model = 'DiT-XL/2'
 prior_model = 'medium'          # a key of prior.PRIOR_MODELS
 sample_steps = 128              # prior: sampler steps for the codes/s figure
 image_size = 256
 L = 512
 V = 256
+n_text = 50257                  # text2dlc: GPT-2's vocabulary
+caption_len = 128               # text2dlc: caption tokens after the code and the separator
 batch_size = 32
 steps = 10
 warmup = 3
@@ -32,7 +36,8 @@ compile = False
 peak_tflops = 989.0
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 CONFIG = {k: globals()[k] for k in ['component', 'model', 'prior_model', 'sample_steps', 'image_size', 'L', 'V',
-                                    'batch_size', 'steps', 'warmup', 'compile', 'peak_tflops', 'device']}
+                                    'n_text', 'caption_len', 'batch_size', 'steps', 'warmup', 'compile',
+                                    'peak_tflops', 'device']}
 
 
 def dit_step_fn(c):
@@ -119,6 +124,33 @@ def prior_step_fn(c):
     return step, 3 * flops, 'tok/s', c['L']
 
 
+def text2dlc_step_fn(c):
+    import prior as P
+    import text2dlc as X
+    arch = P.PRIOR_MODELS[c['prior_model']]
+    S, mask_id = c['L'] + 1 + c['caption_len'], c['n_text'] + c['V'] + 1
+    net = P.SEDD(vocab_size=mask_id, seq_len=S, cond_dim=128, dropout=0.0, **arch).to(c['device'])
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-5, fused=c['device'].startswith('cuda'))
+    fwd = torch.compile(net) if c['compile'] else net
+    codes = torch.randint(0, c['V'], (c['batch_size'], c['L']))
+    captions = torch.randint(0, c['n_text'], (c['batch_size'], c['caption_len']))
+    x0, pad = X.sequences(codes, captions, torch.full((c['batch_size'],), c['caption_len']), c['n_text'], c['V'])
+    x0, noisable = x0.to(c['device']), (~pad).to(c['device'])
+    d, depth = arch['hidden_size'], arch['n_blocks']
+    flops = 2 * depth * (12 * d * d + 2 * S * d) + 2 * d * (mask_id + 1)
+
+    def step():
+        t = torch.rand(len(x0), device=x0.device)
+        u = torch.rand(x0.shape, device=x0.device)
+        with autocast(c):
+            nll, count = X.masked_cross_entropy(fwd, x0, noisable, t, u, mask_id, 1e-3)
+            loss = nll.sum() / count.sum().clamp_min(1)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, 3 * flops, 'tok/s', S
+
+
 def autocast(c):
     return torch.autocast('cuda', dtype=torch.bfloat16) if c['device'].startswith('cuda') else nullcontext()
 
@@ -132,7 +164,7 @@ if __name__ == '__main__':
     c = configure(CONFIG, sys.argv[1:])
     torch.backends.cuda.matmul.allow_tf32 = True
     step, flops_per_item, unit, per_item = {'dit': dit_step_fn, 'tokenizer': tokenizer_step_fn,
-                                            'prior': prior_step_fn}[c['component']](c)
+                                            'prior': prior_step_fn, 'text2dlc': text2dlc_step_fn}[c['component']](c)
     for _ in range(c['warmup']):
         step()
     sync(c)
@@ -142,7 +174,7 @@ if __name__ == '__main__':
     sync(c)
     dt = (time.time() - t0) / c['steps']
     rate = c['batch_size'] * per_item / dt
-    name = {'dit': c['model'], 'prior': c['prior_model']}.get(c['component'], '')
+    name = {'dit': c['model'], 'prior': c['prior_model'], 'text2dlc': c['prior_model']}.get(c['component'], '')
     line = f"{c['component']} {name} batch {c['batch_size']}: " \
            f"{dt * 1000:.1f} ms/step, {rate:.1f} {unit}, {rate * flops_per_item / 1e12:.3f} TFLOP/s"
     if c['device'].startswith('cuda'):

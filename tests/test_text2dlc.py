@@ -245,3 +245,14 @@ def test_captions_or_codes_that_do_not_fit_are_refused_with_the_file_named(toy_d
     with pytest.raises(FileNotFoundError, match=r'nowhere_train.txt'):
         X.train(tiny_cfg(toy_dir, tmp_path / 'out', captions_path=str(tmp_path / 'nowhere_{split}.txt')))
     assert not (tmp_path / 'out' / 'text2dlc.pt').exists()
+
+
+def test_bench_reports_text2dlc_throughput():
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, 'bench.py', '--component=text2dlc', '--prior_model=tiny', '--L=8', '--V=8',
+                             '--n_text=300', '--caption_len=8', '--batch_size=4', '--steps=1', '--warmup=1'],
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'text2dlc tiny batch 4' in result.stdout and 'tok/s' in result.stdout
