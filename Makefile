@@ -30,7 +30,7 @@ demo: venv data
 	$(PY) prior.py config/prior_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=eval
 	$(PY) prior.py config/prior_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=sample \
 		--n_samples=1000 --num_steps=32 --remask_eta=0.05
-	$(PY) text2dlc.py config/text2dlc_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --max_iters=600
+	$(PY) text2dlc.py config/text2dlc_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --max_iters=2000
 	$(PY) text2dlc.py config/text2dlc_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=sample \
 		--prompts='a red square|a small green circle|a large blue triangle on a white background'
 	$(PY) diffusion.py config/diffusion_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO)/class --max_iters=1500 \

@@ -68,6 +68,7 @@ import torch.nn.functional as F
 import tiktoken
 from tqdm import tqdm
 
+import diffusion as D
 import prior as P
 from configurator import configure
 
@@ -278,8 +279,7 @@ def read_pretrained(path):
                                 "vocabulary (louaaron/sedd-small or sedd-medium: .pth, .bin or .safetensors), "
                                 "or 'scratch'")
     if path.endswith('.safetensors'):
-        import diffusion as D                                      # its reader needs no safetensors package
-        return D.read_safetensors(path)
+        return D.read_safetensors(path)                            # diffusion.py's reader: no safetensors package
     return P.sedd_state_dict(path)
 
 
@@ -393,15 +393,6 @@ def heldout_code_bits(model, codes, captions, enc, ckpt, t_per_code, batch_size,
 # -----------------------------------------------------------------------------
 # Training
 
-def learning_rate_at(it, c):
-    if it < c['warmup_iters']:
-        return c['learning_rate'] * (it + 1) / c['warmup_iters']
-    if not c['lr_decay']:
-        return c['learning_rate']
-    progress = min(1.0, (it - c['warmup_iters']) / max(1, c['max_iters'] - c['warmup_iters']))
-    return c['min_lr'] + 0.5 * (c['learning_rate'] - c['min_lr']) * (1 + math.cos(math.pi * progress))
-
-
 def train(cfg):
     rank, world, device = P.setup_distributed(cfg['device'])
     c, master = cfg, rank == 0
@@ -478,7 +469,7 @@ def train(cfg):
     t0, tokens = time.time(), 0
     while iter_num < stop:
         it = iter_num
-        lr = learning_rate_at(it, c)
+        lr = D.learning_rate_at(it, c)                          # warm-up, then cosine (diffusion.py's)
         for g in optimizer.param_groups:
             g['lr'] = lr
         # the whole global batch is drawn on every process (captions, noise), then sliced

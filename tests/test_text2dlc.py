@@ -11,6 +11,7 @@ import torch
 
 from conftest import run_script
 from test_prior import sedd_small_state_dict
+from test_vae import write_safetensors
 import prior as P
 import text2dlc as X
 
@@ -78,6 +79,12 @@ def test_extending_sedd_small_keeps_every_text_row_and_the_mask_and_adds_codes_a
         if key not in ('vocab_embed.embedding', 'output_layer.linear.weight', 'output_layer.linear.bias'):
             assert torch.equal(got[key], value), key
     assert torch.equal(got['pos_embed'], fresh['pos_embed']) and any('pos_embed' in n for n in new)
+    # the same file as .safetensors (the Hugging Face layout) and as a bare .bin state dict
+    write_safetensors(tmp_path / 'model.safetensors', state)
+    torch.save(state, tmp_path / 'pytorch_model.bin')
+    for name in ['model.safetensors', 'pytorch_model.bin']:
+        again = X.read_pretrained(str(tmp_path / name))
+        assert set(again) == set(state) and all(torch.equal(again[k], v) for k, v in state.items()), name
     # a checkpoint of another vocabulary is refused, naming both sizes
     with pytest.raises(ValueError, match='50257 text tokens.*has 300'):
         X.extend_pretrained(P.SEDD(vocab_size=300 + V + 1, seq_len=L + 1 + T, **P.PRIOR_MODELS['small']),
