@@ -413,16 +413,10 @@ def reader_scores(cfg, mode, images, extra):
     valid = read['valid']
     scores = dict(n=len(images), valid=float(valid.mean()))
     if mode == 'text':
-        from data.shapes.prepare import parse_caption
-        named = [parse_caption(extra['prompts'][i % len(extra['prompts'])], meta) for i in range(len(images))]
-        for factor in ['shape', 'color', 'background', 'size']:
-            rows = [i for i, f in enumerate(named) if factor in f]
-            if rows:
-                scores[f'{factor}_kept'] = float(np.mean([read[factor][i] == named[i][factor] for i in rows]))
-        both = [i for i, f in enumerate(named) if 'shape' in f and 'color' in f]
-        if both:
-            scores['kept'] = float(np.mean([read['shape'][i] == named[i]['shape'] and
-                                            read['color'][i] == named[i]['color'] for i in both]))
+        from data.shapes.prepare import named_factors_kept
+        prompts = [extra['prompts'][i % len(extra['prompts'])] for i in range(len(images))]
+        kept = named_factors_kept(read, prompts, meta)
+        scores.update({'kept' if k == 'shape_and_color' else f'{k}_kept': v for k, v in kept.items()})
         print('text: the factors the prompts name, kept in the images (share of the prompts naming each): ' +
               ', '.join(f"{k} {v:.3f}" for k, v in scores.items() if k.endswith('kept')))
         return scores

@@ -612,20 +612,11 @@ def probe_agreement(codes, prompts, cfg):
         return {}
     import json
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from data.shapes.prepare import parse_caption
+    from data.shapes.prepare import named_factors_kept
     with open(meta_path) as f:
         meta = json.load(f)
     read = P.probe_predict(torch.load(probe_path, map_location='cpu', weights_only=True), codes)
-    named = [parse_caption(p, meta) for p in prompts]
-    scores = {}
-    for factor in ['shape', 'color', 'background', 'size']:
-        rows = [i for i, f in enumerate(named) if factor in f]
-        if rows and factor in read:
-            scores[factor] = float(np.mean([read[factor][i] == named[i][factor] for i in rows]))
-    both = [i for i, f in enumerate(named) if 'shape' in f and 'color' in f]
-    if both:
-        scores['shape_and_color'] = float(np.mean([read['shape'][i] == named[i]['shape'] and
-                                                   read['color'][i] == named[i]['color'] for i in both]))
+    scores = named_factors_kept(read, prompts, meta)
     print("the probe's reading of the codes against the factors the prompts name (share kept): " +
           ', '.join(f"{k} {v:.3f}" for k, v in scores.items()))
     return scores

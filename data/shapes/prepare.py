@@ -219,6 +219,23 @@ def load_split(data_dir, split):
     return data
 
 
+def named_factors_kept(read, prompts, meta):
+    """For factors read from images or codes ({factor: (N,) ints}) and the prompts they were made
+    from: per factor, the share kept among the prompts that name it, and 'shape_and_color' among
+    those that name both."""
+    named = [parse_caption(p, meta) for p in prompts]
+    scores = {}
+    for factor in ['shape', 'color', 'background', 'size']:
+        rows = [i for i, f in enumerate(named) if factor in f]
+        if rows and factor in read:
+            scores[factor] = float(np.mean([read[factor][i] == named[i][factor] for i in rows]))
+    both = [i for i, f in enumerate(named) if 'shape' in f and 'color' in f]
+    if both:
+        scores['shape_and_color'] = float(np.mean([read['shape'][i] == named[i]['shape'] and
+                                                   read['color'][i] == named[i]['color'] for i in both]))
+    return scores
+
+
 # -----------------------------------------------------------------------------
 # attribute reader: recover the factors of any image by plain image analysis
 
