@@ -9,14 +9,16 @@ blocks: average pools that do not count padding, and max pooling in the last blo
 
     pool features  2048-d, after the global average pool        -> FID, precision, recall
     spatial        the first 7 channels of mixed_6/conv (the 1x1 branch of the 6d block,
-                   17 x 17), flattened to 2023-d                  -> sFID
+                   17 x 17), flattened channel-last (H, W, C) as TF's NHWC tensor is,
+                   to 2023-d (ADM's mu_s / sigma_s are in this order) -> sFID
     logits         pool features @ the final layer's weights (no bias, as ADM) -> Inception Score
 
 FID = |mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)), in float64; the trace of the square
 root is taken from the eigenvalues of S_1^(1/2) S_2 S_1^(1/2), which is symmetric, so no
 imaginary parts appear. IS = exp(E_x KL(p(y|x) || p(y))), averaged over splits of 5000.
 Precision (recall): the share of sample (reference) features inside the union of balls around
-the reference (sample) features, each ball reaching its k = 3rd nearest neighbour.
+the reference (sample) features, each ball reaching its k = 3rd nearest neighbour. Distances
+are taken pr_block rows at a time, as ADM's ManifoldEstimator does, so memory stays bounded.
 
 Images go in as uint8 (N, H, W, 3), from an .npz (arr_0, as sample.py writes) or a folder.
 Resizing to 299: 'tf' reproduces TF1's bilinear resize (no half-pixel offset) and the graph's
@@ -47,9 +49,10 @@ resize = 'tf'                   # 'tf' (as the ADM suite) | 'torch' (as pytorch-
 batch_size = 100
 k = 3                           # precision / recall neighbourhood
 is_split = 5000
+pr_block = 10000                # precision / recall: rows of the distance matrix held at once (ADM's)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 CONFIG = {k_: globals()[k_] for k_ in ['samples', 'ref', 'save_ref', 'inception_path', 'resize', 'batch_size',
-                                       'k', 'is_split', 'device']}
+                                       'k', 'is_split', 'pr_block', 'device']}
 
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
 
@@ -202,7 +205,8 @@ class FIDInception(nn.Module):
         x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)
         for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c):
             x = block(x)
-        spatial = self.Mixed_6d.branch1x1(x)[:, :7].flatten(1)          # TF's mixed_6/conv
+        # TF's mixed_6/conv is NHWC: ADM flattens (17, 17, 7), so channels vary fastest
+        spatial = self.Mixed_6d.branch1x1(x)[:, :7].permute(0, 2, 3, 1).flatten(1)
         for block in (self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
             x = block(x)
         pool = x.mean(dim=(2, 3))
@@ -324,30 +328,51 @@ def inception_score(logits, split_size=5000):
     return float(np.mean(scores))
 
 
-def pairwise_distances(a, b, batch=4096):
-    out = np.empty((len(a), len(b)), dtype=np.float64)
-    bb = (b ** 2).sum(1)
-    for start in range(0, len(a), batch):
-        part = a[start:start + batch]
-        out[start:start + batch] = np.sqrt(np.clip((part ** 2).sum(1)[:, None] - 2 * part @ b.T + bb[None], 0, None))
-    return out
+def squared_distances(a, b, a_norms, b_norms):
+    """|a_i - b_j|^2 as one (len(a), len(b)) array, built in place so that no copy of it is made.
+    Squared, as ADM compares them: no square root can turn two distances into a tie."""
+    d = a @ b.T
+    d *= -2
+    d += a_norms[:, None]
+    d += b_norms[None]
+    return np.maximum(d, 0, out=d)
 
 
-def knn_radii(feats, k):
-    """Distance from each point to its k-th nearest other point."""
+def sq_norms(feats):
+    return np.einsum('ij,ij->i', feats, feats)              # without a (N, D) temporary
+
+
+def knn_radii(feats, k, block=10000):
+    """Squared distance from each point to its k-th nearest other point: entry k of its sorted
+    row of distances, the point itself being entry 0 (ADM's manifold_radii). A duplicate of the
+    point counts as a neighbour at distance 0, as in ADM."""
     if len(feats) <= k:
         raise ValueError(f"{len(feats)} images: precision and recall with k={k} need more than {k}")
-    d = pairwise_distances(feats, feats)
-    return np.partition(d, k, axis=1)[:, k]                 # column 0 is the point itself
+    norms = sq_norms(feats)
+    radii = np.empty(len(feats))
+    for start in range(0, len(feats), block):
+        d = squared_distances(feats[start:start + block], feats, norms[start:start + block], norms)
+        d.partition(k, axis=1)                                # in place: no second block
+        radii[start:start + block] = d[:, k]
+        del d                                                 # freed before the next block is made
+    return radii
 
 
-def precision_recall(ref_feats, sample_feats, k=3):
-    """Improved precision and recall (Kynkaanniemi et al. 2019), as the ADM suite computes them."""
-    ref_radii, sample_radii = knn_radii(ref_feats, k), knn_radii(sample_feats, k)
-    d = pairwise_distances(sample_feats, ref_feats)         # (samples, refs)
-    precision = float((d <= ref_radii[None]).any(1).mean())
-    recall = float((d <= sample_radii[:, None]).any(0).mean())
-    return precision, recall
+def precision_recall(ref_feats, sample_feats, k=3, block=10000):
+    """Improved precision and recall (Kynkaanniemi et al. 2019), as the ADM suite computes them:
+    a point is inside a ball when its squared distance is <= the ball's squared radius. Only
+    `block` rows of distances (samples x all references) exist at a time."""
+    ref_radii, sample_radii = knn_radii(ref_feats, k, block), knn_radii(sample_feats, k, block)
+    ref_norms, sample_norms = sq_norms(ref_feats), sq_norms(sample_feats)
+    precise = np.zeros(len(sample_feats), dtype=bool)       # sample inside some reference ball
+    recalled = np.zeros(len(ref_feats), dtype=bool)         # reference inside some sample ball
+    for start in range(0, len(sample_feats), block):
+        rows = slice(start, start + block)
+        d = squared_distances(sample_feats[rows], ref_feats, sample_norms[rows], ref_norms)
+        precise[rows] = (d <= ref_radii[None]).any(1)
+        recalled |= (d <= sample_radii[rows, None]).any(0)
+        del d
+    return float(precise.mean()), float(recalled.mean())
 
 
 # -----------------------------------------------------------------------------
@@ -383,7 +408,8 @@ def evaluate(cfg):
                   sfid=frechet_distance(mu_s, sigma_s, ref['mu_s'], ref['sigma_s']),
                   inception_score=inception_score(feats['logits'], cfg['is_split']))
     if ref_pool is not None:
-        scores['precision'], scores['recall'] = precision_recall(ref_pool, feats['pool'], cfg['k'])
+        scores['precision'], scores['recall'] = precision_recall(ref_pool, feats['pool'], cfg['k'],
+                                                                       cfg['pr_block'])
     if len(sample_images) < 10000:
         print(f"note: {len(sample_images)} samples; published FIDs use 50,000 (10,000 at the least)")
     for name, value in scores.items():

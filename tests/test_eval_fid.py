@@ -83,6 +83,21 @@ def test_the_network_gives_the_pool_spatial_and_logit_features():
     assert E.preprocess(images, 'torch').shape == (2, 3, 299, 299)
 
 
+def test_spatial_features_are_the_6d_1x1_branch_flattened_channel_last():
+    # ADM takes mixed_6/conv[..., :7] of an NHWC tensor and reshapes it: (17, 17, 7) order, which
+    # is the order of the mu_s / sigma_s in its reference batches
+    torch.manual_seed(0)
+    model = E.FIDInception().eval()
+    seen = []
+    model.Mixed_6d.branch1x1.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    with torch.no_grad():
+        spatial = model(torch.rand(2, 3, 299, 299) * 2 - 1)['spatial']
+    branch = seen[0]                                                   # (2, 192, 17, 17)
+    assert branch.shape == (2, 192, 17, 17) and branch[:, :7].std() > 0
+    assert torch.equal(spatial, branch[:, :7].permute(0, 2, 3, 1).reshape(2, 17 * 17 * 7))
+    assert torch.equal(spatial[:, :7], branch[:, :7, 0, 0])            # the 7 channels of pixel (0, 0) first
+
+
 def test_tf_bilinear_resize_has_no_half_pixel_offset():
     x = torch.tensor([[[[0.0, 10.0]]]])                               # (1, 1, 1, 2)
     wide = E.tf_bilinear_resize(x.expand(1, 1, 2, 2), 4)
@@ -121,6 +136,50 @@ def test_precision_and_recall_on_point_clouds_with_known_answers():
         E.precision_recall(ref, ref[:3])
 
 
+def test_knn_radii_and_ball_membership_follow_adm_definitions():
+    # radius: entry k of the point's sorted row of distances, itself being entry 0 (ADM's
+    # manifold_radii); squared, as ADM compares squared distances
+    line = np.array([[0.0], [1.0], [3.0], [6.0], [10.0]])
+    assert np.array_equal(E.knn_radii(line, 2), np.array([3, 2, 3, 4, 7]) ** 2.0)
+    assert np.array_equal(E.knn_radii(np.array([[0.0], [0.0], [5.0]]), 1), [0.0, 0.0, 25.0])   # a duplicate is a neighbour
+    # a point exactly on a ball's surface is inside it (<=): sample 5 is 2 from reference 3, whose
+    # radius is 2; reference 3 is 2 from sample 5, whose radius (to sample 7) is 2
+    ref, samples = np.array([[0.0], [1.0], [3.0]]), np.array([[5.0], [7.0], [100.0], [101.0]])
+    assert E.precision_recall(ref, samples, k=1) == (0.25, pytest.approx(1 / 3))
+
+
+def brute_force_precision_recall(ref, samples, k):
+    d = np.sqrt(((samples[:, None] - ref[None]) ** 2).sum(-1))                    # (samples, refs)
+    ref_r = np.sort(np.sqrt(((ref[:, None] - ref[None]) ** 2).sum(-1)), 1)[:, k]
+    sample_r = np.sort(np.sqrt(((samples[:, None] - samples[None]) ** 2).sum(-1)), 1)[:, k]
+    return (d <= ref_r[None]).any(1).mean(), (d <= sample_r[:, None]).any(0).mean(), ref_r
+
+
+def test_precision_recall_in_row_blocks_equals_the_whole_matrix():
+    rng = np.random.default_rng(1)
+    ref, samples = rng.normal(size=(53, 6)), rng.normal(size=(37, 6)) * 0.9 + 0.7
+    precision, recall, ref_r = brute_force_precision_recall(ref, samples, 3)
+    assert 0.2 < precision < 0.9 and 0.2 < recall < 0.9                      # neither trivially 0 nor 1
+    for block in (5, 16, 1000):                     # 53 = 10 x 5 + 3, 37 = 7 x 5 + 2, one block
+        assert np.allclose(np.sqrt(E.knn_radii(ref, 3, block)), ref_r, rtol=1e-12)
+        assert E.precision_recall(ref, samples, 3, block) == (precision, recall)
+
+
+def test_precision_recall_holds_one_block_of_rows_at_a_time():
+    import tracemalloc
+    rng = np.random.default_rng(0)
+    n, block = 2000, 200
+    ref, samples = rng.normal(size=(n, 16)), rng.normal(size=(n, 16))
+    tracemalloc.start()
+    try:
+        E.precision_recall(ref, samples, 3, block)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    one_block = block * n * (8 + 1)                 # float64 distances and their <= mask
+    assert peak < 1.5 * one_block < n * n * 8       # one block, not two, nor the whole matrix
+
+
 def test_inception_score_on_known_logits():
     assert E.inception_score(np.zeros((100, 1008))) == pytest.approx(1.0)
     confident = np.full((100, 10), -1e4)
@@ -156,7 +215,8 @@ def test_end_to_end_from_images_to_scores_with_a_saved_reference(tmp_path):
     for i in range(8):
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / 'real' / f'{i}.png')
     cfg = dict(E.CONFIG, samples=str(tmp_path / 'samples.npz'), ref=str(tmp_path / 'real'), device='cpu',
-               inception_path=str(tmp_path / 'inception.pth'), save_ref=str(tmp_path / 'ref.npz'), batch_size=4)
+               inception_path=str(tmp_path / 'inception.pth'), save_ref=str(tmp_path / 'ref.npz'), batch_size=4,
+               pr_block=3)
     first = E.evaluate(cfg)
     assert set(first) == {'fid', 'sfid', 'inception_score', 'precision', 'recall'}
     saved = np.load(tmp_path / 'ref.npz')
