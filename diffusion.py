@@ -59,10 +59,12 @@ from tqdm import tqdm
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-# config: the defaults are the paper's ImageNet 256 recipe (DiT-XL/2 on SD-VAE latents, DLC512)
+# config: the defaults are the paper's ImageNet 256 recipe (DiT-XL/2 on SD-VAE latents, DLC512),
+# but for two safeguards of small runs that the paper's DiT lacks, gradient clipping and the EMA
+# warm-up; config/diffusion_imagenet.py turns both off
 mode = 'train'                  # 'train' | 'extract' | 'recon' | 'decode'
 out_dir = 'out-diffusion'
-init_from = 'scratch'           # 'scratch' | 'resume' | path to DiT-XL-2-256x256.pt (cond='class')
+init_from = 'scratch'           # 'scratch' | 'resume' | DiT weights (DiT-XL-2-256x256.pt, or the paper's DiTSEM for 'dlc')
 data_dir = 'data/imagenet'      # <data_dir>/<split>_images.npy or <data_dir>/<split>/<class>/<image>
 train_split = 'train'
 codes_dir = 'out-imagenet-tokenizer'   # tokenizer.pt and codes_<split>.npy, for cond='dlc'
@@ -86,15 +88,16 @@ hflip = True                    # random horizontal flips (latents: the flipped 
 # optimization
 batch_size = 256                # global, across processes and accumulation steps
 micro_batch_size = 32           # per process per forward; accumulation = batch / (world * micro)
-max_iters = 400000
+max_iters = 500400              # the paper's 100 epochs of ImageNet's 1,281,167 images at batch 256
 run_iters = -1                  # stop this run after so many iterations (resume later); -1: no limit
 learning_rate = 1e-4
 weight_decay = 0.0
 warmup_iters = 0
 lr_decay = False                # cosine decay from learning_rate to min_lr over max_iters (after warm-up)
 min_lr = 1e-5
-grad_clip = 1.0
+grad_clip = 1.0                 # max gradient norm; 0 = no clipping (the paper's DiT)
 ema_decay = 0.9999
+ema_warmup = True               # decay min(ema_decay, (1 + it) / (10 + it)); False: ema_decay from step 0 (the paper's)
 # sampling
 sampler = 'ddpm'                # eps: 'ddpm' | 'ddim';  flow: 'euler' | 'heun'
 num_sampling_steps = 250
@@ -167,11 +170,16 @@ class LabelEmbedder(nn.Module):
 
 class SEMEmbedder(nn.Module):
     """The paper's code embedder: one table per position, (L, V+1, D), row V = null token;
-    the code embedding is the mean over the L positions. Soft codes (N, L, V) weight the rows."""
+    the code embedding is the mean over the L positions. Soft codes (N, L, V) weight the rows.
+    Rows start N(0, 1/D); the null rows start as one vector shared by all positions, as in the
+    paper's DiTSEM, so a dropped code starts at an embedding of norm ~1 where a real code's
+    mean of L independent rows starts at norm ~1/sqrt(L)."""
     def __init__(self, L, V, hidden_size):
         super().__init__()
         self.L, self.V, self.null = L, V, V
-        self.embedding_table = nn.Parameter(torch.randn(L, V + 1, hidden_size) / math.sqrt(hidden_size))
+        rows = torch.randn(L, V, hidden_size) / math.sqrt(hidden_size)
+        null = torch.randn(1, 1, hidden_size) / math.sqrt(hidden_size)
+        self.embedding_table = nn.Parameter(torch.cat([rows, null.expand(L, 1, hidden_size)], dim=1))
 
     def forward(self, y):
         if y.is_floating_point():                           # soft codes (N, L, V) or (N, L, V+1)
@@ -632,8 +640,19 @@ class GaussianDiffusion:
         return cls(np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64))
 
     def respaced(self, steps):
-        """The same process seen at `steps` evenly spaced timesteps: beta_i = 1 - abar_i / abar_{i-1}."""
-        keep = sorted(set(np.round(np.linspace(0, self.num_timesteps - 1, steps)).astype(int).tolist()))
+        """The same process seen at `steps` evenly spaced timesteps: beta_i = 1 - abar_i / abar_{i-1}.
+        The timesteps are DiT's (space_timesteps): a stride of (T - 1) / (steps - 1) summed in
+        floating point and rounded, so 21 steps keep 499 where exact halves would give 500."""
+        T = self.num_timesteps
+        if not 2 <= steps <= T:
+            # DiT's space_timesteps keeps timestep 0 alone for one step, which its samplers then
+            # fail on (an index error), and a lone step at t = 0 would return the noise itself
+            raise ValueError(f"num_sampling_steps={steps}: a respaced sampler needs 2 to {T} steps "
+                             f"of the {T}-step process (one step would keep only t = 0, as DiT does)")
+        stride, position, keep = (T - 1) / (steps - 1), 0.0, []
+        for _ in range(steps):
+            keep.append(round(position))
+            position += stride
         abar = self.abar[keep]
         betas = 1.0 - abar / np.append(1.0, abar[:-1])
         return GaussianDiffusion(betas, self.timesteps[keep])
@@ -1030,12 +1049,17 @@ def model_args_from(cfg, contract, in_channels, input_size):
 
 
 def load_public_dit(model, path):
-    """The public class-conditional DiT-XL-2-256x256.pt (a bare state dict), strictly."""
+    """DiT weights from a bare state dict, strictly: the public class-conditional
+    DiT-XL-2-256x256.pt, or a DLC DiT of the paper's fork, whose DiTSEM has our key names
+    (cond='dlc'). The fork trains a torch.compile'd model, so its model.safetensors and its EMA
+    (custom_checkpoint_0.pkl) prefix every key with '_orig_mod.', which its samplers strip too."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"DiT weights '{path}' not found; download DiT-XL-2-256x256.pt from "
                                 "https://dl.fbaipublicfiles.com/DiT/models/ and set --init_from to its path")
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    model.load_state_dict(state.get('ema', state), strict=True)
+    state = read_safetensors(path) if path.endswith('.safetensors') else \
+        torch.load(path, map_location='cpu', weights_only=True)
+    state = {k.removeprefix('_orig_mod.'): v for k, v in state.get('ema', state).items()}
+    model.load_state_dict(state, strict=True)
 
 
 def public_dit_from_weights(path, state):
@@ -1087,6 +1111,15 @@ def learning_rate_at(it, c):
         return c['learning_rate']
     progress = (it - c['warmup_iters']) / max(1, c['max_iters'] - c['warmup_iters'])
     return c['min_lr'] + 0.5 * (c['learning_rate'] - c['min_lr']) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def ema_decay_at(it, c):
+    """The EMA decay of iteration it. The warm-up (1 + it) / (10 + it) matters in short runs, where
+    a plain 0.999 would keep a large share of the initial network in the average. It reaches
+    0.9999 at iteration 89,990; from there the two averages follow the same recursion, so they
+    differ at iteration K by 0.9999^(K - 89,990) times their gap then: 3e-14 of it at 400k,
+    2e-18 at 500,400. The ImageNet config turns it off only to be exactly the paper's DiT."""
+    return min(c['ema_decay'], (1 + it) / (10 + it)) if c['ema_warmup'] else c['ema_decay']
 
 
 def flow_t_mean_at(it, c):
@@ -1209,11 +1242,8 @@ def train(cfg):
                 f"learning_rate or add warmup_iters, then continue with --init_from=resume")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        # EMA with a warm-up, (1 + it) / (10 + it): in short runs a plain 0.999 would keep
-        # a large share of the zero-initialized network in the average
-        ema_decay = min(c['ema_decay'], (1 + it) / (10 + it))
         with torch.no_grad():
-            torch._foreach_lerp_(ema_params, model_params, 1 - ema_decay)
+            torch._foreach_lerp_(ema_params, model_params, 1 - ema_decay_at(it, c))
         iter_num += 1
         bar.update(1)
         if iter_num % c['log_interval'] == 0 or iter_num == stop:

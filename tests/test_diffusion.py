@@ -1,5 +1,6 @@
 """Claims about the image generator (diffusion.py): the DiT and its code embedder, loading the
 public DiT weights, the samplers, guidance, training (DDP, resume) and its input checks."""
+import math
 import os
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
+from configurator import configure
+from test_vae import write_safetensors
 import diffusion as D
 import tokenizer as T
 
@@ -73,14 +76,12 @@ def test_the_guidance_interval_leaves_the_steps_outside_it_unguided():
     assert batches == [4] * 23 + [2] * 2
 
 
-def dit_s2_state_dict():
-    """The exact key names and shapes of facebookresearch/DiT's DiT-S/2 at 256 px
-    (class-conditional, learned sigma: 32 x 32 x 4 latents, 8 output channels)."""
-    D_, depth = 384, 12
-    sd = {'pos_embed': (1, 256, D_), 'x_embedder.proj.weight': (D_, 4, 2, 2), 'x_embedder.proj.bias': (D_,),
-          't_embedder.mlp.0.weight': (D_, 256), 't_embedder.mlp.0.bias': (D_,),
-          't_embedder.mlp.2.weight': (D_, D_), 't_embedder.mlp.2.bias': (D_,),
-          'y_embedder.embedding_table.weight': (1001, D_)}
+def dit_key_shapes(D_, depth, patch, in_channels, tokens, condition):
+    """The exact key names and shapes of a learned-sigma DiT of facebookresearch/DiT's models.py
+    (timm's PatchEmbed, Attention and Mlp: no parameters but these), with the condition's keys."""
+    sd = {'pos_embed': (1, tokens, D_), 'x_embedder.proj.weight': (D_, in_channels, patch, patch),
+          'x_embedder.proj.bias': (D_,), 't_embedder.mlp.0.weight': (D_, 256), 't_embedder.mlp.0.bias': (D_,),
+          't_embedder.mlp.2.weight': (D_, D_), 't_embedder.mlp.2.bias': (D_,), **condition}
     for i in range(depth):
         b = f'blocks.{i}.'
         sd.update({b + 'attn.qkv.weight': (3 * D_, D_), b + 'attn.qkv.bias': (3 * D_,),
@@ -88,10 +89,17 @@ def dit_s2_state_dict():
                    b + 'mlp.fc1.weight': (4 * D_, D_), b + 'mlp.fc1.bias': (4 * D_,),
                    b + 'mlp.fc2.weight': (D_, 4 * D_), b + 'mlp.fc2.bias': (D_,),
                    b + 'adaLN_modulation.1.weight': (6 * D_, D_), b + 'adaLN_modulation.1.bias': (6 * D_,)})
-    sd.update({'final_layer.linear.weight': (2 * 2 * 8, D_), 'final_layer.linear.bias': (32,),
+    out = patch * patch * 2 * in_channels
+    sd.update({'final_layer.linear.weight': (out, D_), 'final_layer.linear.bias': (out,),
                'final_layer.adaLN_modulation.1.weight': (2 * D_, D_),
                'final_layer.adaLN_modulation.1.bias': (2 * D_,)})
-    return {k: torch.randn(v) for k, v in sd.items()}
+    return sd
+
+
+def dit_s2_state_dict():
+    """DiT-S/2 at 256 px (class-conditional: 32 x 32 x 4 latents, 1000 classes + the null)."""
+    shapes = dit_key_shapes(384, 12, 2, 4, 256, {'y_embedder.embedding_table.weight': (1001, 384)})
+    return {k: torch.randn(v) for k, v in shapes.items()}
 
 
 def test_public_dit_s2_weights_load_strictly(tmp_path):
@@ -106,6 +114,47 @@ def test_public_dit_s2_weights_load_strictly(tmp_path):
     assert model(torch.randn(1, 4, 32, 32), torch.tensor([5]), torch.tensor([3])).shape == (1, 8, 32, 32)
     with pytest.raises(FileNotFoundError, match='DiT-XL-2-256x256.pt'):
         D.load_public_dit(model, str(tmp_path / 'missing.pt'))
+
+
+def test_the_paper_ditsem_weights_load_strictly_as_its_fork_saves_them(tmp_path):
+    # the fork's DiTSEM (dit/models.py) is DiT with y_embedder = None and a SEMEmbedder whose one
+    # parameter is the (L, V+1, D) table (V+1 rows: trained with class dropout 0.1)
+    L, V, D_ = 5, 7, 32
+    shapes = dit_key_shapes(D_, 2, 2, 4, 16, {'sem_embedder.embedding_table': (L, V + 1, D_)})
+    new = lambda: D.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=D_, depth=2, num_heads=2,
+                        cond='dlc', L=L, V=V)
+    assert {k: tuple(v.shape) for k, v in new().state_dict().items()} == shapes
+    sd = {k: torch.randn(v) for k, v in shapes.items()}
+    # it trains a torch.compile'd model: model.safetensors and the EMA's custom_checkpoint_0.pkl
+    # prefix every key with '_orig_mod.'
+    compiled = {'_orig_mod.' + k: v for k, v in sd.items()}
+    torch.save(compiled, tmp_path / 'custom_checkpoint_0.pkl')
+    write_safetensors(tmp_path / 'model.safetensors', compiled)
+    torch.save(sd, tmp_path / 'plain.pt')
+    for name in ['custom_checkpoint_0.pkl', 'model.safetensors', 'plain.pt']:
+        model = new()
+        D.load_public_dit(model, str(tmp_path / name))
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items()), name
+    # and embeds a code as the fork does: one-hot (N, L, V+1) times each position's table, mean over L
+    codes = torch.tensor([[0, 6, 3, 3, 1], [7, 7, 7, 7, 7]])
+    one_hot = torch.nn.functional.one_hot(codes, V + 1).float()
+    expected = (one_hot.transpose(0, 1) @ sd['sem_embedder.embedding_table']).mean(0)
+    assert torch.allclose(model.sem_embedder(codes), expected, atol=1e-6)
+
+
+def test_the_null_token_starts_as_one_vector_shared_by_all_positions_as_in_the_paper():
+    torch.manual_seed(0)
+    L, V, D_ = 64, 16, 256
+    embedder = D.SEMEmbedder(L, V, D_)
+    table = embedder.embedding_table.detach()                          # (L, V+1, D)
+    null = table[:, V]
+    assert torch.equal(null, null[:1].expand_as(null))
+    assert table[:, :V].std().item() == pytest.approx(D_ ** -0.5, rel=0.02)   # the rows: N(0, 1/D)
+    # so the dropped code starts at norm ~1, a real code (a mean of L independent rows) at ~1/sqrt(L)
+    with torch.no_grad():
+        dropped, code = embedder(torch.full((1, L), V)), embedder(torch.randint(0, V, (1, L)))
+    assert 0.9 < dropped.norm() < 1.1
+    assert 0.9 / 8 < code.norm() < 1.1 / 8
 
 
 def test_a_hidden_layer_in_the_final_layer_adds_two_keys_and_comes_back_from_a_checkpoint(
@@ -164,6 +213,22 @@ def test_samplers_driven_by_the_exact_denoiser_reproduce_gaussian_data(objective
     assert torch.allclose(std, STD.view(4), rtol=0.08), std
 
 
+def test_respacing_keeps_the_timesteps_dit_keeps_and_refuses_a_single_step():
+    full = D.GaussianDiffusion.linear()
+    assert list(full.respaced(1000).timesteps) == list(range(1000))
+    spaced = full.respaced(250)                     # DiT's default: stride 999 / 249, rounded
+    assert list(spaced.timesteps[:4]) == [0, 4, 8, 12] and list(spaced.timesteps[-3:]) == [991, 995, 999]
+    # DiT sums the stride in floating point: ten strides of 49.95 fall just short of 499.5
+    assert list(full.respaced(21).timesteps[9:12]) == [450, 499, 549]
+    assert np.allclose(np.cumprod(1 - spaced.betas), full.abar[spaced.timesteps], rtol=1e-12)
+    # one step would keep t = 0 alone (DiT's space_timesteps does, then its samplers fail on it)
+    for steps in [0, 1, 1001]:
+        with pytest.raises(ValueError, match=f'num_sampling_steps={steps}: .*2 to 1000 steps'):
+            full.respaced(steps)
+    with pytest.raises(ValueError, match='num_sampling_steps=1'):
+        D.sample(lambda x, t: x, (4, 1, 1), range(2), 'eps', 'ddpm', 1, 'cpu')
+
+
 def test_the_velocity_of_the_exact_clean_image_prediction_is_the_exact_velocity():
     x, t = torch.randn(16, 4, 1, 1), torch.rand(16) * 0.9 + 0.05
     assert torch.allclose(D.flow_velocity(exact_x0(x, t), x, t, 'x0'), exact_velocity(x, t), atol=1e-5)
@@ -196,20 +261,50 @@ def test_a_sample_depends_on_its_seed_only_not_on_its_batch():
     assert torch.allclose(batch[2:3], alone, atol=1e-5)
 
 
-def test_the_loss_of_the_exact_denoiser_is_its_vlb_alone():
+def test_the_loss_is_the_eps_mse_plus_the_vlb_and_the_vlb_trains_the_variance_alone():
     full = D.GaussianDiffusion.linear()
     gen = torch.Generator().manual_seed(0)
-    x0 = (MU + STD * torch.randn(64, 4, 2, 2, generator=gen)).clamp(-1, 1)
-    t = torch.randint(1, 1000, (64,), generator=gen)
+    x0 = torch.randint(40, 216, (8, 4, 2, 2), generator=gen).float() / 127.5 - 1   # 8-bit levels inside [-1, 1]
+    t = torch.tensor([0, 0, 1, 2, 3, 5, 8, 10])                    # small t, where the VLB weighs most
     noise = torch.randn(x0.shape, generator=gen)
     x_t = full.q_sample(x0, t, noise)
-    out = torch.cat([noise, torch.zeros_like(noise)], dim=1)          # eps exactly right
+    eps_hat = noise + 0.3 * torch.randn(x0.shape, generator=gen)
+    v = 2 * torch.rand(x0.shape, generator=gen) - 1                 # the variance output, anywhere in [-1, 1]
+    out = torch.cat([eps_hat, v], dim=1).requires_grad_(True)
     loss = full.training_losses(out, x0, x_t, t, noise)
-    assert torch.all(loss >= 0)
-    # with the true eps, the predicted x_0 is the true one and the posterior means agree:
-    # only the variance term is left, and it vanishes when v picks the posterior variance
-    out_posterior = torch.cat([noise, -torch.ones_like(noise)], dim=1)
-    assert full.training_losses(out_posterior, x0, x_t, t, noise).abs().max() < 1e-4
+
+    # DiT's _vb_terms_bpd written out from the schedule, in float64: KL(q(x_{t-1} | x_t, x_0) ||
+    # p(x_{t-1} | x_t)) in bits per dimension, and at t = 0 the discretized decoder NLL instead
+    betas = np.linspace(1e-4, 0.02, 1000)
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    tilde = betas * (1 - abar_prev) / (1 - abar)
+    at = lambda a: torch.as_tensor(a)[t].view(-1, 1, 1, 1)
+    b, a, ap, log_tilde = at(betas), at(abar), at(abar_prev), at(np.log(np.append(tilde[1], tilde[1:])))
+    x0_, x_t_, eps_, v_ = x0.double(), x_t.double(), eps_hat.double(), v.double()
+    mean_of = lambda start: (b * ap.sqrt() * start + (1 - ap) * (1 - b).sqrt() * x_t_) / (1 - a)
+    true_mean, model_mean = mean_of(x0_), mean_of((x_t_ - (1 - a).sqrt() * eps_) / a.sqrt())
+    model_log_var = (v_ + 1) / 2 * b.log() + (1 - v_) / 2 * log_tilde
+    kl = 0.5 * (-1 + model_log_var - log_tilde + (log_tilde - model_log_var).exp()
+                + (true_mean - model_mean) ** 2 * (-model_log_var).exp())
+    std = (0.5 * model_log_var).exp()
+    Phi = torch.special.ndtr
+    nll = -torch.log(Phi((x0_ - model_mean + 1 / 255) / std) - Phi((x0_ - model_mean - 1 / 255) / std))
+    vb = torch.where(t == 0, nll.mean(dim=(1, 2, 3)), kl.mean(dim=(1, 2, 3))) / math.log(2)
+    mse = (noise - eps_hat).pow(2).mean(dim=(1, 2, 3))
+    assert torch.all(vb > 0.005), vb                 # at every t, far above the tolerance below
+    # (DiT's CDF is a tanh approximation: within 1e-3 of the exact one, relative)
+    torch.testing.assert_close(loss.double(), mse.double() + vb, rtol=1e-3, atol=1e-5)
+
+    # the VLB sees eps through a detached copy (DiT's frozen_out): eps gets the MSE's gradient only,
+    # the variance output gets the VLB's
+    loss.sum().backward()
+    torch.testing.assert_close(out.grad[:, :4], -2 * (noise - eps_hat) / 16, rtol=1e-5, atol=1e-7)
+    assert out.grad[:, 4:].abs().mean() > 1e-3
+
+    # with the true eps and v = -1 (the posterior variance) both terms vanish for t >= 1
+    exact = torch.cat([noise, -torch.ones_like(noise)], dim=1)
+    assert full.training_losses(exact, x0, x_t, t, noise)[t > 0].abs().max() < 1e-4
 
 
 # -- training ------------------------------------------------------------------------------
@@ -310,6 +405,27 @@ def test_codes_that_do_not_match_the_tokenizer_or_the_data_are_refused(shapes_di
     with pytest.raises(ValueError, match=message) as err:
         D.train(tiny_cfg(shapes_dir, bad_dir, tmp_path / 'out'))
     assert 'codes_train.npy' in str(err.value) and 'tokenizer.py --mode=dump' in str(err.value)
+
+
+def test_the_imagenet_config_trains_with_the_recipe_of_the_paper_fork():
+    cfg = configure(D.CONFIG, [os.path.join(ROOT, 'config', 'diffusion_imagenet.py')])
+    # dit/train_diffusion.py and dit/train_scripts/launch_dit_L512.sh of the paper's code
+    paper = dict(model='DiT-XL/2', image_size=256, cond='dlc', objective='eps', learn_sigma=True,
+                 class_dropout_prob=0.1, batch_size=256, learning_rate=1e-4, weight_decay=0.0, warmup_iters=0,
+                 lr_decay=False, ema_decay=0.9999, ema_warmup=False, grad_clip=0.0,
+                 max_iters=100 * (1_281_167 // 256), sampler='ddpm', num_sampling_steps=250)
+    assert {k: cfg[k] for k in paper} == paper
+
+
+def test_without_the_warm_up_the_ema_takes_one_minus_its_decay_from_the_first_step(shapes_dir, codes_dir, tmp_path):
+    for warmup, weight in [(False, 0.1), (True, 0.9)]:          # the warm-up's decay at step 0 is 1 / 10
+        cfg = tiny_cfg(shapes_dir, codes_dir, tmp_path / str(warmup), max_iters=1, ema_decay=0.9, ema_warmup=warmup)
+        model, ema, _ = D.train(cfg)
+        torch.manual_seed(cfg['seed'])                         # the trainer's initial network, again
+        init = D.DiT(**D.load_checkpoint(str(tmp_path / str(warmup) / 'diffusion.pt'))['model_args']).state_dict()
+        for k, v in ema.state_dict().items():
+            torch.testing.assert_close(v, (1 - weight) * init[k] + weight * model.state_dict()[k], msg=k)
+    assert D.ema_decay_at(89990, dict(D.CONFIG, ema_warmup=True)) == 0.9999
 
 
 def test_the_learning_rate_warms_up_then_stays_or_decays_to_min_lr():
