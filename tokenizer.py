@@ -20,8 +20,9 @@ the EMA of the student, sees two global crops; the student sees those and severa
 crops. With K prototypes, P_t = softmax((g_t(s) - center) / T_t), P_s = softmax(g_s(s) / T_s):
 
     L_DINO  = mean over (teacher global crop, different student crop) of  -sum_k P_t log P_s
-    L_iBOT  = the same cross-entropy on the patch tokens the student saw masked (teacher unmasked)
-    L_KoLeo = -mean_i log min_{j != i} || s_i/|s_i| - s_j/|s_j| ||   (spreads the SEM outputs)
+    L_iBOT  = the same cross-entropy on the patch tokens the student saw masked (teacher unmasked),
+              averaged within each masked crop, summed over them, divided by all 2B global crops
+    L_KoLeo = sum over the 2 global crops of -mean_i log min_{j != i} || s_i/|s_i| - s_j/|s_j| ||
     L = L_DINO + w_iBOT L_iBOT + w_KoLeo L_KoLeo
 
 At CPU scale from scratch, DINO learns slowly; ssl_loss = 'infonce' trains the same encoder
@@ -31,9 +32,13 @@ T. The SEM head, the codes and everything downstream are identical.
 
 Modes:  python tokenizer.py [config.py] [--key=value ...]
     --mode=train   self-supervised training (torchrun for DDP), writes out_dir/tokenizer.pt
-    --mode=dump    writes out_dir/codes_<split>.npy, uint16 (N, L), row i = dataset item i
+    --mode=dump    writes out_dir/codes_<split>.npy, uint16 (N, L), row i = dataset item i; folder
+                   images in the paper's view (ADM's center_crop_arr at image_size)
     --mode=probe   linear probe on one-hot codes (L*V features): accuracy per label on a
-                   held-out split, codebook usage; saves out_dir/probe.pt
+                   held-out split, codebook usage; saves out_dir/probe.pt. Folder images in
+                   DINOv2's evaluation view (short side 256/224 of image_size, central crop)
+    --mode=import  writes out_dir/tokenizer.pt from the paper's encoder (init_from = its DINOv2
+                   fork's teacher_checkpoint.pth), for dump, probe and sample.py
 """
 import json
 import math
@@ -54,9 +59,9 @@ from configurator import configure
 
 # -----------------------------------------------------------------------------
 # config: the defaults are the paper's ImageNet recipe (DINOv2 ViT-L/14 reg4, DLC512 = 512 x 256)
-mode = 'train'                  # 'train' | 'dump' | 'probe'
+mode = 'train'                  # 'train' | 'dump' | 'probe' | 'import'
 out_dir = 'out-tokenizer'
-init_from = 'scratch'           # 'scratch' | 'resume' | path to dinov2_vit{s,b,l}14_reg4_pretrain.pth
+init_from = 'scratch'           # 'scratch' | 'resume' | path to dinov2_vit{s,b,l}14_reg4_pretrain.pth (import: the fork's file)
 data_dir = 'data/imagenet'      # <data_dir>/<split>_images.npy, or an image folder <data_dir>/<split>/<class>/*
 train_split = 'train'
 seed = 0
@@ -110,6 +115,7 @@ warmup_iters = 12500
 weight_decay = 0.04
 weight_decay_end = 0.4
 layer_decay = 0.9
+patch_embed_lr_mult = 0.2       # the patch embedding learns at 0.2 x its layer's lr (DINOv2)
 grad_clip = 3.0
 freeze_last_layer_iters = 1250  # the prototypes stay fixed at first (DINO's trick against early collapse)
 # system
@@ -205,6 +211,20 @@ class Block(nn.Module):
         return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
 
 
+def interpolate_pos_embed(pos_embed, grid_h, grid_w):
+    """(1, 1 + n*n, D) position embeddings -> (1, 1 + grid_h*grid_w, D), as DINOv2's register
+    models resize them (interpolate_antialias=True, interpolate_offset=0): the n x n grid,
+    bicubic to the target size, antialiased whether it shrinks or grows, in float32; CLS kept."""
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    n, D = int(math.sqrt(patch_pos.shape[1])), pos_embed.shape[-1]
+    if (grid_h, grid_w) == (n, n):
+        return pos_embed
+    grid = patch_pos.reshape(1, n, n, D).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(grid_h, grid_w), mode='bicubic', antialias=True)
+    patch_pos = grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, D).to(pos_embed.dtype)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
 class DinoVisionTransformer(nn.Module):
     def __init__(self, image_size, patch_size, embed_dim, depth, num_heads, n_registers,
                  drop_path_rate, layerscale_init, grad_checkpoint=False):
@@ -231,15 +251,8 @@ class DinoVisionTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def pos_embed_for(self, grid_h, grid_w):
-        """Position embeddings for a grid_h x grid_w patch grid (bicubic resize of the stored grid)."""
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        n = int(math.sqrt(patch_pos.shape[1]))
-        if (grid_h, grid_w) != (n, n):
-            patch_pos = patch_pos.reshape(1, n, n, -1).permute(0, 3, 1, 2)
-            patch_pos = F.interpolate(patch_pos.float(), size=(grid_h, grid_w), mode='bicubic',
-                                      antialias=grid_h < n).to(cls_pos.dtype)
-            patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
-        return torch.cat([cls_pos, patch_pos], dim=1)
+        """Position embeddings for a grid_h x grid_w patch grid."""
+        return interpolate_pos_embed(self.pos_embed, grid_h, grid_w)
 
     def forward(self, x, masks=None):
         """x: (B, 3, H, W) normalized images; masks: (B, N) bool, patches replaced by mask_token.
@@ -267,7 +280,7 @@ class SimplicialEmbedding(nn.Module):
         super().__init__()
         self.L, self.V = L, V
         self.proj_in = nn.Linear(n_in_tokens * dim, L * V, bias=False)
-        self.norm = nn.LayerNorm(L * V)
+        self.norm = nn.LayerNorm(L * V, eps=1e-6)             # the fork's sem_norm eps
         self.proj_out = nn.Linear(L * V, dim, bias=False)
 
     def logits(self, h):                                    # h: (B, 1+R, D) pre-norm tokens
@@ -362,12 +375,44 @@ def load_dinov2_backbone(backbone, path):
         raise ValueError(f"'{path}' holds a DINOv2 {found} backbone; set --embed_dim={e} --depth={d} "
                          f"--num_heads={h} --patch_size=14 to load it")
     n = int(math.sqrt(backbone.pos_embed.shape[1] - 1))
-    old = state['pos_embed']
-    m = int(math.sqrt(old.shape[1] - 1))
-    grid = old[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(n, n), mode='bicubic', antialias=n < m)
-    state['pos_embed'] = torch.cat([old[:, :1], grid.permute(0, 2, 3, 1).reshape(1, n * n, dim)], dim=1)
+    state['pos_embed'] = interpolate_pos_embed(state['pos_embed'], n, n)
     backbone.load_state_dict(state, strict=True)
+
+
+# The paper's DINOv2 fork (vit_large_sem) keeps the SEM inside the ViT, under these names
+FORK_SEM_NAMES = {'sem_embed.weight': 'sem.proj_in.weight', 'sem_norm.weight': 'sem.norm.weight',
+                  'sem_norm.bias': 'sem.norm.bias', 'sem_out.weight': 'sem.proj_out.weight'}
+
+
+def load_fork_checkpoint(model, path):
+    """Load the paper's encoder into model's backbone and SEM, every key checked. The file is
+    what the fork's training writes for evaluation, eval/<iteration>/teacher_checkpoint.pth =
+    {'teacher': {'backbone.*', 'dino_head.*'}}, or the backbone's keys alone. Its 37 x 37
+    position grid (img_size 518) is resized once to the model's, as the fork resizes it at each
+    forward. Left out by name: the DINO head (it starts afresh, as from DINOv2 weights) and
+    sem_cls_norm, which the fork defines but never applies."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"the paper's encoder checkpoint '{path}' not found")
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    state, source = {}, {}
+    for key, value in ckpt.get('teacher', ckpt).items():
+        name = key.removeprefix('backbone.')
+        if key.startswith('dino_head.') or name.startswith('sem_cls_norm.'):
+            continue
+        ours = FORK_SEM_NAMES.get(name, 'backbone.' + name)
+        state[ours], source[ours] = value, key
+    expected = {k for k in model.state_dict() if not k.startswith('head.')}
+    to_fork = {v: k for k, v in FORK_SEM_NAMES.items()}
+    missing = sorted(to_fork.get(k, k.removeprefix('backbone.')) for k in expected - set(state))
+    unexpected = sorted(source[k] for k in set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"'{path}' does not fit this model (the fork's vit_*_sem with n_registers="
+                         f"{model.backbone.n_registers}, depth={len(model.backbone.blocks)}): it lacks "
+                         f"{missing} and has unexpected {unexpected}")
+    n = int(math.sqrt(model.backbone.pos_embed.shape[1] - 1))
+    state['backbone.pos_embed'] = interpolate_pos_embed(state['backbone.pos_embed'], n, n)
+    state.update({k: v for k, v in model.state_dict().items() if k.startswith('head.')})
+    model.load_state_dict(state, strict=True)
 
 
 # -----------------------------------------------------------------------------
@@ -390,8 +435,8 @@ class ImageArray(torch.utils.data.Dataset):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """<root>/<class>/<image>; items in sorted order of relative paths; resized so the short
-    side is `size`, then center-cropped to size x size (the crops are cut on the device)."""
+    """<root>/<class>/<image>; items in sorted order of relative paths, each read as a
+    size x size central square by load_image (training crops are then cut on the device)."""
     EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm')
 
     def __init__(self, root, size):
@@ -415,14 +460,18 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 def load_image(path, size):
-    """One image file -> uint8 (size, size, 3): short side resized to size, center square."""
+    """One image file -> uint8 (size, size, 3) by ADM's center_crop_arr, the view in which the
+    paper encodes images (at 224) for the DiT's codes and for composition: halved with a box
+    filter while the short side is at least 2 * size, short side resized to size (bicubic),
+    central square."""
     try:
         with Image.open(path) as im:
             im = im.convert('RGB')
+            while min(im.size) >= 2 * size:
+                im = im.resize((im.width // 2, im.height // 2), Image.BOX)
             s = size / min(im.size)
-            w, h = max(size, round(im.width * s)), max(size, round(im.height * s))
-            im = im.resize((w, h), Image.BICUBIC)
-            left, top = (w - size) // 2, (h - size) // 2
+            im = im.resize((round(im.width * s), round(im.height * s)), Image.BICUBIC)
+            left, top = (im.width - size) // 2, (im.height - size) // 2
             im = im.crop((left, top, left + size, top + size))
             return torch.from_numpy(np.asarray(im).copy())
     except Exception as e:
@@ -606,36 +655,38 @@ def patch_masks(n_patches, prob, ratio, gen, part):
 # -----------------------------------------------------------------------------
 # Losses: each small and separate, as in DINOv2
 
-def all_reduce_mean(x):
+def all_reduce_sum(x):
     if dist.is_initialized():
         x = x.clone()
         dist.all_reduce(x)
-        x /= dist.get_world_size()
     return x
+
+
+def all_reduce_mean(x):
+    return all_reduce_sum(x) / dist.get_world_size() if dist.is_initialized() else x
 
 
 def global_mean(x):
     """Mean over the rows of x (n, K) of every process together (n may differ per process)."""
-    total = torch.cat([x.sum(0), x.new_tensor([len(x)])])
-    if dist.is_initialized():
-        dist.all_reduce(total)
+    total = all_reduce_sum(torch.cat([x.sum(0), x.new_tensor([len(x)])]))
     return (total[:-1] / total[-1]).unsqueeze(0)
 
 
 def teacher_probs(logits, center, temp, method):
     """Teacher targets (n, K). 'center': softmax((t - center) / temp); 'sinkhorn': three
-    Sinkhorn-Knopp iterations that make the batch use every prototype equally."""
+    Sinkhorn-Knopp iterations that make the global batch use every prototype equally. Rows may
+    differ in number per process (masked patches); sums and the row count are all-reduced."""
     if method == 'center':
         return F.softmax((logits - center) / temp, dim=-1)
-    q = torch.exp((logits - logits.max()) / temp).t()       # (K, n)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    total = all_reduce_mean(q.sum()) * world
-    q /= total
-    K, n = q.shape
-    n_global = n * world
+    # No max is subtracted (as DINOv2): the logits are cosines in [-1, 1], so exp stays finite
+    # in float32 for temp > 0.012, and a per-process shift would change the targets.
+    q = torch.exp(logits.float() / temp).t()                # (K, n)
+    K = q.shape[0]
+    n_global = all_reduce_sum(torch.tensor(float(q.shape[1]), device=q.device))
+    q /= all_reduce_sum(q.sum())
     for _ in range(3):
-        q /= all_reduce_mean(q.sum(dim=1, keepdim=True)) * world * K
-        q /= q.sum(dim=0, keepdim=True) * n_global
+        q /= all_reduce_sum(q.sum(dim=1, keepdim=True)) * K     # each prototype weighs 1/K
+        q /= q.sum(dim=0, keepdim=True) * n_global             # each row weighs 1/n_global
     return (q * n_global).t()
 
 
@@ -653,12 +704,13 @@ def dino_loss(student_logits, teacher_p, B, temp):
 
 
 def ibot_loss(student_patch_logits, teacher_patch_p, masks, temp):
-    """Cross-entropy on masked patches, averaged per crop, then over the masked crops.
+    """Cross-entropy on masked patches, averaged within each crop, summed over the masked crops
+    and divided by all n global crops, masked or not (DINOv2's forward_masked).
     Logits and targets are (M, K) rows of the masked patches in masks' (n, N) order."""
     ce = torch.sum(-teacher_patch_p * F.log_softmax(student_patch_logits / temp, dim=-1), dim=-1)
     per_crop = masks.sum(1)[masks.any(1)]                    # masked patches of each masked crop
     weights = (1.0 / per_crop).repeat_interleave(per_crop)   # so each crop weighs the same
-    return (ce * weights).sum() / len(per_crop)
+    return (ce * weights).sum() / len(masks)
 
 
 def koleo_loss(x, eps=1e-8):
@@ -711,10 +763,12 @@ def schedules(cfg):
                                      np.full(n - warm_temp, cfg['teacher_temp'])]))
 
 
-def param_groups(model, layer_decay):
-    """AdamW groups: layer-wise lr decay (layer 0 = embeddings, i+1 = block i, top = SEM and
-    head), no weight decay on biases, norms, LayerScale and the learned tokens, and the
-    prototypes apart so that they can stay frozen at first."""
+def param_groups(model, layer_decay, patch_embed_lr_mult):
+    """AdamW groups by parameter name, as DINOv2's get_params_groups_with_decay: layer-wise lr
+    decay (layer 0 = patch and position embeddings and the learned tokens, i+1 = block i, top =
+    final norm, SEM and head), the patch embedding's lr times patch_embed_lr_mult, no weight
+    decay on biases, norms and LayerScale gammas (the tokens and position embeddings decay),
+    and the prototypes apart so that they can stay frozen at first."""
     depth = len(model.backbone.blocks)
     groups = {}
     for name, p in model.named_parameters():
@@ -726,10 +780,11 @@ def param_groups(model, layer_decay):
             layer = 0
         else:
             layer = depth + 1
-        decay = p.ndim >= 2 and 'token' not in name and 'pos_embed' not in name
+        lr_scale = layer_decay ** (depth + 1 - layer) * (patch_embed_lr_mult if 'patch_embed' in name else 1.0)
+        wd_scale = 0.0 if name.endswith('.bias') or 'norm' in name or 'gamma' in name else 1.0
         prototypes = name.startswith('head.last_layer')
-        group = groups.setdefault((layer, decay, prototypes), dict(
-            params=[], lr_scale=layer_decay ** (depth + 1 - layer), wd_scale=float(decay), prototypes=prototypes))
+        group = groups.setdefault((lr_scale, wd_scale, prototypes), dict(
+            params=[], lr_scale=lr_scale, wd_scale=wd_scale, prototypes=prototypes))
         group['params'].append(p)
     return list(groups.values())
 
@@ -831,7 +886,7 @@ def train(cfg):
         teacher = SEMEncoder(**{**model_args, 'drop_path_rate': 0.0}).to(device)
         teacher.load_state_dict(model.state_dict())
         teacher.requires_grad_(False)
-    groups = param_groups(model, c['layer_decay'])
+    groups = param_groups(model, c['layer_decay'], c['patch_embed_lr_mult'])
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999),
                                   fused=device_type == 'cuda')
     centers = {'cls': torch.zeros(1, c['n_prototypes'], device=device),
@@ -839,6 +894,8 @@ def train(cfg):
     iter_num = 0
     if c['init_from'] == 'resume':
         ckpt = load_checkpoint(ckpt_path)
+        if 'optimizer' not in ckpt:
+            raise ValueError(f"{ckpt_path} was written by --mode=import and holds no training state to resume")
         model.load_state_dict(ckpt['model'])
         if teacher is not None:
             teacher.load_state_dict(ckpt['teacher'])
@@ -948,7 +1005,7 @@ def dino_step(model, raw_model, teacher, centers, global_views, local_views, mas
         loss = loss + c['ibot_weight'] * ibot
         parts['ibot'] = ibot.detach()
     if c['koleo_weight'] > 0:   # as in DINOv2, neighbours are searched within this process's batch
-        koleo = sum(koleo_loss(chunk) for chunk in s_cls.split(B)) / 2
+        koleo = sum(koleo_loss(chunk) for chunk in s_cls.split(B))       # summed over the 2 crops
         loss = loss + c['koleo_weight'] * koleo
         parts['koleo'] = koleo.detach()
     if c['centering'] == 'center':
@@ -965,8 +1022,8 @@ def dino_step(model, raw_model, teacher, centers, global_views, local_views, mas
 
 @torch.no_grad()
 def compute_codes(model, dataset, image_size, batch_size, device, desc='codes'):
-    """(N, L) uint16 codes of a dataset, in its order. Images are center-cropped (folders,
-    loaded at 256/224 of the size) or resized (arrays of another size) to image_size."""
+    """(N, L) uint16 codes of a dataset, in its order. Images are center-cropped (folders loaded
+    larger than image_size) or resized (arrays of another size) to image_size."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=min(8, os.cpu_count() or 1) if isinstance(dataset, ImageFolder) else 0)
     model = model.to(device).eval()
@@ -982,7 +1039,7 @@ def compute_codes(model, dataset, image_size, batch_size, device, desc='codes'):
 
 def encoder_input(images, image_size, crop, device):
     """uint8 (B, H, W, 3) -> the normalized (B, 3, S, S) the encoder reads, S = image_size: the
-    central square (crop: folder images loaded at 256/224 of S) or a resize (arrays)."""
+    central square (crop: folder images loaded larger, as for the probe) or a resize (arrays)."""
     x = to_float_images(images, device)
     if x.shape[-1] != image_size:
         if crop:
@@ -1000,9 +1057,12 @@ def save_npy_atomic(array, path):
 
 
 def codes_for_split(ckpt, ckpt_path, model, cfg, split):
-    """The split's code dump, written now unless a dump newer than the checkpoint exists."""
-    path = os.path.join(cfg['out_dir'], f'codes_{split}.npy')
+    """The probe's codes of a split, written now unless a file newer than the checkpoint exists:
+    for arrays the dump itself; for folders probe_codes_<split>.npy, in DINOv2's evaluation view
+    (the dump's codes see ADM's view)."""
     dataset = open_split(cfg['data_dir'], split, load_size(ckpt['image_size'], cfg['data_dir'], split))
+    name = f'codes_{split}.npy' if isinstance(dataset, ImageArray) else f'probe_codes_{split}.npy'
+    path = os.path.join(cfg['out_dir'], name)
     if os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(ckpt_path):
         return load_codes(path, ckpt['L'], ckpt['V'], len(dataset)), dataset
     codes = compute_codes(model, dataset, ckpt['image_size'], cfg['dump_batch_size'], cfg['device'], f'codes {split}')
@@ -1012,8 +1072,9 @@ def codes_for_split(ckpt, ckpt_path, model, cfg, split):
 
 
 def load_size(image_size, data_dir, split):
-    """Folder images are decoded at 256/224 of the code resolution: training cuts its crops from
-    them, dump and probe take the central image_size square (the usual evaluation view)."""
+    """Folder images for training and the probe are decoded at 256/224 of the code resolution:
+    training cuts its crops from them, the probe takes the central image_size square (DINOv2's
+    evaluation view). Dumps read them at image_size itself."""
     return image_size if os.path.exists(os.path.join(data_dir, f'{split}_images.npy')) else round(image_size * 256 / 224)
 
 
@@ -1021,12 +1082,24 @@ def dump(cfg):
     ckpt_path = os.path.join(cfg['out_dir'], 'tokenizer.pt')
     ckpt = load_checkpoint(ckpt_path)
     model = encoder_from_checkpoint(ckpt)
-    dataset = open_split(cfg['data_dir'], cfg['dump_split'], load_size(ckpt['image_size'], cfg['data_dir'], cfg['dump_split']))
+    dataset = open_split(cfg['data_dir'], cfg['dump_split'], ckpt['image_size'])
     codes = compute_codes(model, dataset, ckpt['image_size'], cfg['dump_batch_size'], cfg['device'],
                           f"codes {cfg['dump_split']}")
     path = os.path.join(cfg['out_dir'], f"codes_{cfg['dump_split']}.npy")
     save_npy_atomic(codes, path)
     print(f"wrote {path}: {codes.shape} {codes.dtype}, L={ckpt['L']} V={ckpt['V']}")
+
+
+def import_fork(cfg):
+    """out_dir/tokenizer.pt holding the paper's encoder (init_from: its fork's checkpoint, for
+    the model the config describes), so that dump, probe and sample.py read the paper's codes."""
+    model = SEMEncoder(**model_args_from(cfg))
+    load_fork_checkpoint(model, cfg['init_from'])
+    os.makedirs(cfg['out_dir'], exist_ok=True)
+    path = os.path.join(cfg['out_dir'], 'tokenizer.pt')
+    save_atomic(dict(model=model.state_dict(), teacher=None, model_args=model_args_from(cfg),
+                     config=dict(cfg), iter_num=0, L=cfg['L'], V=cfg['V'], image_size=cfg['image_size']), path)
+    print(f"wrote {path}: the paper's encoder from {cfg['init_from']}, L={cfg['L']} V={cfg['V']}")
 
 
 # -----------------------------------------------------------------------------
@@ -1118,7 +1191,7 @@ def probe(cfg):
 
 if __name__ == '__main__':
     cfg = configure(CONFIG, sys.argv[1:])
-    modes = {'train': train, 'dump': dump, 'probe': probe}
+    modes = {'train': train, 'dump': dump, 'probe': probe, 'import': import_fork}
     if cfg['mode'] not in modes:
         raise ValueError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")
     modes[cfg['mode']](cfg)

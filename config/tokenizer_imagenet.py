@@ -4,6 +4,8 @@
 #   torchrun --nproc_per_node=8 tokenizer.py config/tokenizer_imagenet.py
 #   python tokenizer.py config/tokenizer_imagenet.py --mode=dump --dump_split=train
 #   python tokenizer.py config/tokenizer_imagenet.py --mode=probe
+#   # or the paper's own encoder, from its DINOv2 fork's eval/<iteration>/teacher_checkpoint.pth:
+#   python tokenizer.py config/tokenizer_imagenet.py --mode=import --init_from=<teacher_checkpoint.pth>
 #
 # The other shapes of the paper (L * V = 2^17): --L=32 --V=4096 (DLC32), --L=128 --V=1024.
 # Everything not set here is the recipe, from the defaults at the top of tokenizer.py.

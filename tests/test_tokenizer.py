@@ -97,22 +97,40 @@ def dinov2_vits14_reg4_state_dict():
     return {k: torch.randn(shape, generator=gen) for k, shape in sd.items()}
 
 
-def test_dinov2_vits14_reg4_checkpoint_loads_strictly(tmp_path):
+def dinov2_resize(pos_embed, grid):
+    """DINOv2's interpolate_pos_encoding for its register models (interpolate_antialias=True,
+    interpolate_offset=0.0, so an output size and no scale factor): patch rows only."""
+    D = pos_embed.shape[-1]
+    m = int((pos_embed.shape[1] - 1) ** 0.5)
+    square = pos_embed[:, 1:].reshape(1, m, m, D).permute(0, 3, 1, 2)
+    out = F.interpolate(square, size=(grid, grid), mode='bicubic', antialias=True)
+    return out.permute(0, 2, 3, 1).reshape(1, grid * grid, D)
+
+
+@pytest.mark.parametrize('image_size', [224, 588])   # the 37 x 37 grid shrinks to 16, grows to 42
+def test_dinov2_vits14_reg4_checkpoint_loads_strictly(tmp_path, image_size):
     sd = dinov2_vits14_reg4_state_dict()
     path = tmp_path / 'dinov2_vits14_reg4_pretrain.pth'
     torch.save(sd, path)
-    backbone = T.DinoVisionTransformer(224, 14, 384, 12, 6, 4, 0.0, 1e-5)
+    backbone = T.DinoVisionTransformer(image_size, 14, 384, 12, 6, 4, 0.0, 1e-5)
     T.load_dinov2_backbone(backbone, str(path))
     loaded = backbone.state_dict()
     assert set(loaded) == set(sd)
     for k in sd:
         if k != 'pos_embed':
             assert torch.equal(loaded[k], sd[k]), k
-    # position embeddings resized from the 37 x 37 grid to 16 x 16 (224 px); CLS kept
-    assert loaded['pos_embed'].shape == (1, 1 + 16 * 16, 384)
+    # position embeddings resized from the 37 x 37 grid as DINOv2 resizes them; CLS kept
+    grid = image_size // 14
+    assert loaded['pos_embed'].shape == (1, 1 + grid * grid, 384)
     assert torch.equal(loaded['pos_embed'][:, 0], sd['pos_embed'][:, 0])
-    out = backbone(torch.randn(1, 3, 224, 224))
-    assert out.shape == (1, 1 + 4 + 256, 384)
+    torch.testing.assert_close(loaded['pos_embed'][:, 1:], dinov2_resize(sd['pos_embed'], grid))
+    # and at a forward at another resolution (a local crop, a larger image) the same way
+    for other in [7, grid + 5]:
+        torch.testing.assert_close(backbone.pos_embed_for(other, other)[:, 1:],
+                                   dinov2_resize(loaded['pos_embed'], other))
+    if image_size == 224:
+        out = backbone(torch.randn(1, 3, 224, 224))
+        assert out.shape == (1, 1 + 4 + 256, 384)
 
 
 def test_dinov2_file_of_another_size_is_refused_with_the_settings_to_use(tmp_path):
@@ -125,16 +143,168 @@ def test_dinov2_file_of_another_size_is_refused_with_the_settings_to_use(tmp_pat
         T.load_dinov2_backbone(backbone, str(tmp_path / 'missing.pth'))
 
 
+# -- the paper's encoder: its DINOv2 fork's checkpoint -----------------------------------------
+
+FORK = dict(D=32, depth=2, heads=2, L=4, V=8, K=16)   # small dims, the fork's names and layout
+
+
+def fork_teacher_state_dict():
+    """The key names and shapes of the fork's teacher (vit_*_sem, img_size 518, 4 registers,
+    block_chunks 0; DINOHead with weight-normed prototypes) as its teacher_checkpoint.pth holds."""
+    D, L, V, K = FORK['D'], FORK['L'], FORK['V'], FORK['K']
+    vit = {'cls_token': (1, 1, D), 'pos_embed': (1, 1 + 37 * 37, D), 'register_tokens': (1, 4, D),
+           'mask_token': (1, D), 'patch_embed.proj.weight': (D, 3, 14, 14), 'patch_embed.proj.bias': (D,),
+           'norm.weight': (D,), 'norm.bias': (D,), 'sem_embed.weight': (L * V, 5 * D),
+           'sem_norm.weight': (L * V,), 'sem_norm.bias': (L * V,), 'sem_out.weight': (D, L * V),
+           'sem_cls_norm.weight': (D,), 'sem_cls_norm.bias': (D,)}
+    for i in range(FORK['depth']):
+        b = f'blocks.{i}.'
+        vit.update({b + 'norm1.weight': (D,), b + 'norm1.bias': (D,), b + 'attn.qkv.weight': (3 * D, D),
+                    b + 'attn.qkv.bias': (3 * D,), b + 'attn.proj.weight': (D, D), b + 'attn.proj.bias': (D,),
+                    b + 'ls1.gamma': (D,), b + 'norm2.weight': (D,), b + 'norm2.bias': (D,),
+                    b + 'mlp.fc1.weight': (4 * D, D), b + 'mlp.fc1.bias': (4 * D,),
+                    b + 'mlp.fc2.weight': (D, 4 * D), b + 'mlp.fc2.bias': (D,), b + 'ls2.gamma': (D,)})
+    head = {'mlp.0.weight': (64, D), 'mlp.0.bias': (64,), 'mlp.2.weight': (64, 64), 'mlp.2.bias': (64,),
+            'mlp.4.weight': (16, 64), 'mlp.4.bias': (16,), 'last_layer.weight_g': (K, 1),
+            'last_layer.weight_v': (K, 16)}
+    gen = torch.Generator().manual_seed(0)
+    sd = {'backbone.' + k: 0.2 * torch.randn(s, generator=gen) for k, s in vit.items()}
+    sd.update({'dino_head.' + k: torch.randn(s, generator=gen) for k, s in head.items()})
+    # a small SEM input scale, so that the SEM norm's eps (1e-6 in the fork) matters
+    sd['backbone.sem_embed.weight'] *= 1e-3
+    return sd
+
+
+def fork_code_logits(sd, x):
+    """The fork's SEM logits of normalized images x, written from its vision_transformer.py
+    (prepare_tokens_with_masks, blocks, sem): position grid resized at the forward to the image's
+    grid (size, bicubic, antialias), pre-norm CLS + registers -> sem_embed -> sem_norm (eps 1e-6)."""
+    p = {k.removeprefix('backbone.'): v for k, v in sd.items() if k.startswith('backbone.')}
+    D, heads, LV = FORK['D'], FORK['heads'], FORK['L'] * FORK['V']
+    B, g = len(x), x.shape[-1] // 14
+    t = F.conv2d(x, p['patch_embed.proj.weight'], p['patch_embed.proj.bias'], stride=14).flatten(2).transpose(1, 2)
+    grid = p['pos_embed'][:, 1:].reshape(1, 37, 37, D).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(g, g), mode='bicubic', antialias=True).permute(0, 2, 3, 1).reshape(1, g * g, D)
+    t = torch.cat([p['cls_token'].expand(B, -1, -1), t], 1) + torch.cat([p['pos_embed'][:, :1], grid], 1)
+    t = torch.cat([t[:, :1], p['register_tokens'].expand(B, -1, -1), t[:, 1:]], 1)
+    N = t.shape[1]
+    for i in range(FORK['depth']):
+        w = {k.removeprefix(f'blocks.{i}.'): v for k, v in p.items() if k.startswith(f'blocks.{i}.')}
+        h = F.layer_norm(t, (D,), w['norm1.weight'], w['norm1.bias'], eps=1e-6)
+        q, k, v = F.linear(h, w['attn.qkv.weight'], w['attn.qkv.bias']).view(B, N, 3, heads, -1).unbind(2)
+        att = torch.softmax(torch.einsum('bqhd,bkhd->bhqk', q, k) / (D // heads) ** 0.5, dim=-1)
+        a = torch.einsum('bhqk,bkhd->bqhd', att, v).reshape(B, N, D)
+        t = t + w['ls1.gamma'] * F.linear(a, w['attn.proj.weight'], w['attn.proj.bias'])
+        h = F.layer_norm(t, (D,), w['norm2.weight'], w['norm2.bias'], eps=1e-6)
+        h = F.linear(F.gelu(F.linear(h, w['mlp.fc1.weight'], w['mlp.fc1.bias'])), w['mlp.fc2.weight'], w['mlp.fc2.bias'])
+        t = t + w['ls2.gamma'] * h
+    z = F.linear(t[:, :5].reshape(B, -1), p['sem_embed.weight'])
+    z = F.layer_norm(z, (LV,), p['sem_norm.weight'], p['sem_norm.bias'], eps=1e-6)
+    return z.view(B, FORK['L'], FORK['V'])
+
+
+def fork_cfg(tmp_path, path):
+    return dict(T.CONFIG, out_dir=str(tmp_path / 'imported'), init_from=str(path), device='cpu',
+                patch_size=14, embed_dim=FORK['D'], depth=FORK['depth'], num_heads=FORK['heads'],
+                image_size=224, L=FORK['L'], V=FORK['V'], n_prototypes=FORK['K'], head_hidden_dim=64,
+                head_bottleneck_dim=16)
+
+
+def test_the_papers_encoder_loads_from_its_fork_checkpoint_and_gives_its_codes(tmp_path):
+    sd = fork_teacher_state_dict()
+    path = tmp_path / 'teacher_checkpoint.pth'
+    torch.save({'teacher': sd}, path)                      # as the fork's do_test writes it
+    cfg = fork_cfg(tmp_path, path)
+    T.import_fork(cfg)
+    ckpt = T.load_checkpoint(os.path.join(cfg['out_dir'], 'tokenizer.pt'))
+    model = T.encoder_from_checkpoint(ckpt)
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    want = fork_code_logits(sd, x)
+    torch.testing.assert_close(model.code_logits(x), want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(model.encode(x), want.argmax(-1))
+    # SEM output and norms under the fork's names
+    assert torch.equal(model.sem.proj_out.weight, sd['backbone.sem_out.weight'])
+    assert torch.equal(model.backbone.norm.weight, sd['backbone.norm.weight'])
+
+
+def test_a_fork_checkpoint_that_does_not_fit_is_refused_naming_the_keys(tmp_path):
+    sd = fork_teacher_state_dict()
+    del sd['backbone.sem_norm.bias']
+    sd['backbone.blocks.2.ls1.gamma'] = torch.ones(FORK['D'])
+    path = tmp_path / 'teacher_checkpoint.pth'
+    torch.save({'teacher': sd}, path)
+    model = T.SEMEncoder(**T.model_args_from(fork_cfg(tmp_path, path)))
+    with pytest.raises(ValueError, match=r"lacks \['sem_norm.bias'\] and has unexpected \['backbone.blocks.2.ls1.gamma'\]"):
+        T.load_fork_checkpoint(model, str(path))
+
+
+# -- the losses and the optimizer, as DINOv2 weighs them ------------------------------------
+
+def test_ibot_averages_each_masked_crop_and_divides_by_all_global_crops():
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.zeros(6, 10, dtype=torch.bool)           # 6 global crops, 2 of them masked
+    masks[1, :3] = True
+    masks[4, 2:9] = True
+    student = torch.randn(10, 5, generator=gen)            # (M, K), M = 3 + 7 masked patches
+    teacher = F.softmax(torch.randn(10, 5, generator=gen), dim=-1)
+    ce = -(teacher * F.log_softmax(student / 0.1, dim=-1)).sum(-1)
+    want = (ce[:3].mean() + ce[3:].mean()) / 6
+    torch.testing.assert_close(T.ibot_loss(student, teacher, masks, 0.1), want)
+
+
+def test_the_loss_adds_koleo_of_each_global_crop_without_averaging_them(shapes_dir, tmp_path):
+    cfg = tiny(shapes_dir, tmp_path, ssl_loss='dino', koleo_weight=0.1, ibot_weight=1.0)
+    model = model_of(cfg)
+    teacher = model_of(cfg)
+    B = 8
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(B, 3, 32, 32, generator=gen)
+    global_views, local_views = T.make_views(x, cfg, gen, (B, slice(0, B)))
+    masks = T.patch_masks(16, 0.5, (0.1, 0.5), gen, (B, slice(0, B)))
+    centers = {'cls': torch.zeros(1, 64), 'patch': torch.zeros(1, 64)}
+    loss, parts = T.dino_step(model, model, teacher, centers, global_views, local_views, masks, cfg, 0.04, B)
+    _, s, _ = model(global_views, masks=masks)             # the student's masked global crops
+    koleo = T.koleo_loss(s[:B]) + T.koleo_loss(s[B:])
+    torch.testing.assert_close(parts['koleo'], koleo.detach())
+    torch.testing.assert_close(loss, parts['dino'] + parts['ibot'] + 0.1 * koleo)
+
+
+def test_optimizer_groups_follow_dinov2(shapes_dir, tmp_path):
+    model = model_of(tiny(shapes_dir, tmp_path, ssl_loss='dino'))    # depth 2: layers 0..3
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    got = {name_of[id(p)]: (g['lr_scale'], g['wd_scale'], g['prototypes'])
+           for g in T.param_groups(model, 0.5, 0.2) for p in g['params']}
+    assert set(got) == set(name_of.values())
+    want = {
+        'backbone.patch_embed.proj.weight': (0.125 * 0.2, 1.0),    # embeddings: layer 0, 0.5^3
+        'backbone.patch_embed.proj.bias': (0.125 * 0.2, 0.0),
+        'backbone.pos_embed': (0.125, 1.0), 'backbone.cls_token': (0.125, 1.0),
+        'backbone.register_tokens': (0.125, 1.0), 'backbone.mask_token': (0.125, 1.0),
+        'backbone.blocks.0.attn.qkv.weight': (0.25, 1.0), 'backbone.blocks.0.attn.qkv.bias': (0.25, 0.0),
+        'backbone.blocks.0.norm1.weight': (0.25, 0.0), 'backbone.blocks.0.ls1.gamma': (0.25, 0.0),
+        'backbone.blocks.1.mlp.fc1.weight': (0.5, 1.0), 'backbone.blocks.1.ls2.gamma': (0.5, 0.0),
+        'backbone.norm.weight': (1.0, 0.0), 'backbone.norm.bias': (1.0, 0.0),
+        'sem.proj_in.weight': (1.0, 1.0), 'sem.norm.weight': (1.0, 0.0), 'sem.proj_out.weight': (1.0, 1.0),
+        'head.mlp.0.weight': (1.0, 1.0), 'head.mlp.0.bias': (1.0, 0.0)}
+    for name, (lr, wd) in want.items():
+        assert got[name] == (pytest.approx(lr), wd, False), name
+    assert got['head.last_layer.weight'] == (1.0, 1.0, True)
+
+
 # -- training -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('ssl_loss', ['infonce', 'dino'])
-def test_loss_decreases_on_the_built_in_data(shapes_dir, tmp_path, ssl_loss):
+# DINO's own term starts low on the near-identical outputs of the initial network and climbs
+# towards log K as centering spreads the teacher; in 30 steps what training lowers is iBOT and
+# KoLeo (the SEM outputs spread apart).
+@pytest.mark.parametrize('ssl_loss, terms', [('infonce', ['loss']), ('dino', ['ibot', 'koleo'])])
+def test_training_lowers_the_loss_on_the_built_in_data(shapes_dir, tmp_path, ssl_loss, terms):
     cfg = tiny(shapes_dir, tmp_path, ssl_loss=ssl_loss, max_iters=30, warmup_iters=3,
                batch_size=64, ckpt_interval=100, ibot_weight=1.0, koleo_weight=0.1)
     _, history = T.train(cfg)
-    losses = [h['loss'] for h in history]
-    assert all(np.isfinite(losses))
-    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05, losses
+    assert all(np.isfinite(h['loss']) for h in history)
+    for term in terms:
+        values = [h[term] for h in history]
+        assert np.mean(values[-5:]) < np.mean(values[:5]) - 0.05, (term, values)
 
 
 def params_of(path):
@@ -142,11 +312,13 @@ def params_of(path):
     return ckpt
 
 
-@pytest.mark.parametrize('ssl_loss', ['infonce', 'dino'])
-def test_two_processes_take_the_same_step_as_one(shapes_dir, tmp_path, ssl_loss):
+@pytest.mark.parametrize('ssl_loss, centering', [('infonce', 'center'), ('dino', 'center'), ('dino', 'sinkhorn')])
+def test_two_processes_take_the_same_step_as_one(shapes_dir, tmp_path, ssl_loss, centering):
     # KoLeo searches neighbours within each process's batch (as DINOv2), so it is off here.
     # Three steps: the first has lr 0 (warm-up), the third sees the centers the second set.
-    common = dict(ssl_loss=ssl_loss, max_iters=3, koleo_weight=0.0, batch_size=16)
+    # Sinkhorn-Knopp normalizes over the global batch, whose processes hold different numbers
+    # of masked patches.
+    common = dict(ssl_loss=ssl_loss, centering=centering, max_iters=3, koleo_weight=0.0, batch_size=16)
     one = tiny(shapes_dir, tmp_path / 'one', **common)
     two = tiny(shapes_dir, tmp_path / 'two', **common)
     run_script(as_args(one))
@@ -294,3 +466,59 @@ def test_image_folders_are_read_in_sorted_order_and_a_corrupt_image_is_named(tra
     (root / 'a_class' / '1.png').write_bytes(b'not an image')
     with pytest.raises(RuntimeError, match='a_class/1.png'):
         T.dump(cfg)
+
+
+def adm_center_crop(path, size):
+    """guided-diffusion's center_crop_arr, which the paper's extract_features_withdlc.py and
+    sample_comp_imgs.py apply at 224 before the encoder: while the short side is at least twice
+    size, halve with a box filter; bicubic to a short side of size; the central square."""
+    from PIL import Image
+    im = Image.open(path).convert('RGB')
+    while min(im.size) >= 2 * size:
+        im = im.resize((im.size[0] // 2, im.size[1] // 2), resample=Image.BOX)
+    scale = size / min(im.size)
+    im = im.resize((round(im.size[0] * scale), round(im.size[1] * scale)), resample=Image.BICUBIC)
+    a = np.array(im)
+    top, left = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
+    return a[top:top + size, left:left + size]
+
+
+def test_load_image_is_adms_center_crop_at_224(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for h, w in [(460, 700), (375, 500), (300, 200), (1000, 900)]:   # halved once, never, never, twice
+        path = tmp_path / f'{h}x{w}.png'
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        np.testing.assert_array_equal(T.load_image(str(path), 224).numpy(), adm_center_crop(path, 224),
+                                      err_msg=f'{h} x {w}')
+
+
+def test_dumps_see_adms_view_of_folder_images_and_the_probe_dinov2s_eval_view(trained, tmp_path, monkeypatch):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    paths = []
+    for c, (h, w) in [('a', (97, 150)), ('b', (120, 70))]:
+        (tmp_path / 'folder' / 'val' / c).mkdir(parents=True)
+        paths.append(tmp_path / 'folder' / 'val' / c / '0.png')
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    out = tmp_path / 'out'
+    out.mkdir()
+    shutil.copy(os.path.join(trained['out_dir'], 'tokenizer.pt'), out / 'tokenizer.pt')
+    cfg = dict(trained, data_dir=str(tmp_path / 'folder'), out_dir=str(out), dump_split='val',
+               probe_train_split='val', probe_eval_split='val')
+    seen = []
+    encode = T.SEMEncoder.encode
+    monkeypatch.setattr(T.SEMEncoder, 'encode', lambda self, x: seen.append(x) or encode(self, x))
+    S = trained['image_size']
+    def as_input(a):
+        return T.normalize(torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255)[0]
+    T.dump(cfg)
+    for x, path in zip(seen[0], paths):
+        torch.testing.assert_close(x, as_input(adm_center_crop(path, S)))
+    seen.clear()
+    T.probe(cfg)   # short side 256/224 of S, central S x S
+    big = round(S * 256 / 224)
+    for x, path in zip(seen[0], paths):
+        top = (big - S) // 2
+        torch.testing.assert_close(x, as_input(adm_center_crop(path, big)[top:top + S, top:top + S]))
+    assert os.path.exists(out / 'probe_codes_val.npy')
