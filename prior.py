@@ -23,7 +23,8 @@ Every bracket is >= 0 and is 0 when e^{s_l} = a * onehot(c_l); in expectation ov
 minimized by the true ratios. Its average over t ~ U[eps, 1] bounds -log p(c) from above
 (the diffusion ELBO); --mode=eval reports it in bits per token.
 
-Sampling runs from t = 1 (all masked) to t = eps in `steps` equal steps of dt, then a final
+Sampling runs from t = 1 (all masked) to t_end (sample_eps = 1e-5, where SEDD's sampler and the
+paper's end; sigma(t) keeps the schedule's eps) in `steps` equal steps of dt, then a final
 step replaces every remaining mask by y ~ r_y (never by the mask). In a step from t to s, a
 masked token becomes y < V with probability
     analytic (Tweedie tau-leaping):  r_y (e^{sigma(t) - sigma(s)} - 1)
@@ -34,6 +35,14 @@ ReMDM corrector (Wang et al. 2025, the 'cap' schedule), remask_eta > 0: each unm
 re-masked with probability rho = min(eta, (1 - alpha_s) / alpha_t), alpha = e^-sigma, and
 unmasking is made more likely by (alpha_s - (1 - rho) alpha_t) / (alpha_s - alpha_t), which
 keeps every step's marginals those of the forward process while letting early tokens be revised.
+The paper's corrector (its SEDD fork, corrector='paper') acts only in the steps whose t lies in
+(0.3, 0.55). There the step jumps further, from t to s - eta (1 - t), and then each position's
+transition probabilities p (V codes and the mask; an unmasked token stays put: p = onehot)
+move eta (1 - p_mask) from their largest entry to the mask: an unmasked token is re-masked with
+probability eta, a masked one gives that share of its likeliest code back to the mask. When the
+mask is itself the largest entry it gains eta (1 - p_mask) and nothing is taken (the fork's code;
+the Gumbel race draws from unnormalized probabilities). Unlike ReMDM it does not keep the forward
+marginals: it is the paper's heuristic.
 The random-order sampler (LLaDA's, which the paper uses for text to DLC) instead unmasks
 ceil(L / steps) positions per step in a random order fixed at the start, each drawn from the
 denoising distribution p_0(y) ~ r_y sharpened by a temperature T, p_0^(1/T); a committed token
@@ -86,7 +95,7 @@ noise_eps = 1e-3                # the log-linear schedule's eps
 # optimization
 batch_size = 512                # global, across processes and accumulation steps
 micro_batch_size = 64           # per process per forward; accumulation = batch / (world * micro)
-max_iters = 400000
+max_iters = 1500000
 run_iters = -1                  # stop this run after so many iterations (resume later); -1: no limit
 learning_rate = 3e-4
 weight_decay = 0.0
@@ -101,7 +110,9 @@ eval_t_per_code = 4             # noise levels drawn per held-out code
 sampler = 'analytic'            # 'analytic' (Tweedie tau-leaping) | 'euler' | 'random_order' (LLaDA's)
 temperature = 1.0               # random_order: draw from p_0^(1/temperature)
 num_steps = 1024
-remask_eta = 0.0                # ReMDM-cap re-masking; 0 = off
+sample_eps = 1e-5               # the steps end at t = sample_eps (SEDD's and the paper's sampler)
+corrector = 'remdm'             # 'remdm' (ReMDM-cap) | 'paper' (the paper's, for t in (0.3, 0.55))
+remask_eta = 0.0                # the corrector's eta; 0 = no corrector (the paper's 4,096-step run: 'paper', 0.01)
 n_samples = 2000
 sample_batch_size = 500
 sample_path = ''                # '' = out_dir/samples.npy
@@ -251,19 +262,37 @@ class SEDD(nn.Module):
 
 
 def sedd_state_dict(path):
-    """The parameters in a SEDD checkpoint (.pth / .bin: a state dict, or a dict holding one under
-    'model'; DDP 'module.' prefixes allowed), as a plain {name: tensor}."""
+    """The weights in a SEDD checkpoint (.pth / .bin: a state dict, or a dict holding one under
+    'model'; DDP 'module.' prefixes allowed), as a plain {name: tensor}. A training checkpoint of
+    SEDD or of the paper's fork ({'model', 'ema': {'shadow_params': [...]}, 'optimizer', 'step'})
+    gives its EMA weights, as their load_model does: the shadow list follows the network's
+    parameters, i.e. the state dict's keys but the one buffer, rotary_emb.inv_freq."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"SEDD checkpoint '{path}' not found; set --init_from to a local copy "
                                 "(e.g. louaaron/sedd-small) or to 'scratch'")
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    state = state.get('model', state)
-    return {k.removeprefix('module.'): v for k, v in state.items()}
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    state = {k.removeprefix('module.'): v for k, v in ckpt.get('model', ckpt).items()}
+    ema = ckpt.get('ema')
+    if isinstance(ema, dict) and 'shadow_params' in ema:
+        names = [k for k in state if k != 'rotary_emb.inv_freq']
+        shadow = ema['shadow_params']
+        if len(shadow) != len(names) or any(state[k].shape != v.shape for k, v in zip(names, shadow)):
+            raise ValueError(f"'{path}': its EMA holds {len(shadow)} tensors that do not line up with the "
+                             f"{len(names)} parameters of its model")
+        state.update(zip(names, shadow))
+    return state
 
 
 def load_sedd(model, path):
-    """A SEDD checkpoint into `model`: every key must match but our pos_embed, which SEDD lacks."""
-    missing, unexpected = model.load_state_dict(sedd_state_dict(path), strict=False)
+    """A SEDD checkpoint into `model`: every key must match but pos_embed, which SEDD's text models
+    lack and the paper's fork stores as (L, D) (ours: (1, L, D))."""
+    state = sedd_state_dict(path)
+    if 'pos_embed' in state and model.pos_embed is not None:
+        if state['pos_embed'].numel() != model.pos_embed.numel():
+            raise ValueError(f"'{path}' has a position embedding of shape {tuple(state['pos_embed'].shape)}, "
+                             f"this prior needs {model.seq_len} positions of width {model.pos_embed.shape[-1]}")
+        state['pos_embed'] = state['pos_embed'].reshape(model.pos_embed.shape)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {'pos_embed'}:
         raise ValueError(f"'{path}' does not fit this prior: missing {sorted(missing)}, unexpected "
                          f"{sorted(unexpected)}; its vocabulary and size must match --model")
@@ -312,14 +341,29 @@ def uniform(shape, generators, device):
     return torch.stack([torch.rand(shape, generator=g, dtype=torch.float64, device=device) for g in generators])
 
 
+def paper_renoise(probs, eta):
+    """The paper's corrector on one step's transition probabilities probs (..., V + 1), the mask
+    last: eta (1 - p_mask) moves from the largest entry to the mask; if the mask is the largest,
+    it only gains that much (the fork overwrites the mask's entry of the move)."""
+    moved = eta * (1 - probs[..., -1:])
+    direction = torch.zeros_like(probs).scatter(-1, probs.argmax(-1, keepdim=True), -1.0)
+    direction[..., -1] = 1.0
+    return probs + moved * direction
+
+
 @torch.no_grad()
 def sample(score_fn, n, L, V, steps, seeds, sampler='analytic', eps=1e-3, device='cpu', given=None,
-           remask_eta=0.0, temperature=1.0):
+           remask_eta=0.0, temperature=1.0, t_end=None, corrector='remdm', window=(0.3, 0.55)):
     """n codes (n, L) in [0, V). score_fn(x (n, L), sigma (n,)) -> log ratios (n, L, V + 1).
     Code i depends on seeds[i] alone. given: (n, L) tokens to keep fixed, -1 where free.
-    temperature: of the random-order sampler only."""
+    eps: the schedule's; t_end: where the steps end (None: eps). temperature: of the random-order
+    sampler only. corrector: 'remdm' or 'paper' (acting for t in window), of strength remask_eta."""
     if sampler not in ('analytic', 'euler', 'random_order'):
         raise ValueError(f"sampler '{sampler}' is not 'analytic', 'euler' or 'random_order'")
+    if corrector not in ('remdm', 'paper'):
+        raise ValueError(f"corrector '{corrector}' is not 'remdm' or 'paper'")
+    if corrector == 'paper' and remask_eta > 0 and sampler != 'analytic':
+        raise ValueError(f"the paper's corrector corrects the analytic step, not sampler '{sampler}'")
     generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     x = torch.full((n, L), V, dtype=torch.long, device=device)
     known = None
@@ -329,9 +373,12 @@ def sample(score_fn, n, L, V, steps, seeds, sampler='analytic', eps=1e-3, device
         x = torch.where(known, given, x)
     if sampler == 'random_order':
         return sample_random_order(score_fn, x, V, min(steps, L), generators, eps, temperature)
-    ts = torch.linspace(1.0, eps, steps + 1, dtype=torch.float64)
+    ts = torch.linspace(1.0, eps if t_end is None else t_end, steps + 1, dtype=torch.float64)
     for i in range(steps):
         t, s = ts[i], ts[i + 1]
+        renoise = corrector == 'paper' and remask_eta > 0 and window[0] < t < window[1]
+        if renoise:                                               # the paper's: a longer step, then re-noise
+            s = s - remask_eta * (1 - t)
         sigma_t, dsigma_t = log_linear(t, eps)
         sigma_s, _ = log_linear(s, eps)
         ratio = score_fn(x, sigma_t.float().expand(n).to(device)).double().exp()[..., :V]
@@ -340,14 +387,19 @@ def sample(score_fn, n, L, V, steps, seeds, sampler='analytic', eps=1e-3, device
         else:
             move = ratio * dsigma_t * (t - s)
         rho = 0.0
-        if remask_eta > 0:
+        if remask_eta > 0 and corrector == 'remdm':
             alpha_t, alpha_s = torch.exp(-sigma_t), torch.exp(-sigma_s)
             rho = min(remask_eta, ((1 - alpha_s) / alpha_t).item(), 1.0)
             move = move * (alpha_s - (1 - rho) * alpha_t) / (alpha_s - alpha_t)
-        stay = (1 - move.sum(-1, keepdim=True)).clamp_min(0)
-        draw = sample_categorical(torch.cat([move, stay], dim=-1), generators)
         masked = x == V
-        x_next = torch.where(masked, draw, x)
+        if renoise:                     # every position's V + 1 probabilities, an unmasked token's one-hot
+            probs = torch.cat([move, 1 - move.sum(-1, keepdim=True)], dim=-1)                      # (n, L, V + 1)
+            probs = torch.where(masked[..., None], probs, F.one_hot(x, V + 1).double())
+            x_next = sample_categorical(paper_renoise(probs, remask_eta).clamp_min(0), generators)
+        else:
+            stay = (1 - move.sum(-1, keepdim=True)).clamp_min(0)
+            draw = sample_categorical(torch.cat([move, stay], dim=-1), generators)
+            x_next = torch.where(masked, draw, x)
         if rho > 0:
             x_next = torch.where(~masked & (uniform((L,), generators, device) < rho), V, x_next)
         x = torch.where(known, given, x_next) if known is not None else x_next
@@ -643,14 +695,14 @@ def check_contract(cfg, L, V):
 
 
 def generate(model, n, steps, sampler, eps, seeds, device, batch_size, remask_eta=0.0, given=None,
-             autocast=nullcontext(), progress=True, temperature=1.0):
+             autocast=nullcontext(), progress=True, temperature=1.0, t_end=None, corrector='remdm'):
     """n codes from the prior in batches; code i from seeds[i]; given: (n, L), -1 where free."""
     out = []
     for start in tqdm(range(0, n, batch_size), desc='prior samples', disable=not progress, dynamic_ncols=True):
         stop = min(n, start + batch_size)
         out.append(sample(model_score_fn(model, autocast), stop - start, model.seq_len, model.vocab_size, steps,
                           seeds[start:stop], sampler, eps, device, None if given is None else given[start:stop],
-                          remask_eta, temperature).cpu())
+                          remask_eta, temperature, t_end, corrector).cpu())
     return torch.cat(out) if out else torch.zeros(0, model.seq_len, dtype=torch.long)
 
 
@@ -665,7 +717,7 @@ def sample_mode(cfg):
     seeds = [cfg['seed'] * 1_000_003 + i for i in mine]
     codes = generate(model, len(mine), cfg['num_steps'], cfg['sampler'], ckpt['noise_eps'], seeds, device,
                      cfg['sample_batch_size'], cfg['remask_eta'], autocast=autocast, progress=rank == 0,
-                     temperature=cfg['temperature'])
+                     temperature=cfg['temperature'], t_end=cfg['sample_eps'], corrector=cfg['corrector'])
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, (mine, codes.numpy()))
@@ -683,8 +735,10 @@ def sample_mode(cfg):
     tmp = path + '.tmp.npy'
     np.save(tmp, full)
     os.replace(tmp, path)
-    remask = f", ReMDM eta {cfg['remask_eta']}" if cfg['remask_eta'] > 0 else ''
-    print(f"wrote {path}: {n} codes of L={L}, V={V} ({cfg['sampler']}, {cfg['num_steps']} steps{remask})")
+    name = {'remdm': 'ReMDM', 'paper': "the paper's corrector"}[cfg['corrector']]
+    remask = f", {name}, eta {cfg['remask_eta']}" if cfg['remask_eta'] > 0 else ''
+    print(f"wrote {path}: {n} codes of L={L}, V={V} ({cfg['sampler']}, {cfg['num_steps']} steps to "
+          f"t = {cfg['sample_eps']:g}{remask})")
     report = report_samples(full, cfg)
     return full, report
 

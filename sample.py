@@ -89,12 +89,15 @@ prompts = ''                    # text: 'a red square|a blue circle' or a file, 
 dit_sampler = 'ddpm'            # eps: 'ddpm' | 'ddim';  flow: 'euler' | 'heun'
 dit_steps = 250
 cfg_scale = 1.0                 # 1.0 = no guidance (DiT-XL/2's class anchor, FID 2.27, used 1.5)
+compose_cfg_scale = -1.0        # compose's guidance; -1 = cfg_scale (the paper's composition: 4.0)
 guidance_interval = (0.0, 1.0)
 clip_denoised = False           # clip the predicted x_0 to [-1, 1] (pixel space needs it)
 # prior sampling
 prior_sampler = 'analytic'      # 'analytic' | 'euler'
 prior_steps = 1024
-remask_eta = 0.0                # ReMDM-cap re-masking; 0 = off
+prior_sample_eps = 1e-5         # the prior's steps end at t = 1e-5 (SEDD's and the paper's)
+prior_corrector = 'remdm'       # 'remdm' (ReMDM-cap) | 'paper' (the paper's, for t in (0.3, 0.55))
+remask_eta = 0.0                # the corrector's eta; 0 = no corrector
 # text model sampling (the paper's: one code token per step in random order, temperature 0.2)
 text_sampler = 'random_order'   # 'random_order' | 'analytic' | 'euler'
 text_steps = 0                  # 0 = L
@@ -215,16 +218,15 @@ def parse_groups(cfg, mode, n_items):
 
 
 class Sources:
-    """Source images: items of the split, or files, read the way the split's items are (arrays:
-    resized to the tokenizer's size; folders, or no split: at 256/224 of it, central square)."""
+    """Source images: items of the split, or files, in the view of the tokenizer's dumps (arrays:
+    resized to the tokenizer's size; folders and files: ADM's center_crop_arr at that size, the
+    view in which the paper encodes the images it composes)."""
     def __init__(self, cfg, tok_ckpt):
         self.size = tok_ckpt['image_size']
         self.dataset = None
         array = os.path.join(cfg['data_dir'], f"{cfg['split']}_images.npy")
         if os.path.exists(array) or os.path.isdir(os.path.join(cfg['data_dir'], cfg['split'])):
-            self.dataset = T.open_split(cfg['data_dir'], cfg['split'], T.load_size(self.size, cfg['data_dir'], cfg['split']))
-        self.crop = not isinstance(self.dataset, T.ImageArray)
-        self.file_size = round(self.size * 256 / 224) if self.crop else self.size
+            self.dataset = T.open_split(cfg['data_dir'], cfg['split'], self.size)
 
     def __len__(self):
         return len(self.dataset) if self.dataset is not None else 0
@@ -232,14 +234,14 @@ class Sources:
     def __getitem__(self, member):
         """uint8 (H, W, 3)."""
         if isinstance(member, str):
-            return T.load_image(member, self.file_size)
+            return T.load_image(member, self.size)
         if self.dataset is None:
             raise FileNotFoundError("dataset indices in --sources need --data_dir and --split of an existing split")
         return self.dataset[member]
 
     def logits(self, encoder, members, device):
         """SEM logits (len(members), L, V) of source images."""
-        x = torch.cat([T.encoder_input(self[m][None], self.size, self.crop, device) for m in members])
+        x = torch.cat([T.encoder_input(self[m][None], self.size, False, device) for m in members])
         return encoder.code_logits(x).float()
 
 
@@ -296,6 +298,7 @@ def run_mode(cfg, mode, rank, world, device):
     if mode != 'class':
         codes = shared_array(codes_path, (n, info['L']), np.uint16 if info['V'] <= 65536 else np.uint32, rank, world)
     mine = list(range(rank, n, world))
+    scale = cfg['compose_cfg_scale'] if mode == 'compose' and cfg['compose_cfg_scale'] >= 0 else cfg['cfg_scale']
     flow_output = info['config'].get('flow_output', 'velocity')
     bar = tqdm(total=n, desc=mode, disable=rank != 0, dynamic_ncols=True)
     for start in range(0, len(mine), bs):
@@ -312,7 +315,8 @@ def run_mode(cfg, mode, rank, world, device):
                                               torch.Generator().manual_seed(s)) for g, s in zip(batch_groups, code_seeds)])
         elif mode == 'uncond':
             y = P.generate(prior, len(idx), cfg['prior_steps'], cfg['prior_sampler'], prior_ckpt['noise_eps'],
-                           code_seeds, device, len(idx), cfg['remask_eta'], autocast=autocast, progress=False)
+                           code_seeds, device, len(idx), cfg['remask_eta'], autocast=autocast, progress=False,
+                           t_end=cfg['prior_sample_eps'], corrector=cfg['prior_corrector'])
         elif mode == 'text':
             y = T2D.generate(text_model, enc, text_ckpt, [prompts[i % len(prompts)] for i in idx], code_seeds, device,
                              cfg['text_sampler'], cfg['text_steps'], cfg['text_temperature'], cfg['text_cfg_scale'],
@@ -320,7 +324,7 @@ def run_mode(cfg, mode, rank, world, device):
         else:
             y = torch.tensor([labels[i % len(labels)] for i in idx])
         y = y.to(device)
-        x = D.sample(D.guided(dit, y, cfg['cfg_scale'], info['objective'], cfg['guidance_interval']), x_shape,
+        x = D.sample(D.guided(dit, y, scale, info['objective'], cfg['guidance_interval']), x_shape,
                      image_seeds, info['objective'], cfg['dit_sampler'], cfg['dit_steps'], device,
                      clip=cfg['clip_denoised'], flow_output=flow_output)
         images[idx] = D.decode_to_uint8(x, vae)

@@ -117,6 +117,77 @@ def test_the_remasking_corrector_keeps_the_distribution():
     n = 4000
     codes = P.sample(exact_log_ratios, n, L_TOY, V_TOY, 64, range(n), remask_eta=0.1)
     assert tv_to(codes, PROB) < math.sqrt(len(SEQS) / n)
+    # and it does act: with the same seeds, many codes come out other than without it
+    plain = P.sample(exact_log_ratios, 500, L_TOY, V_TOY, 64, range(500))
+    assert (codes[:500] != plain).any(1).double().mean() > 0.3
+
+
+def with_times(record, eps=1e-3):
+    """exact_log_ratios, recording (t, x) of every call; t from sigma = -log(1 - (1 - eps) t)."""
+    def fn(x, sigma):
+        record.append((float(-torch.expm1(-sigma[0].double()) / (1 - eps)), x.clone()))
+        return exact_log_ratios(x, sigma)
+    return fn
+
+
+def test_the_papers_corrector_moves_eta_times_the_unmasked_mass_from_the_likeliest_entry_to_the_mask():
+    eta = 0.02
+    probs = torch.tensor([[0.50, 0.20, 0.10, 0.20],     # masked, a code likeliest
+                          [0.10, 0.05, 0.05, 0.80],     # masked, the mask likeliest
+                          [0.00, 1.00, 0.00, 0.00]],    # unmasked token 1: it stays put
+                         dtype=torch.float64)
+    out = P.paper_renoise(probs, eta)
+    moved = eta * (1 - probs[:, -1])
+    assert torch.allclose(out[0], probs[0] + moved[0] * torch.tensor([-1.0, 0, 0, 1], dtype=torch.float64))
+    assert torch.allclose(out[0].sum(), torch.tensor(1.0, dtype=torch.float64))          # mass kept
+    # the fork's code: the mask's entry of the move is overwritten, so the mask only gains
+    assert torch.allclose(out[1], probs[1] + moved[1] * torch.tensor([0.0, 0, 0, 1], dtype=torch.float64))
+    assert torch.allclose(out[2], torch.tensor([0, 1 - eta, 0, eta], dtype=torch.float64))   # re-masked w.p. eta
+    # on random peaked rows: mass kept, only the top code and the mask change, no code gains
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.softmax(4 * torch.randn(200, 9, generator=gen, dtype=torch.float64), -1)
+    rows = rows[rows[:, :-1].amax(-1) > rows[:, -1]]
+    new = P.paper_renoise(rows, eta)
+    top = rows.argmax(-1)
+    assert torch.allclose(new.sum(-1), rows.sum(-1))
+    assert torch.allclose(rows.gather(-1, top[:, None]) - new.gather(-1, top[:, None]),
+                          eta * (1 - rows[:, -1:]))
+    untouched = torch.ones_like(rows, dtype=torch.bool).scatter(-1, top[:, None], False)
+    untouched[:, -1] = False
+    assert torch.equal(new[untouched], rows[untouched]) and (new[:, :-1] <= rows[:, :-1]).all()
+
+
+def test_the_papers_corrector_remasks_only_inside_its_window_and_still_samples_the_distribution():
+    n, steps, eta = 500, 64, 0.05
+    plain, paper = [], []
+    base = P.sample(with_times(plain), n, L_TOY, V_TOY, steps, range(n), t_end=1e-5)
+    codes = P.sample(with_times(paper), n, L_TOY, V_TOY, steps, range(n), t_end=1e-5, corrector='paper',
+                     remask_eta=eta)
+    remasked_inside = 0
+    for (t, before), (_, after) in zip(paper[:-1], paper[1:]):          # the steps, from t
+        remasked = int(((before != V_TOY) & (after == V_TOY)).sum())
+        if 0.3 < t < 0.55:
+            remasked_inside += remasked
+        else:
+            assert remasked == 0, t                 # outside the window: the plain analytic step
+    assert remasked_inside > 20
+    # up to the window, the very draws of the plain analytic sampler; from its first step on, others
+    first = next(k for k, (t, _) in enumerate(paper) if t < 0.55)
+    assert all(torch.equal(plain[k][1], paper[k][1]) for k in range(first + 1))
+    assert not torch.equal(plain[first + 1][1], paper[first + 1][1])
+    assert codes.min() >= 0 and codes.max() < V_TOY                       # no mask survives
+    assert (codes != base).any(1).double().mean() > 0.3
+    assert tv_to(codes, PROB) < math.sqrt(len(SEQS) / n)
+
+
+def test_the_steps_end_at_t_end_while_the_schedule_keeps_its_eps():
+    for t_end, last in [(1e-5, 1e-5), (None, 1e-3)]:
+        record = []
+        P.sample(with_times(record), 4, L_TOY, V_TOY, 8, range(4), eps=1e-3, t_end=t_end)
+        times = [t for t, _ in record]
+        assert len(times) == 9 and abs(times[0] - 1) < 1e-6                # 8 steps, then the final one
+        assert abs(times[-1] - last) < 1e-3 * last, (t_end, times[-1])
+        assert np.allclose(np.diff(times), -(1 - last) / 8, atol=1e-6)       # equal steps
 
 
 def test_a_code_depends_on_its_seed_only_not_on_its_batch():
@@ -185,6 +256,59 @@ def test_a_sedd_small_checkpoint_loads_with_every_key_but_the_position_embedding
         P.load_sedd(model, str(tmp_path / 'broken.pth'))
     with pytest.raises(FileNotFoundError, match='nowhere.pth'):
         P.load_sedd(model, str(tmp_path / 'nowhere.pth'))
+
+
+def fork_parameters(L, V, d, blocks, heads, cond, seed):
+    """The parameters of the paper's SEDD fork (sedd/model/transformer.py, shared_embedding), names
+    and shapes by hand, in its order: pos_embed (L, D) first, then its modules in turn."""
+    shapes = {'pos_embed': (L, d), 'vocab_embed.embedding': (V + 1, d), 'sigma_map.mlp.0.weight': (cond, 256),
+              'sigma_map.mlp.0.bias': (cond,), 'sigma_map.mlp.2.weight': (cond, cond), 'sigma_map.mlp.2.bias': (cond,)}
+    for i in range(blocks):
+        shapes.update({f'blocks.{i}.norm1.weight': (d,), f'blocks.{i}.attn_qkv.weight': (3 * d, d),
+                       f'blocks.{i}.attn_out.weight': (d, d), f'blocks.{i}.norm2.weight': (d,),
+                       f'blocks.{i}.mlp.0.weight': (4 * d, d), f'blocks.{i}.mlp.0.bias': (4 * d,),
+                       f'blocks.{i}.mlp.2.weight': (d, 4 * d), f'blocks.{i}.mlp.2.bias': (d,),
+                       f'blocks.{i}.adaLN_modulation.weight': (6 * d, cond),
+                       f'blocks.{i}.adaLN_modulation.bias': (6 * d,)})
+    shapes.update({'output_layer.norm_final.weight': (d,), 'output_layer.linear.weight': (V + 1, d),
+                   'output_layer.linear.bias': (V + 1,), 'output_layer.adaLN_modulation.weight': (2 * d, cond),
+                   'output_layer.adaLN_modulation.bias': (2 * d,)})
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(shape, generator=gen) * 0.1 + (1.0 if 'norm' in k else 0.0) for k, shape in shapes.items()}
+
+
+def test_a_checkpoint_of_the_papers_sedd_fork_loads_strictly_with_its_ema_weights(tmp_path):
+    L, V, d, heads, cond = 6, 8, 32, 2, 16
+    weights, ema = fork_parameters(L, V, d, 2, heads, cond, 0), fork_parameters(L, V, d, 2, heads, cond, 1)
+    # its state dict: the rotary buffer right after sigma_map (module order); as its run_train saves it
+    model_state = {}
+    for k, v in weights.items():
+        model_state[k] = v
+        if k == 'sigma_map.mlp.2.bias':
+            model_state['rotary_emb.inv_freq'] = 1.0 / 10000 ** (torch.arange(0, d // heads, 2).float() / (d // heads))
+    torch.save({'optimizer': {}, 'model': model_state, 'step': 7,
+                'ema': {'decay': 0.9999, 'num_updates': 7, 'shadow_params': list(ema.values())}},
+               tmp_path / 'checkpoint.pth')
+    model = P.SEDD(vocab_size=V, seq_len=L, n_blocks=2, hidden_size=d, n_heads=heads, cond_dim=cond, dropout=0.0).eval()
+    P.load_sedd(model, str(tmp_path / 'checkpoint.pth'))
+    loaded = model.state_dict()
+    assert set(loaded) == set(model_state)                                  # strictly: no key missing
+    for k, v in ema.items():                                                # the EMA, as the fork samples
+        assert torch.equal(loaded[k].reshape(v.shape), v), k
+    assert torch.equal(loaded['pos_embed'][0, 3], ema['pos_embed'][3])      # position l is row l
+    # the same outputs as a network given those weights by hand
+    by_hand = P.SEDD(vocab_size=V, seq_len=L, n_blocks=2, hidden_size=d, n_heads=heads, cond_dim=cond,
+                     dropout=0.0).eval()
+    by_hand.load_state_dict({**model_state, **ema, 'pos_embed': ema['pos_embed'][None]})
+    x, sigma = torch.tensor([[0, 8, 3, 8, 7, 8], [8, 8, 8, 1, 2, 8]]), torch.tensor([0.3, 2.0])
+    assert torch.equal(model(x, sigma), by_hand(x, sigma))
+    # a bare state dict of the fork (the weights alone) loads too; another length is refused
+    torch.save(model_state, tmp_path / 'bare.pth')
+    P.load_sedd(model, str(tmp_path / 'bare.pth'))
+    assert torch.equal(model.state_dict()['blocks.1.attn_qkv.weight'], weights['blocks.1.attn_qkv.weight'])
+    with pytest.raises(ValueError, match='position embedding'):
+        P.load_sedd(P.SEDD(vocab_size=V, seq_len=L + 2, n_blocks=2, hidden_size=d, n_heads=heads, cond_dim=cond),
+                    str(tmp_path / 'bare.pth'))
 
 
 # -- training --------------------------------------------------------------------------------

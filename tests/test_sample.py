@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import ROOT, run_script
+from configurator import configure
 import diffusion as D
 import prior as P
 import sample as S
@@ -105,6 +106,7 @@ def test_two_processes_write_the_same_images_as_one(pipeline, tmp_path):
         b = np.load(tmp_path / 'two' / f'{mode}.npz')['arr_0']
         assert a.shape == (5, 32, 32, 3) and a.dtype == np.uint8
         assert np.array_equal(a, b), mode
+        assert len({image.tobytes() for image in a}) == len(a), mode    # each image its own draw
         assert (tmp_path / 'two' / f'{mode}.png').exists()
         if mode != 'class':
             assert np.array_equal(np.load(tmp_path / 'one' / f'{mode}_codes.npy'),
@@ -112,6 +114,29 @@ def test_two_processes_write_the_same_images_as_one(pipeline, tmp_path):
     assert not list((tmp_path / 'two').glob('*partial*'))           # nothing half-written is left
     scores = json.loads((tmp_path / 'one' / 'scores.json').read_text())['text']
     assert {'valid', 'kept', 'shape_kept', 'color_kept', 'background_kept', 'size_kept'} <= set(scores)
+
+
+def test_compose_has_its_own_guidance_which_defaults_to_cfg_scale(pipeline, tmp_path):
+    runs = {}
+    for name, scale in [('default', -1.0), ('same', 2.0), ('own', 6.0)]:
+        S.main(sample_cfg(pipeline, tmp_path / name, mode='recon,compose', n_samples=2, compose_cfg_scale=scale))
+        runs[name] = {m: np.load(tmp_path / name / f'{m}.npz')['arr_0'] for m in ('recon', 'compose')}
+    assert np.array_equal(runs['default']['compose'], runs['same']['compose'])     # -1: cfg_scale (2.0)
+    assert not np.array_equal(runs['default']['compose'], runs['own']['compose'])
+    assert np.array_equal(runs['default']['recon'], runs['own']['recon'])          # the other modes keep cfg_scale
+
+
+def test_the_imagenet_configs_are_the_papers_two_fid_runs():
+    # scripts/gen_50k_sedd-1024_cfg-1.7.sh and gen_50k_sedd-4096-remask.sh of the paper's code
+    a, b = (configure(S.CONFIG, [os.path.join(ROOT, 'config', name)])
+            for name in ('sample_imagenet.py', 'sample_imagenet_corrector.py'))
+    for cfg in (a, b):
+        assert (cfg['dit_sampler'], cfg['dit_steps'], cfg['clip_denoised'], cfg['guidance_interval']) == \
+            ('ddpm', 256, False, (0.0, 1.0))
+        assert (cfg['prior_sampler'], cfg['prior_sample_eps'], cfg['n_samples']) == ('analytic', 1e-5, 50000)
+    assert (a['prior_steps'], a['remask_eta'], a['cfg_scale'], a['compose_cfg_scale']) == (1024, 0.0, 1.7, 4.0)
+    assert (b['prior_steps'], b['prior_corrector'], b['remask_eta'], b['cfg_scale']) == (4096, 'paper', 0.01, 1.0)
+    assert a['out_dir'] != b['out_dir']
 
 
 def test_text_mode_scores_the_factors_each_prompt_names(pipeline):
