@@ -21,3 +21,4 @@ prior_sample_eps = 1e-5
 prior_corrector = 'paper'
 remask_eta = 0.01
 batch_size = 64
+compose_cfg_scale = 4.0                   # composition: the paper's pipeline default
