@@ -130,6 +130,7 @@ dump_split = 'val'
 probe_train_split = 'train'
 probe_eval_split = 'val'
 probe_iters = 300
+probe_ood_split = 'ood'         # also report how the codes of this split (held-out factor combinations) read; '' = skip
 dump_batch_size = 256
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
@@ -1152,6 +1153,68 @@ def codebook_usage(codes, V):
     return dict(distinct=distinct, perplexity=perplexity, unique_codes=unique_codes)
 
 
+def mutual_information(codes, labels, V):
+    """Per position l, I(c_l; y) in nats between the token at l and a label, from the empirical
+    joint: sum over (v, y) of p(v, y) log(p(v, y) / (p(v) p(y)))."""
+    n_classes = int(labels.max()) + 1
+    mi = np.zeros(codes.shape[1])
+    for l in range(codes.shape[1]):
+        joint = np.bincount(codes[:, l].astype(np.int64) * n_classes + labels,
+                            minlength=V * n_classes).reshape(V, n_classes) / len(codes)
+        independent = joint.sum(1, keepdims=True) * joint.sum(0, keepdims=True)
+        seen = joint > 0
+        mi[l] = float((joint[seen] * np.log(joint[seen] / independent[seen])).sum())
+    return mi
+
+
+def nearest_codes(codes, labels, ref_codes, ref_labels, chunk=128):
+    """Each code's Hamming distance to its nearest reference code, and per label the share of
+    those nearest reference codes (all of them, when several tie) that carry the code's label:
+    does the code sit next to codes of images like it?"""
+    ref = torch.as_tensor(ref_codes.astype(np.int64))
+    dist, same = [], {name: [] for name in labels}
+    for start in range(0, len(codes), chunk):
+        block = torch.as_tensor(codes[start:start + chunk].astype(np.int64))
+        d = (block[:, None, :] != ref[None]).sum(-1)                      # (chunk, N_ref)
+        nearest = (d == d.min(1, keepdim=True).values).float()            # ties all count
+        dist.append(d.min(1).values.numpy())
+        for name, y in labels.items():
+            match = torch.as_tensor(y[start:start + chunk])[:, None] == torch.as_tensor(ref_labels[name])[None]
+            same[name].append(((nearest * match).sum(1) / nearest.sum(1)).numpy())
+    return np.concatenate(dist), {name: np.concatenate(v) for name, v in same.items()}
+
+
+def compositionality(cfg, V, result, train_codes, train_labels, splits):
+    """How the codes of held-out factor combinations read: the probe (fit on train codes) on
+    each split, each code's nearest training code, and, per position, how much the train
+    codes' tokens tell about each factor. A compositional code keeps reading right on the ood
+    split, whose (shape, color) pairs no training image shows."""
+    report = {}
+    for split, (codes, labels) in splits.items():
+        read = {name: probe_logits(p['weight'], p['bias'], torch.as_tensor(codes.astype(np.int64)),
+                                   V).argmax(1).numpy() for name, p in result['labels'].items()}
+        dist, same = nearest_codes(codes, labels, train_codes, train_labels)
+        report[split] = dict(probe={n: float((read[n] == labels[n]).mean()) for n in labels},
+                             nearest_hamming_median=float(np.median(dist)),
+                             nearest_same={n: float(v.mean()) for n, v in same.items()})
+    mi = {name: mutual_information(train_codes, y, V) for name, y in train_labels.items()}
+    names = list(train_labels)
+    print(f"compositionality: probe fit on {cfg['probe_train_split']} codes; nearest = the nearest "
+          f"{cfg['probe_train_split']} code(s) by Hamming distance")
+    print(f"{'':<34}" + ''.join(f"{s:>8}" for s in splits))
+    for name in names:
+        print(f"{'probe ' + name:<34}" + ''.join(f"{report[s]['probe'][name]:>8.3f}" for s in splits))
+    print(f"{'nearest: median Hamming distance':<34}" + ''.join(f"{report[s]['nearest_hamming_median']:>8.0f}" for s in splits))
+    for name in names:
+        print(f"{'nearest: same ' + name:<34}" + ''.join(f"{report[s]['nearest_same'][name]:>8.3f}" for s in splits))
+    print(f"mutual information of each position's token with each factor ({cfg['probe_train_split']} codes, "
+          f"nats, min / mean / max over the {train_codes.shape[1]} positions):")
+    for name in names:
+        print(f"  {name:<12} {mi[name].min():.3f} / {mi[name].mean():.3f} / {mi[name].max():.3f}")
+    report['mutual_information'] = {n: v.tolist() for n, v in mi.items()}
+    return report
+
+
 def probe(cfg):
     ckpt_path = os.path.join(cfg['out_dir'], 'tokenizer.pt')
     ckpt = load_checkpoint(ckpt_path)
@@ -1183,6 +1246,13 @@ def probe(cfg):
     collapsed = [l for l, d in enumerate(usage['distinct']) if d == 1]
     if collapsed:
         print(f"warning: positions {collapsed} always hold the same token (collapsed)")
+    ood = cfg['probe_ood_split']
+    if ood and os.path.exists(os.path.join(cfg['data_dir'], f'{ood}_factors.npy')):
+        ood_codes, ood_set = codes_for_split(ckpt, ckpt_path, model, cfg, ood)
+        splits = {cfg['probe_eval_split']: (eval_codes, eval_labels),
+                  ood: (ood_codes, split_labels(cfg['data_dir'], ood, ood_set))}
+        result['compositionality'] = compositionality(cfg, V_, result,
+                                                      train_codes, train_labels, splits)
     path = os.path.join(cfg['out_dir'], 'probe.pt')
     save_atomic(result, path)
     print(f"wrote {path}")

@@ -440,7 +440,34 @@ def test_probe_mode_reports_every_factor_and_saves_the_probe(trained, capsys):
     factors = np.load(os.path.join(trained['data_dir'], 'val_factors.npy'))
     pred = T.probe_predict(saved, codes)
     assert (pred['color'] == factors[:, 1]).mean() == pytest.approx(result['accuracy']['color'])
-    assert 'distinct tokens per position' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 'distinct tokens per position' in out and 'compositionality' in out
+    # the held-out pairs are read by the same probe, from the ood split's own dump
+    report = saved['compositionality']
+    ood_codes = np.load(os.path.join(trained['out_dir'], 'codes_ood.npy'))
+    ood_factors = np.load(os.path.join(trained['data_dir'], 'ood_factors.npy'))
+    assert ood_codes.shape == (len(ood_factors), 4)
+    ood_pred = T.probe_predict(saved, ood_codes)
+    for i, name in enumerate(['shape', 'color']):
+        assert report['ood']['probe'][name] == pytest.approx((ood_pred[name] == ood_factors[:, i]).mean())
+    assert report['val']['probe']['color'] == pytest.approx(result['accuracy']['color'])
+    assert len(report['mutual_information']['shape']) == 4
+
+
+def test_mutual_information_and_nearest_codes_measure_what_they_name():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=30000)
+    codes = np.stack([labels * 2, rng.integers(0, 8, size=30000)], 1).astype(np.uint16)
+    mi = T.mutual_information(codes, labels, 8)
+    assert mi[0] == pytest.approx(np.log(3), abs=2e-3)       # the token names the label: I = H(y)
+    assert mi[1] < 2e-3                                       # independent of it: I = 0
+    ref = np.array([[0, 0, 0], [0, 0, 1], [5, 5, 5]], dtype=np.uint16)
+    ref_labels = {'f': np.array([0, 1, 1])}
+    queries = np.array([[0, 0, 2], [5, 5, 5], [0, 0, 0]], dtype=np.uint16)
+    dist, same = T.nearest_codes(queries, {'f': np.array([0, 1, 0])}, ref, ref_labels)
+    assert dist.tolist() == [1, 0, 0]
+    # query 0 ties between a reference with its label and one without: half counts
+    assert same['f'].tolist() == [0.5, 1.0, 1.0]
 
 
 # -- image folders --------------------------------------------------------------------------
