@@ -52,6 +52,22 @@ def test_held_out_pairs_only_in_ood(dataset_dir):
     assert set(train[:, 1]) == set(range(len(shapes.COLORS)))
 
 
+def test_another_choice_of_held_out_pairs_moves_them_from_train_to_ood(tmp_path):
+    pairs_ = shapes.parse_held_out('circle:red,square:green,triangle:blue,circle:magenta')
+    shapes.make_dataset(str(tmp_path), image_size=32, n_train=400, n_val=50, n_ood=100, seed=0,
+                        held_out_pairs=pairs_)
+    data = load_all(str(tmp_path))
+    held_out = {tuple(p) for p in pairs_}
+    assert {tuple(p) for p in data['ood']['meta']['held_out']} == held_out != {tuple(p) for p in shapes.HELD_OUT}
+    assert pairs(data['ood']['factors']) == held_out
+    assert not pairs(data['train']['factors']) & held_out and not pairs(data['val']['factors']) & held_out
+    assert (0, 2) in pairs(data['train']['factors'])          # the default's blue circle is seen now
+    for bad, message in [('circle:pink', 'not shape:color'), ('circle:red,circle:red', 'twice'),
+                         (','.join(f'{s}:red' for s in shapes.SHAPES), 'no pair in training')]:
+        with pytest.raises(ValueError, match=message):
+            shapes.parse_held_out(bad)
+
+
 def test_files_have_the_promised_layout(dataset_dir):
     val = shapes.load_split(dataset_dir, 'val')
     assert val['images'].dtype == np.uint8 and val['images'].shape == (1000, 32, 32, 3)

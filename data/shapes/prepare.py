@@ -49,8 +49,11 @@ n_val = 2000
 n_ood = 2000
 seed = 0
 out_dir = 'data/shapes'
+# the (shape, color) pairs only ood shows; the default: one pair per shape (so ood tests every
+# shape) and no color twice (so every color keeps at least two shapes in train), 4 of the 18
+held_out = 'circle:blue,square:yellow,triangle:red,triangle:cyan'
 # -----------------------------------------------------------------------------
-CONFIG = {k: globals()[k] for k in ['size', 'n_train', 'n_val', 'n_ood', 'seed', 'out_dir']}
+CONFIG = {k: globals()[k] for k in ['size', 'n_train', 'n_val', 'n_ood', 'seed', 'out_dir', 'held_out']}
 
 FACTORS = ['shape', 'color', 'background', 'size']
 SHAPES = ['circle', 'square', 'triangle']
@@ -60,10 +63,6 @@ BACKGROUNDS = ['black', 'white', 'gray']
 BACKGROUND_RGB = [[0, 0, 0], [255, 255, 255], [128, 128, 128]]
 SIZES = ['small', 'large']
 SIZE_FRAC = [0.34, 0.55]  # bounding-box side / image side; far enough apart to read back
-# one pair per shape (so ood tests every shape) and no color twice (so every color keeps
-# at least two shapes in train): 4 of the 18 pairs
-HELD_OUT = [[SHAPES.index(s), COLORS.index(c)] for s, c in
-            [('circle', 'blue'), ('square', 'yellow'), ('triangle', 'red'), ('triangle', 'cyan')]]
 SPLITS = ['train', 'val', 'ood']
 # 3x3 grid of the center: rows top..bottom, columns left..right
 POSITION_WORDS = [['top left', 'top', 'top right'],
@@ -74,12 +73,33 @@ CAPTION_PARTS = ['size', 'color', 'shape', 'background', 'position']
 N_PARTIAL = 3    # partial captions per image in {split}_captions_varied.txt
 
 
-def make_meta(image_size, seed, splits):
+def parse_held_out(text):
+    """'circle:blue,square:yellow' -> [[0, 2], [1, 3]], checked: known names, no pair twice, and
+    every shape and every color still seen in training with some other partner."""
+    pairs = []
+    for item in text.split(','):
+        shape, _, color = item.strip().partition(':')
+        if shape not in SHAPES or color not in COLORS:
+            raise ValueError(f"held_out: '{item}' is not shape:color with a shape of {SHAPES} "
+                             f"and a color of {COLORS}")
+        pairs.append([SHAPES.index(shape), COLORS.index(color)])
+    if len({tuple(p) for p in pairs}) != len(pairs):
+        raise ValueError(f"held_out: '{text}' names a pair twice")
+    seen = [(s, c) for s in range(len(SHAPES)) for c in range(len(COLORS)) if [s, c] not in pairs]
+    if {s for s, _ in seen} != set(range(len(SHAPES))) or {c for _, c in seen} != set(range(len(COLORS))):
+        raise ValueError(f"held_out: '{text}' leaves a shape or a color with no pair in training")
+    return pairs
+
+
+HELD_OUT = parse_held_out(held_out)
+
+
+def make_meta(image_size, seed, splits, held_out=HELD_OUT):
     return {
         'image_size': image_size, 'seed': seed, 'factors': FACTORS,
         'shape': SHAPES, 'color': COLORS, 'color_rgb': COLOR_RGB,
         'background': BACKGROUNDS, 'background_rgb': BACKGROUND_RGB,
-        'size': SIZES, 'size_frac': SIZE_FRAC, 'held_out': HELD_OUT, 'splits': splits,
+        'size': SIZES, 'size_frac': SIZE_FRAC, 'held_out': held_out, 'splits': splits,
     }
 
 
@@ -161,18 +181,19 @@ def sample_factors(rng, n, pairs, image_size):
     return factors, pos.astype(np.float32)
 
 
-def make_dataset(out_dir, image_size=32, n_train=30000, n_val=2000, n_ood=2000, seed=0):
-    """Generate all splits into out_dir (relative paths are taken from the repo root)."""
+def make_dataset(out_dir, image_size=32, n_train=30000, n_val=2000, n_ood=2000, seed=0, held_out_pairs=HELD_OUT):
+    """Generate all splits into out_dir (relative paths are taken from the repo root); the ood
+    split holds held_out_pairs, [[shape, color], ...], and train and val the others."""
     out_dir = os.path.join(REPO_ROOT, out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    held_out = {tuple(p) for p in HELD_OUT}
+    held_out = {tuple(p) for p in held_out_pairs}
     seen_pairs = [[s, c] for s in range(len(SHAPES)) for c in range(len(COLORS)) if (s, c) not in held_out]
     counts = {'train': n_train, 'val': n_val, 'ood': n_ood}
-    meta = make_meta(image_size, seed, counts)
+    meta = make_meta(image_size, seed, counts, [list(p) for p in held_out_pairs])
     for split_id, split in enumerate(SPLITS):
         # one stream per split: the size of one split never changes the content of another
         rng = np.random.default_rng([seed, split_id])
-        pairs = HELD_OUT if split == 'ood' else seen_pairs
+        pairs = held_out_pairs if split == 'ood' else seen_pairs
         factors, pos = sample_factors(rng, counts[split], pairs, image_size)
         images = np.empty((counts[split], image_size, image_size, 3), dtype=np.uint8)
         for i in range(counts[split]):
@@ -337,4 +358,5 @@ if __name__ == '__main__':
     sys.path.insert(0, REPO_ROOT)
     from configurator import configure
     cfg = configure(CONFIG, sys.argv[1:])
-    make_dataset(cfg['out_dir'], cfg['size'], cfg['n_train'], cfg['n_val'], cfg['n_ood'], cfg['seed'])
+    make_dataset(cfg['out_dir'], cfg['size'], cfg['n_train'], cfg['n_val'], cfg['n_ood'], cfg['seed'],
+                 parse_held_out(cfg['held_out']))
