@@ -1,5 +1,6 @@
 # make demo: set up, build the built-in data, train every stage briefly on the CPU, report.
-# Stages: tokenizer (train, probe), diffusion (train, reconstructions of val codes), prior
+# Stages: tokenizer (train, probe: val and the held-out pairs of ood), diffusion (train,
+# reconstructions of val codes and of ood codes), prior
 # (train, held-out ELBO, samples), the text model (train, codes for a few prompts), a
 # class-conditional DiT (the baseline), then every sample.py mode (recon, uncond, compose, class,
 # text) and one table of their scores.
@@ -26,6 +27,7 @@ demo: venv data
 	$(PY) tokenizer.py config/tokenizer_shapes.py --out_dir=$(DEMO) --mode=probe
 	$(PY) diffusion.py config/diffusion_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --max_iters=3000 --sample_interval=3000
 	$(PY) diffusion.py config/diffusion_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=recon --n_recon=200
+	$(PY) diffusion.py config/diffusion_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=recon --n_recon=200 --split=ood
 	$(PY) prior.py config/prior_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --max_iters=600
 	$(PY) prior.py config/prior_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=eval
 	$(PY) prior.py config/prior_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=sample \
