@@ -222,21 +222,28 @@ def test_the_network_gives_log_ratios_for_every_token_and_zero_for_staying():
     assert torch.allclose(out[0, 0, :8], torch.full((8,), -math.log(8 * math.expm1(0.4))), atol=1e-5)
 
 
+def ddit_body_shapes(n_tokens, d, blocks, cond):
+    """SEDD's DDiT parameters after the embeddings, names and shapes by hand, in module order:
+    the noise-level map, the blocks, the output layer (n_tokens = vocabulary + the mask)."""
+    shapes = {'sigma_map.mlp.0.weight': (cond, 256), 'sigma_map.mlp.0.bias': (cond,),
+              'sigma_map.mlp.2.weight': (cond, cond), 'sigma_map.mlp.2.bias': (cond,)}
+    for i in range(blocks):
+        shapes.update({f'blocks.{i}.norm1.weight': (d,), f'blocks.{i}.attn_qkv.weight': (3 * d, d),
+                       f'blocks.{i}.attn_out.weight': (d, d), f'blocks.{i}.norm2.weight': (d,),
+                       f'blocks.{i}.mlp.0.weight': (4 * d, d), f'blocks.{i}.mlp.0.bias': (4 * d,),
+                       f'blocks.{i}.mlp.2.weight': (d, 4 * d), f'blocks.{i}.mlp.2.bias': (d,),
+                       f'blocks.{i}.adaLN_modulation.weight': (6 * d, cond),
+                       f'blocks.{i}.adaLN_modulation.bias': (6 * d,)})
+    shapes.update({'output_layer.norm_final.weight': (d,), 'output_layer.linear.weight': (n_tokens, d),
+                   'output_layer.linear.bias': (n_tokens,), 'output_layer.adaLN_modulation.weight': (2 * d, cond),
+                   'output_layer.adaLN_modulation.bias': (2 * d,)})
+    return shapes
+
+
 def sedd_small_state_dict(vocab=50257, d=768, blocks=12, cond=128):
     """The key names and shapes of louaaron/sedd-small (absorbing: vocabulary + 1), by hand."""
-    state = {'vocab_embed.embedding': (vocab + 1, d), 'sigma_map.mlp.0.weight': (cond, 256),
-             'sigma_map.mlp.0.bias': (cond,), 'sigma_map.mlp.2.weight': (cond, cond),
-             'sigma_map.mlp.2.bias': (cond,), 'rotary_emb.inv_freq': (d // 12 // 2,)}
-    for i in range(blocks):
-        state.update({f'blocks.{i}.norm1.weight': (d,), f'blocks.{i}.attn_qkv.weight': (3 * d, d),
-                      f'blocks.{i}.attn_out.weight': (d, d), f'blocks.{i}.norm2.weight': (d,),
-                      f'blocks.{i}.mlp.0.weight': (4 * d, d), f'blocks.{i}.mlp.0.bias': (4 * d,),
-                      f'blocks.{i}.mlp.2.weight': (d, 4 * d), f'blocks.{i}.mlp.2.bias': (d,),
-                      f'blocks.{i}.adaLN_modulation.weight': (6 * d, cond),
-                      f'blocks.{i}.adaLN_modulation.bias': (6 * d,)})
-    state.update({'output_layer.norm_final.weight': (d,), 'output_layer.linear.weight': (vocab + 1, d),
-                  'output_layer.linear.bias': (vocab + 1,), 'output_layer.adaLN_modulation.weight': (2 * d, cond),
-                  'output_layer.adaLN_modulation.bias': (2 * d,)})
+    state = {'vocab_embed.embedding': (vocab + 1, d), 'rotary_emb.inv_freq': (d // 12 // 2,)}
+    state.update(ddit_body_shapes(vocab + 1, d, blocks, cond))
     gen = torch.Generator().manual_seed(0)
     return {k: torch.randn(shape, generator=gen) * 0.02 for k, shape in state.items()}
 
@@ -261,18 +268,8 @@ def test_a_sedd_small_checkpoint_loads_with_every_key_but_the_position_embedding
 def fork_parameters(L, V, d, blocks, heads, cond, seed):
     """The parameters of the paper's SEDD fork (sedd/model/transformer.py, shared_embedding), names
     and shapes by hand, in its order: pos_embed (L, D) first, then its modules in turn."""
-    shapes = {'pos_embed': (L, d), 'vocab_embed.embedding': (V + 1, d), 'sigma_map.mlp.0.weight': (cond, 256),
-              'sigma_map.mlp.0.bias': (cond,), 'sigma_map.mlp.2.weight': (cond, cond), 'sigma_map.mlp.2.bias': (cond,)}
-    for i in range(blocks):
-        shapes.update({f'blocks.{i}.norm1.weight': (d,), f'blocks.{i}.attn_qkv.weight': (3 * d, d),
-                       f'blocks.{i}.attn_out.weight': (d, d), f'blocks.{i}.norm2.weight': (d,),
-                       f'blocks.{i}.mlp.0.weight': (4 * d, d), f'blocks.{i}.mlp.0.bias': (4 * d,),
-                       f'blocks.{i}.mlp.2.weight': (d, 4 * d), f'blocks.{i}.mlp.2.bias': (d,),
-                       f'blocks.{i}.adaLN_modulation.weight': (6 * d, cond),
-                       f'blocks.{i}.adaLN_modulation.bias': (6 * d,)})
-    shapes.update({'output_layer.norm_final.weight': (d,), 'output_layer.linear.weight': (V + 1, d),
-                   'output_layer.linear.bias': (V + 1,), 'output_layer.adaLN_modulation.weight': (2 * d, cond),
-                   'output_layer.adaLN_modulation.bias': (2 * d,)})
+    shapes = {'pos_embed': (L, d), 'vocab_embed.embedding': (V + 1, d)}
+    shapes.update(ddit_body_shapes(V + 1, d, blocks, cond))
     gen = torch.Generator().manual_seed(seed)
     return {k: torch.randn(shape, generator=gen) * 0.1 + (1.0 if 'norm' in k else 0.0) for k, shape in shapes.items()}
 
