@@ -42,19 +42,19 @@ from configurator import configure
 
 # -----------------------------------------------------------------------------
 samples = ''                    # .npz (arr_0 uint8 NHWC) or a folder of images
-ref = ''                        # ADM reference batch .npz (arr_0 + mu, sigma, mu_s, sigma_s) or images
-save_ref = ''                   # write the reference statistics computed from `ref` here (ADM format)
+ref = ''                        # ADM reference .npz (arr_0, mu, sigma, mu_s, sigma_s) or images
+save_ref = ''                   # write the statistics computed from `ref` here (ADM format)
 inception_path = 'pt_inception-2015-12-05-6726825d.pth'
 resize = 'tf'                   # 'tf' (as the ADM suite) | 'torch' (as pytorch-fid)
 batch_size = 100
 k = 3                           # precision / recall neighbourhood
 is_split = 5000
-pr_block = 10000                # precision / recall: rows of the distance matrix held at once (ADM's)
+pr_block = 10000                # precision / recall: distance matrix rows held at once (ADM's)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-CONFIG = {k_: globals()[k_] for k_ in ['samples', 'ref', 'save_ref', 'inception_path', 'resize', 'batch_size',
-                                       'k', 'is_split', 'pr_block', 'device']}
-
-WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
+CONFIG = {k_: globals()[k_] for k_ in ['samples', 'ref', 'save_ref', 'inception_path', 'resize',
+                                       'batch_size', 'k', 'is_split', 'pr_block', 'device']}
+WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
+               'pt_inception-2015-12-05-6726825d.pth')
 
 
 # -----------------------------------------------------------------------------
@@ -70,7 +70,8 @@ class BatchNorm(nn.Module):
         self.register_buffer('running_var', torch.ones(n))
 
     def forward(self, x):
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, 1e-3)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            False, 0.0, 1e-3)
 
 
 class BasicConv2d(nn.Module):
@@ -113,8 +114,8 @@ class InceptionB(nn.Module):        # Mixed_6a: 35 -> 17
         self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
 
     def forward(self, x):
-        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          F.max_pool2d(x, 3, stride=2)], 1)
+        dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch3x3(x), dbl, F.max_pool2d(x, 3, stride=2)], 1)
 
 
 class InceptionC(nn.Module):        # Mixed_6b..6e, 17 x 17, factorized 7 x 7
@@ -133,11 +134,10 @@ class InceptionC(nn.Module):        # Mixed_6b..6e, 17 x 17, factorized 7 x 7
 
     def forward(self, x):
         dbl = x
-        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                      self.branch7x7dbl_5):
-            dbl = layer(dbl)
-        return torch.cat([self.branch1x1(x), self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))), dbl,
-                          self.branch_pool(avg_pool(x))], 1)
+        for i in range(1, 6):
+            dbl = getattr(self, f'branch7x7dbl_{i}')(dbl)
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        return torch.cat([self.branch1x1(x), b7, dbl, self.branch_pool(avg_pool(x))], 1)
 
 
 class InceptionD(nn.Module):        # Mixed_7a: 17 -> 8
@@ -152,7 +152,8 @@ class InceptionD(nn.Module):        # Mixed_7a: 17 -> 8
 
     def forward(self, x):
         b = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b, F.max_pool2d(x, 3, stride=2)], 1)
+        a = self.branch3x3_2(self.branch3x3_1(x))
+        return torch.cat([a, b, F.max_pool2d(x, 3, stride=2)], 1)
 
 
 class InceptionE(nn.Module):        # Mixed_7b/c, 8 x 8; the FID graph max-pools in the last one
@@ -173,12 +174,13 @@ class InceptionE(nn.Module):        # Mixed_7b/c, 8 x 8; the FID graph max-pools
         a = self.branch3x3_1(x)
         b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = avg_pool(x) if self.pool == 'avg' else F.max_pool2d(x, 3, stride=1, padding=1)
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
-                          self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b), self.branch_pool(pooled)], 1)
+        branches = (self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
+                    self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b), self.branch_pool(pooled))
+        return torch.cat(branches, 1)
 
 
 class FIDInception(nn.Module):
-    """forward(x (N, 3, 299, 299) in [-1, 1]) -> dict(pool (N, 2048), spatial (N, 2023), logits (N, 1008))."""
+    """x (N, 3, 299, 299) in [-1, 1] -> dict(pool (N, 2048), spatial (N, 2023), logits (N, 1008))"""
     def __init__(self):
         super().__init__()
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
@@ -203,8 +205,8 @@ class FIDInception(nn.Module):
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, 3, stride=2)
         x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c):
-            x = block(x)
+        for name in ('5b', '5c', '5d', '6a', '6b', '6c'):
+            x = getattr(self, f'Mixed_{name}')(x)
         # TF's mixed_6/conv is NHWC: ADM flattens (17, 17, 7), so channels vary fastest
         spatial = self.Mixed_6d.branch1x1(x)[:, :7].permute(0, 2, 3, 1).flatten(1)
         for block in (self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
@@ -215,10 +217,10 @@ class FIDInception(nn.Module):
 
 def load_inception(path, device):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Inception weights '{path}' not found; download them from {WEIGHTS_URL} "
-                                "and set --inception_path to the file")
+        raise FileNotFoundError(f"Inception weights '{path}' not found; download them from "
+                                f"{WEIGHTS_URL} and set --inception_path to the file")
     state = torch.load(path, map_location='cpu', weights_only=True)
-    state = {k_: v for k_, v in state.items() if not k_.endswith('num_batches_tracked')}   # unused at inference
+    state = {k_: v for k_, v in state.items() if not k_.endswith('num_batches_tracked')}  # unused
     model = FIDInception()
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
@@ -252,8 +254,8 @@ def read_images(path):
 
 def check_images(images, name):
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"'{name}' holds {images.dtype} images of shape {images.shape}; expected uint8 "
-                         "(N, H, W, 3), as sample.py writes (arr_0)")
+        raise ValueError(f"'{name}' holds {images.dtype} images of shape {images.shape}; expected "
+                         "uint8 (N, H, W, 3), as sample.py writes (arr_0)")
 
 
 def tf_bilinear_resize(x, size):
@@ -378,19 +380,17 @@ def precision_recall(ref_feats, sample_feats, k=3, block=10000):
 # -----------------------------------------------------------------------------
 
 def reference_statistics(cfg, model):
-    """The reference batch: an ADM .npz with precomputed statistics, or images to compute them from."""
-    path = cfg['ref']
+    """The reference batch: an ADM .npz with precomputed statistics, or images to compute them."""
+    path, names = cfg['ref'], ('mu', 'sigma', 'mu_s', 'sigma_s')
     if path.endswith('.npz') and os.path.exists(path):
         data = np.load(path)
-        if {'mu', 'sigma', 'mu_s', 'sigma_s'} <= set(data.files):
+        if set(names) <= set(data.files):
             images = data['arr_0'] if 'arr_0' in data.files else None
             pool = features(model, images, cfg)['pool'] if images is not None else None
-            return dict(mu=data['mu'], sigma=data['sigma'], mu_s=data['mu_s'], sigma_s=data['sigma_s']), pool
+            return {k_: data[k_] for k_ in names}, pool
     images = read_images(path)
     feats = features(model, images, cfg)
-    mu, sigma = statistics(feats['pool'])
-    mu_s, sigma_s = statistics(feats['spatial'])
-    stats = dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    stats = dict(zip(names, statistics(feats['pool']) + statistics(feats['spatial'])))
     if cfg['save_ref']:
         np.savez(cfg['save_ref'], arr_0=images, **stats)
         print(f"wrote {cfg['save_ref']} (reference images and statistics, ADM format)")
@@ -402,16 +402,14 @@ def evaluate(cfg):
     sample_images = read_images(cfg['samples'])
     feats = features(model, sample_images, cfg)
     ref, ref_pool = reference_statistics(cfg, model)
-    mu, sigma = statistics(feats['pool'])
-    mu_s, sigma_s = statistics(feats['spatial'])
-    scores = dict(fid=frechet_distance(mu, sigma, ref['mu'], ref['sigma']),
-                  sfid=frechet_distance(mu_s, sigma_s, ref['mu_s'], ref['sigma_s']),
+    scores = dict(fid=frechet_distance(*statistics(feats['pool']), ref['mu'], ref['sigma']),
+                  sfid=frechet_distance(*statistics(feats['spatial']), ref['mu_s'], ref['sigma_s']),
                   inception_score=inception_score(feats['logits'], cfg['is_split']))
     if ref_pool is not None:
         scores['precision'], scores['recall'] = precision_recall(ref_pool, feats['pool'], cfg['k'],
-                                                                       cfg['pr_block'])
+                                                                 cfg['pr_block'])
     if len(sample_images) < 10000:
-        print(f"note: {len(sample_images)} samples; published FIDs use 50,000 (10,000 at the least)")
+        print(f"note: {len(sample_images)} samples; published FIDs use 50,000 (10,000 at least)")
     for name, value in scores.items():
         print(f"{name:<16} {value:.4f}")
     return scores
@@ -420,5 +418,6 @@ def evaluate(cfg):
 if __name__ == '__main__':
     cfg = configure(CONFIG, sys.argv[1:])
     if not cfg['samples'] or not cfg['ref']:
-        raise SystemExit("usage: python eval_fid.py --samples=<npz or folder> --ref=<ADM reference npz or images>")
+        raise SystemExit("usage: python eval_fid.py --samples=<npz or folder> "
+                         "--ref=<ADM reference npz or images>")
     evaluate(cfg)
