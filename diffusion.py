@@ -17,11 +17,11 @@ channel that carries eps (the original DiT guided 3 of 4 latent channels).
 
 Gaussian diffusion (objective = 'eps', the paper's and the public DiT weights'): T = 1000,
 betas linear in [1e-4, 0.02], q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I). The network
-outputs eps and v; the reverse variance is Sigma = exp(v' log beta_t + (1 - v') log betatilde_t),
-v' = (v + 1) / 2 (Nichol & Dhariwal). Loss = ||eps - eps_hat||^2 + L_vlb, the KL of the
-true posterior q(x_{t-1} | x_t, x_0) from p(x_{t-1} | x_t) with the mean frozen (it trains
-Sigma only). Sampling: DDPM ancestral steps on any subsequence of the T steps (250 by
-default) or DDIM (eta = 0).
+outputs eps and v; the reverse variance is
+Sigma = exp(v' log beta_t + (1 - v') log betatilde_t), v' = (v + 1) / 2 (Nichol & Dhariwal).
+Loss = ||eps - eps_hat||^2 + L_vlb, the KL of the true posterior q(x_{t-1} | x_t, x_0) from
+p(x_{t-1} | x_t) with the mean frozen (it trains Sigma only). Sampling: DDPM ancestral steps
+on any subsequence of the T steps (250 by default) or DDIM (eta = 0).
 
 Rectified flow (objective = 'flow', as SiT): x_t = (1 - t) x_0 + t eps, t in [0, 1], the
 network predicts the velocity u = eps - x_0, loss ||u - u_hat||^2, sampled by an Euler or
@@ -32,12 +32,17 @@ is uniform, or logit-normal, sigmoid(N(m, flow_t_std)), where m = flow_t_mean ov
 half of training and then moves linearly to flow_t_mean + flow_t_shift (a curriculum: the
 layout at high noise first, the outlines at low noise last).
 
+The file reads in that order: config, the DiT, Gaussian diffusion, rectified flow, sampling
+and guidance, data, training, checkpoints, the modes, and last the frozen SD-VAE that maps
+ImageNet images to latents and back.
+
 Modes:  python diffusion.py [config.py] [--key=value ...]
     --mode=train     (torchrun for DDP) writes out_dir/diffusion.pt and sample grids
     --mode=extract   writes out_dir/latents_<split>.npy (float16) with the SD-VAE encoder
-    --mode=recon     codes of a split -> DiT -> images, PNG grid beside the sources, and on the
-                     built-in data the attribute reader's scores; --recon_from_t < 1 starts
-                     from the source noised to that t instead of from noise (SDEdit)
+    --mode=recon     the codes of a split -> DiT -> images: a PNG grid beside the sources and,
+                     on the built-in data, the attribute reader's scores
+    --mode=decode    any code dump (--codes_path: prior samples, composed codes) -> images: a
+                     PNG grid, an .npz and, on the built-in data, the reader's factor histograms
 """
 import copy
 import json
@@ -57,6 +62,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from configurator import configure
+from data.shapes.score import histogram_scores, reconstruction_scores
 
 # -----------------------------------------------------------------------------
 # config: the defaults are the paper's ImageNet 256 recipe (DiT-XL/2 on SD-VAE latents, DLC512),
@@ -64,8 +70,9 @@ from configurator import configure
 # warm-up; config/diffusion_imagenet.py turns both off
 mode = 'train'                  # 'train' | 'extract' | 'recon' | 'decode'
 out_dir = 'out-diffusion'
-init_from = 'scratch'           # 'scratch' | 'resume' | DiT weights (DiT-XL-2-256x256.pt, or the paper's DiTSEM for 'dlc')
-data_dir = 'data/imagenet'      # <data_dir>/<split>_images.npy or <data_dir>/<split>/<class>/<image>
+init_from = 'scratch'           # 'scratch' | 'resume' | DiT weights (DiT-XL-2-256x256.pt, or
+                                # the paper's DiTSEM for cond='dlc')
+data_dir = 'data/imagenet'      # <split>_images.npy in it, or <split>/<class>/<image> files
 train_split = 'train'
 codes_dir = 'out-imagenet-tokenizer'   # tokenizer.pt and codes_<split>.npy, for cond='dlc'
 latents_dir = ''                # latents_<split>.npy from --mode=extract; '' = train on pixels
@@ -80,24 +87,26 @@ learn_sigma = True              # objective='eps': predict the variance too
 head_hidden = 0                 # > 0: a hidden layer of this width in the final layer (not in DiT)
 class_dropout_prob = 0.1
 objective = 'eps'               # 'eps' (Gaussian diffusion, learned variance) | 'flow'
-flow_output = 'velocity'        # flow: the network outputs 'velocity' (SiT) or 'x0' (the clean image)
+flow_output = 'velocity'        # flow: the network outputs 'velocity' (SiT) or 'x0' (clean image)
 flow_t_mean = 0.0               # flow: t = sigmoid(N(mean, std)) in training; std 0 = uniform t
 flow_t_std = 0.0
-flow_t_shift = 0.0              # flow: added to that mean linearly over the second half of training (< 0: toward low noise)
+flow_t_shift = 0.0              # flow: added to that mean linearly over the second half of
+                                # training (< 0: toward low noise)
 hflip = True                    # random horizontal flips (latents: the flipped extraction)
 # optimization
 batch_size = 256                # global, across processes and accumulation steps
 micro_batch_size = 32           # per process per forward; accumulation = batch / (world * micro)
 max_iters = 500400              # the paper's 100 epochs of ImageNet's 1,281,167 images at batch 256
-run_iters = -1                  # stop this run after so many iterations (resume later); -1: no limit
+run_iters = -1                  # stop this run after so many iterations (resume later); -1: none
 learning_rate = 1e-4
 weight_decay = 0.0
 warmup_iters = 0
-lr_decay = False                # cosine decay from learning_rate to min_lr over max_iters (after warm-up)
+lr_decay = False                # cosine decay from learning_rate to min_lr over max_iters
 min_lr = 1e-5
 grad_clip = 1.0                 # max gradient norm; 0 = no clipping (the paper's DiT)
 ema_decay = 0.9999
-ema_warmup = True               # decay min(ema_decay, (1 + it) / (10 + it)); False: ema_decay from step 0 (the paper's)
+ema_warmup = True               # decay min(ema_decay, (1 + it) / (10 + it)); False: ema_decay
+                                # from step 0 (the paper's)
 # sampling
 sampler = 'ddpm'                # eps: 'ddpm' | 'ddim';  flow: 'euler' | 'heun'
 num_sampling_steps = 250
@@ -106,15 +115,13 @@ guidance_interval = (0.0, 1.0)  # guide only while t / T is inside this interval
 clip_denoised = False           # clip the predicted x_0 to [-1, 1] (pixel space needs it)
 sample_interval = 5000          # EMA sample grids during training
 n_grid = 16
-# extract / recon
+# extract / recon / decode
 split = 'val'                   # the split --mode=extract and --mode=recon read
 extract_flip = True             # also extract the latents of the flipped images
 n_recon = 500                   # recon and decode: at most so many images
-recon_from_t = 1.0              # recon, flow, pixels: start from the source noised to this t (SDEdit); 1 = from noise
-codes_path = ''                 # decode: a code dump to turn into images (e.g. prior.py's samples.npy)
+codes_path = ''                 # decode: a code dump to turn into images (e.g. prior samples.npy)
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16'              # CUDA autocast: 'bfloat16' | 'float32' (no autocast); the CPU runs float32
 compile = False
 grad_checkpoint = False
 num_workers = 8
@@ -152,7 +159,8 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):
         half = self.frequency_size // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device,
+                                                          dtype=torch.float32) / half)
         args = t.float()[:, None] * freqs[None]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
@@ -179,12 +187,13 @@ class SEMEmbedder(nn.Module):
         self.L, self.V, self.null = L, V, V
         rows = torch.randn(L, V, hidden_size) / math.sqrt(hidden_size)
         null = torch.randn(1, 1, hidden_size) / math.sqrt(hidden_size)
-        self.embedding_table = nn.Parameter(torch.cat([rows, null.expand(L, 1, hidden_size)], dim=1))
+        self.embedding_table = nn.Parameter(torch.cat([rows, null.expand(L, 1, hidden_size)], 1))
 
     def forward(self, y):
         if y.is_floating_point():                           # soft codes (N, L, V) or (N, L, V+1)
             y = F.pad(y, (0, self.V + 1 - y.shape[-1]))
-            return torch.einsum('nlv,lvd->nd', y.to(self.embedding_table.dtype), self.embedding_table) / self.L
+            table = self.embedding_table
+            return torch.einsum('nlv,lvd->nd', y.to(table.dtype), table) / self.L
         rows = self.embedding_table[torch.arange(self.L, device=y.device), y]   # (N, L, D)
         return rows.mean(dim=1)
 
@@ -198,7 +207,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                # each (B, heads, N, D / heads)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
@@ -255,7 +265,8 @@ def sincos_pos_embed(dim, grid):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2))
         out = np.outer(pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-    ys, xs = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing='ij')
+    axis = np.arange(grid, dtype=np.float64)
+    ys, xs = np.meshgrid(axis, axis, indexing='ij')
     return np.concatenate([one_axis(dim // 2, xs), one_axis(dim // 2, ys)], axis=1)
 
 
@@ -268,7 +279,7 @@ class DiT(nn.Module):
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size = patch_size
         self.cond = cond
-        self.null = {'class': num_classes, 'dlc': V}.get(cond)   # the index that drops the condition
+        self.null = {'class': num_classes, 'dlc': V}.get(cond)   # the index of no condition
         self.grad_checkpoint = grad_checkpoint
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -276,11 +287,12 @@ class DiT(nn.Module):
             self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         elif cond == 'dlc':
             self.sem_embedder = SEMEmbedder(L, V, hidden_size)
-        grid = input_size // patch_size
         # fixed, but a parameter as in DiT so that the public checkpoints load strictly
-        self.pos_embed = nn.Parameter(torch.from_numpy(sincos_pos_embed(hidden_size, grid)).float().unsqueeze(0),
+        pos_embed = sincos_pos_embed(hidden_size, input_size // patch_size)
+        self.pos_embed = nn.Parameter(torch.from_numpy(pos_embed).float().unsqueeze(0),
                                       requires_grad=False)
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio)
+                                    for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, head_hidden)
         self.initialize_weights()
 
@@ -344,279 +356,12 @@ def _sizes(depth, hidden_size, num_heads):
 DiT_models = {f'DiT-{name}/{p}': dict(**size, patch_size=p)
               for name, size in [('XL', _sizes(28, 1152, 16)), ('L', _sizes(24, 1024, 16)),
                                  ('B', _sizes(12, 768, 12)), ('S', _sizes(12, 384, 6)),
-                                 ('Ti', _sizes(4, 128, 4))]   # Ti: the CPU size of the built-in data
+                                 ('Ti', _sizes(4, 128, 4))]   # Ti: the built-in data's CPU size
               for p in (2, 4, 8)}
 
 
 # -----------------------------------------------------------------------------
-# The SD-VAE (AutoencoderKL of stabilityai/sd-vae-ft-ema), parameter names as diffusers, so
-# its diffusion_pytorch_model.{bin,safetensors} loads strictly. Latents are scaled by
-# VAE_SCALE before the DiT sees them; --mode=extract runs the encoder once for the dataset.
-
-VAE_SCALE = 0.18215  # sd-vae-ft-ema config "scaling_factor": unit-variance latents for the UNet
-
-
-class _VAEResnet(nn.Module):
-    """diffusers ResnetBlock2D without a time embedding: GN-SiLU-conv twice, plus a skip."""
-
-    def __init__(self, cin, cout, groups):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        # diffusers only creates the 1x1 shortcut when the width changes; its key must not exist otherwise
-        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
-
-    def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))  # dropout is 0 in the VAE, so it is left out
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
-
-
-class _VAEAttention(nn.Module):
-    """diffusers Attention as used in the VAE mid block: one head over all channels,
-    spatial positions as tokens, residual added back. Key names follow the current
-    diffusers naming (to_q/to_k/to_v/to_out.0/group_norm)."""
-
-    def __init__(self, ch, groups):
-        super().__init__()
-        self.group_norm = nn.GroupNorm(groups, ch, eps=1e-6)
-        self.to_q = nn.Linear(ch, ch)
-        self.to_k = nn.Linear(ch, ch)
-        self.to_v = nn.Linear(ch, ch)
-        # a ModuleList so the key is "to_out.0" (diffusers keeps a dropout at index 1, no params)
-        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-        t = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
-        q, k, v = (lin(t).unsqueeze(1) for lin in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
-        o = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(C), as with heads=1 in diffusers
-        o = self.to_out[0](o.squeeze(1))  # (B, HW, C)
-        return x + o.transpose(1, 2).reshape(b, c, h, w)
-
-
-class _VAEDownsample(nn.Module):
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
-
-    def forward(self, x):
-        # asymmetric right/bottom pad as in the original LDM code: (B,C,H,W) -> (B,C,H/2,W/2)
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class _VAEUpsample(nn.Module):
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B,C,2H,2W)
-
-
-class _VAEBlock(nn.Module):
-    """DownEncoderBlock2D / UpDecoderBlock2D: resnets, then an optional resampler.
-    Attribute names (resnets, downsamplers, upsamplers) are the diffusers ones."""
-
-    def __init__(self, cin, cout, n, groups, down=False, up=False):
-        super().__init__()
-        self.resnets = nn.ModuleList(_VAEResnet(cin if i == 0 else cout, cout, groups) for i in range(n))
-        if down:
-            self.downsamplers = nn.ModuleList([_VAEDownsample(cout)])
-        if up:
-            self.upsamplers = nn.ModuleList([_VAEUpsample(cout)])
-
-    def forward(self, x):
-        for r in self.resnets:
-            x = r(x)
-        if hasattr(self, "downsamplers"):
-            x = self.downsamplers[0](x)
-        if hasattr(self, "upsamplers"):
-            x = self.upsamplers[0](x)
-        return x
-
-
-class _VAEMid(nn.Module):
-    """UNetMidBlock2D: resnet, attention, resnet (keys resnets.0, attentions.0, resnets.1)."""
-
-    def __init__(self, ch, groups):
-        super().__init__()
-        self.attentions = nn.ModuleList([_VAEAttention(ch, groups)])
-        self.resnets = nn.ModuleList([_VAEResnet(ch, ch, groups), _VAEResnet(ch, ch, groups)])
-
-    def forward(self, x):
-        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
-
-
-class _VAEEncoder(nn.Module):
-    def __init__(self, cin, chs, n, zc, groups):
-        super().__init__()
-        self.conv_in = nn.Conv2d(cin, chs[0], 3, padding=1)
-        # every block but the last halves the resolution
-        self.down_blocks = nn.ModuleList(
-            _VAEBlock(chs[max(i - 1, 0)], c, n, groups, down=i < len(chs) - 1) for i, c in enumerate(chs))
-        self.mid_block = _VAEMid(chs[-1], groups)
-        self.conv_norm_out = nn.GroupNorm(groups, chs[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(chs[-1], 2 * zc, 3, padding=1)  # mean and logvar
-
-    def forward(self, x):  # (B,3,H,W) -> (B,2*zc,H/f,W/f), f = 2**(len(chs)-1)
-        h = self.conv_in(x)
-        for blk in self.down_blocks:
-            h = blk(h)
-        h = self.mid_block(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
-
-
-class _VAEDecoder(nn.Module):
-    def __init__(self, cout, chs, n, zc, groups):
-        super().__init__()
-        rev = list(reversed(chs))
-        self.conv_in = nn.Conv2d(zc, rev[0], 3, padding=1)
-        self.mid_block = _VAEMid(rev[0], groups)
-        # the decoder has one extra resnet per block; every block but the last doubles the resolution
-        self.up_blocks = nn.ModuleList(
-            _VAEBlock(rev[max(i - 1, 0)], c, n + 1, groups, up=i < len(rev) - 1) for i, c in enumerate(rev))
-        self.conv_norm_out = nn.GroupNorm(groups, chs[0], eps=1e-6)
-        self.conv_out = nn.Conv2d(chs[0], cout, 3, padding=1)
-
-    def forward(self, z):  # (B,zc,h,w) -> (B,3,h*f,w*f)
-        h = self.mid_block(self.conv_in(z))
-        for blk in self.up_blocks:
-            h = blk(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
-
-
-class AutoencoderKL(nn.Module):
-    """The Stable Diffusion KL autoencoder (VAE), written from scratch.
-
-    Module and parameter names mirror diffusers' AutoencoderKL exactly
-    (encoder/decoder, down_blocks/up_blocks, resnets, mid_block.attentions.0.to_q, ...,
-    quant_conv, post_quant_conv), so the published stabilityai/sd-vae-ft-ema weights
-    (diffusion_pytorch_model.safetensors / .bin) load with load_state_dict(strict=True)
-    without any key translation. Images are in [-1, 1]; latents are UNscaled
-    (multiply by VAE_SCALE before feeding a diffusion model)."""
-
-    def __init__(self, in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512),
-                 layers_per_block=2, latent_channels=4, norm_num_groups=32):
-        super().__init__()
-        chs = tuple(block_out_channels)
-        self.encoder = _VAEEncoder(in_channels, chs, layers_per_block, latent_channels, norm_num_groups)
-        self.decoder = _VAEDecoder(out_channels, chs, layers_per_block, latent_channels, norm_num_groups)
-        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
-
-    def _moments(self, x):
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)  # each (B,zc,H/f,W/f)
-        return mean, logvar.clamp(-30.0, 20.0)  # same clamp as diffusers' DiagonalGaussianDistribution
-
-    def encode(self, x, generator=None):
-        """Sample z ~ N(mean, exp(logvar)) from the posterior; returns unscaled latents."""
-        mean, logvar = self._moments(x)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return mean + torch.exp(0.5 * logvar) * noise
-
-    def encode_mean(self, x):
-        """The posterior mean (deterministic latents), unscaled."""
-        return self._moments(x)[0]
-
-    def decode(self, z):
-        """Unscaled latents (B,zc,h,w) -> images (B,3,h*f,w*f), roughly in [-1, 1] (not clamped)."""
-        return self.decoder(self.post_quant_conv(z))
-
-    def forward(self, x, generator=None):
-        return self.decode(self.encode(x, generator))
-
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-
-
-def read_safetensors(path):
-    """Parse a .safetensors file by hand -> {name: tensor} on CPU.
-
-    Layout: u64 little-endian header size N, N bytes of JSON
-    {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}},
-    then the raw little-endian tensor bytes (offsets relative to the end of the header)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n).decode("utf-8"))
-        data = f.read()
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        dtype = _ST_DTYPES[info["dtype"]]
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        buf = bytearray(data[begin:end])  # a writable copy, so the tensor owns its memory
-        t = torch.frombuffer(buf, dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
-        if sys.byteorder == "big" and t.element_size() > 1:  # file bytes are little-endian
-            t = t.view(torch.uint8).view(-1, t.element_size()).flip(1).contiguous().view(dtype).flatten()
-        out[name] = t.reshape(shape)
-    return out
-
-
-# Older diffusers checkpoints (sd-vae-ft-ema was published in 2022) may still carry the
-# deprecated attention names; diffusers renames them on load, so we do the same.
-_VAE_OLD_ATTN = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
-
-
-def _vae_rename_deprecated(sd):
-    out = {}
-    for k, v in sd.items():
-        if ".attentions." in k:
-            for old, new in _VAE_OLD_ATTN.items():
-                k = k.replace(old, new)
-        out[k] = v
-    return out
-
-
-def load_vae(path, **arch):
-    """Build the sd-vae-ft-ema AutoencoderKL (or `arch` overrides) and load `path` strictly.
-
-    `path` is diffusion_pytorch_model.safetensors (read by hand) or .bin/.pt (torch.load)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"VAE weights not found at {path!r}. Download diffusion_pytorch_model.safetensors "
-            f"(or .bin) from https://huggingface.co/stabilityai/sd-vae-ft-ema and set the config "
-            f"key 'vae_path' to its location.")
-    cfg = dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512),
-               layers_per_block=2, latent_channels=4, norm_num_groups=32)
-    cfg.update(arch)
-    model = AutoencoderKL(**cfg)
-    if path.endswith(".safetensors"):
-        sd = read_safetensors(path)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-    sd = _vae_rename_deprecated(sd)
-    want, have = set(model.state_dict()), set(sd)
-    if want != have:
-        missing, unexpected = sorted(want - have), sorted(have - want)
-        raise ValueError(
-            f"{path} does not match the diffusers AutoencoderKL layout: "
-            f"{len(missing)} missing keys (e.g. {missing[:5]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:5]})")
-    model.load_state_dict(sd, strict=True)  # copies and casts (e.g. F16 -> F32) into the params
-    return model.eval()
-
-
-def sd_vae_key_shapes():
-    """Full-size sd-vae-ft-ema state_dict key -> shape, built on the meta device (no memory)."""
-    with torch.device("meta"):
-        m = AutoencoderKL()
-    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
-
-
-# -----------------------------------------------------------------------------
-# Gaussian diffusion (objective='eps'): schedule arrays, loss, DDPM and DDIM samplers
+# Gaussian diffusion (objective='eps'): schedule arrays, loss, DDPM and DDIM steps
 
 class GaussianDiffusion:
     """The quantities of q and p for a beta schedule. `timesteps` maps each step of a
@@ -630,7 +375,8 @@ class GaussianDiffusion:
         self.abar_prev = np.append(1.0, self.abar[:-1])
         self.posterior_variance = betas * (1.0 - self.abar_prev) / (1.0 - self.abar)
         # log variance with the t = 0 entry (zero) replaced by the next one, as ADM does
-        self.posterior_log_variance = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        self.posterior_log_variance = np.log(np.append(self.posterior_variance[1],
+                                                       self.posterior_variance[1:]))
         self.posterior_mean_coef1 = betas * np.sqrt(self.abar_prev) / (1.0 - self.abar)
         self.posterior_mean_coef2 = (1.0 - self.abar_prev) * np.sqrt(alphas) / (1.0 - self.abar)
 
@@ -640,15 +386,14 @@ class GaussianDiffusion:
         return cls(np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64))
 
     def respaced(self, steps):
-        """The same process seen at `steps` evenly spaced timesteps: beta_i = 1 - abar_i / abar_{i-1}.
-        The timesteps are DiT's (space_timesteps): a stride of (T - 1) / (steps - 1) summed in
-        floating point and rounded, so 21 steps keep 499 where exact halves would give 500."""
+        """The same process seen at `steps` evenly spaced timesteps: beta_i = 1 - abar_i /
+        abar_{i-1}. The timesteps are DiT's (space_timesteps): a stride of (T - 1) / (steps - 1)
+        summed in floating point and rounded, so 21 steps keep 499 where exact halves give 500."""
         T = self.num_timesteps
-        if not 2 <= steps <= T:
-            # DiT's space_timesteps keeps timestep 0 alone for one step, which its samplers then
-            # fail on (an index error), and a lone step at t = 0 would return the noise itself
-            raise ValueError(f"num_sampling_steps={steps}: a respaced sampler needs 2 to {T} steps "
-                             f"of the {T}-step process (one step would keep only t = 0, as DiT does)")
+        if not 2 <= steps <= T:     # one step would keep t = 0 alone: it returns the noise
+            raise ValueError(f"num_sampling_steps={steps}: a respaced sampler needs 2 to {T} "
+                             f"steps of the {T}-step process (one step would keep only t = 0, "
+                             "as DiT does)")
         stride, position, keep = (T - 1) / (steps - 1), 0.0, []
         for _ in range(steps):
             keep.append(round(position))
@@ -663,22 +408,26 @@ class GaussianDiffusion:
         return torch.as_tensor(array, device=x.device)[t].float().view(-1, *([1] * (x.ndim - 1)))
 
     def q_sample(self, x0, t, noise):
-        return self._at(np.sqrt(self.abar), t, x0) * x0 + self._at(np.sqrt(1 - self.abar), t, x0) * noise
+        return (self._at(np.sqrt(self.abar), t, x0) * x0
+                + self._at(np.sqrt(1 - self.abar), t, x0) * noise)
 
     def q_posterior(self, x0, x_t, t):
-        mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
+        mean = (self._at(self.posterior_mean_coef1, t, x_t) * x0
+                + self._at(self.posterior_mean_coef2, t, x_t) * x_t)
         return mean, self._at(self.posterior_log_variance, t, x_t)
 
     def p_mean_variance(self, out, x_t, t, clip):
         """From the network output (eps, v) to the reverse step's mean and log variance."""
         C = x_t.shape[1]
         eps = out[:, :C]
-        if out.shape[1] == 2 * C:                       # learned variance between betatilde and beta
+        posterior_log_var = self._at(self.posterior_log_variance, t, x_t)
+        if out.shape[1] == 2 * C:                  # learned: between betatilde and beta
             frac = (out[:, C:] + 1) / 2
-            log_var = frac * self._at(np.log(self.betas), t, x_t) + (1 - frac) * self._at(self.posterior_log_variance, t, x_t)
+            log_var = frac * self._at(np.log(self.betas), t, x_t) + (1 - frac) * posterior_log_var
         else:
-            log_var = self._at(self.posterior_log_variance, t, x_t).expand_as(x_t)
-        x0 = self._at(np.sqrt(1 / self.abar), t, x_t) * x_t - self._at(np.sqrt(1 / self.abar - 1), t, x_t) * eps
+            log_var = posterior_log_var.expand_as(x_t)
+        x0 = (self._at(np.sqrt(1 / self.abar), t, x_t) * x_t
+              - self._at(np.sqrt(1 / self.abar - 1), t, x_t) * eps)
         if clip:
             x0 = x0.clamp(-1, 1)
         mean, _ = self.q_posterior(x0, x_t, t)
@@ -695,8 +444,8 @@ class GaussianDiffusion:
         true_mean, true_log_var = self.q_posterior(x0, x_t, t)
         mean, log_var, _, _ = self.p_mean_variance(frozen, x_t, t, clip=False)
         kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(dim=(1, 2, 3)) / math.log(2)
-        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(dim=(1, 2, 3)) / math.log(2)
-        vb = torch.where(t == 0, nll, kl)
+        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(dim=(1, 2, 3))
+        vb = torch.where(t == 0, nll / math.log(2), kl)
         return mse + vb
 
     def ddpm_step(self, out, x_t, i, noise, clip):
@@ -707,8 +456,10 @@ class GaussianDiffusion:
     def ddim_step(self, out, x_t, i, clip):
         t = torch.full((len(x_t),), i, device=x_t.device, dtype=torch.long)
         _, _, x0, _ = self.p_mean_variance(out, x_t, t, clip)
-        eps = (self._at(np.sqrt(1 / self.abar), t, x_t) * x_t - x0) / self._at(np.sqrt(1 / self.abar - 1), t, x_t)
-        return self._at(np.sqrt(self.abar_prev), t, x_t) * x0 + self._at(np.sqrt(1 - self.abar_prev), t, x_t) * eps
+        eps = ((self._at(np.sqrt(1 / self.abar), t, x_t) * x_t - x0)
+               / self._at(np.sqrt(1 / self.abar - 1), t, x_t))
+        return (self._at(np.sqrt(self.abar_prev), t, x_t) * x0
+                + self._at(np.sqrt(1 - self.abar_prev), t, x_t) * eps)
 
 
 def normal_kl(mean1, log_var1, mean2, log_var2):
@@ -726,9 +477,57 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     cdf_min = cdf(inv_std * (centered - 1.0 / 255))
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    cdf_delta = cdf_plus - cdf_min
+    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
     return torch.where(x < -0.999, log_cdf_plus,
-                       torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))))
+                       torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+
+
+def eps_loss(model, x0, y, t, noise, diffusion):
+    """Gaussian diffusion's per-sample loss at integer timesteps t (N,): noise x0 by q, then
+    score the network's eps and variance."""
+    x_t = diffusion.q_sample(x0, t, noise)
+    return diffusion.training_losses(model(x_t, t, y).float(), x0, x_t, t, noise)
+
+
+# -----------------------------------------------------------------------------
+# Rectified flow (objective='flow'): x_t = (1 - t) x0 + t noise, t in [0, 1], the network
+# predicts the velocity noise - x0 (or x0 itself)
+
+FLOW_T_SCALE = 1000     # flow's t in [0, 1] reaches the network as 1000 t, the range of DiT's
+                        # integer timesteps, so one timestep embedder serves both objectives
+
+
+def flow_velocity(out, x_t, t, flow_output, clip=False, t_min=1e-6):
+    """The velocity eps - x0 from the network's output: itself, or from a predicted clean
+    image x0_hat as (x_t - x0_hat) / t. Training floors t at 0.05 so the loss weight on
+    x0_hat, 1 / t^2, stays bounded; an Euler step to t = 0 then lands exactly on x0_hat."""
+    if flow_output == 'velocity':
+        return out
+    x0_hat = out.clamp(-1, 1) if clip else out
+    return (x_t - x0_hat) / t.view(-1, 1, 1, 1).clamp(min=t_min)
+
+
+def flow_loss(model, x0, y, t, noise, flow_output='velocity'):
+    """Per-sample rectified-flow loss at times t (N,): regress the velocity noise - x0."""
+    tt = t.view(-1, 1, 1, 1)
+    x_t = x0 * (1 - tt) + noise * tt
+    u = flow_velocity(model(x_t, t * FLOW_T_SCALE, y).float(), x_t, t, flow_output, t_min=0.05)
+    return (u - (noise - x0)).pow(2).mean(dim=(1, 2, 3))
+
+
+def flow_t_mean_at(it, c):
+    """The mean of the logit-normal training t: flow_t_mean, then over the second half of
+    max_iters a linear move to flow_t_mean + flow_t_shift."""
+    progress = min(1.0, max(0.0, 2 * it / c['max_iters'] - 1))
+    return c['flow_t_mean'] + progress * c['flow_t_shift']
+
+
+def flow_training_t(it, c, n, generator):
+    """n training times of iteration it: uniform, or sigmoid(N(flow_t_mean_at(it), flow_t_std))."""
+    if c['flow_t_std'] > 0:
+        z = c['flow_t_std'] * torch.randn(n, generator=generator)
+        return torch.sigmoid(flow_t_mean_at(it, c) + z)
+    return torch.rand(n, generator=generator)
 
 
 # -----------------------------------------------------------------------------
@@ -738,23 +537,20 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 
 def sample_noise(shape, seeds, device):
     """(N, *shape) standard normal noise, row i from a generator seeded by seeds[i]."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds]).to(device)
 
 
 @torch.no_grad()
 def sample(model_fn, shape, seeds, objective, sampler, steps, device, clip=False, diffusion=None,
-           flow_output='velocity', x_start=None, t_start=1.0):
+           flow_output='velocity'):
     """Draw len(seeds) samples of `shape` (C, H, W). eps: 'ddpm' ancestral steps or 'ddim' on
-    `steps` respaced timesteps; flow: 'euler' or 'heun' steps of the ODE from t = 1 to 0.
-    Flow only: with x_start and t_start < 1, start from x_start noised to t_start and take the
-    steps of the same grid below t_start (SDEdit: how much of a given image survives)."""
+    `steps` respaced timesteps, model_fn given DiT's timesteps; flow: 'euler' or 'heun' steps of
+    the ODE from t = 1 to 0, model_fn given t."""
     x = sample_noise(shape, seeds, device)
     if objective == 'flow':
         ts = torch.linspace(1.0, 0.0, steps + 1)
-        if t_start < 1.0:
-            x = (1 - t_start) * x_start.to(device) + t_start * x
-            ts = torch.cat([torch.tensor([t_start]), ts[ts < t_start]])
-        for k in range(len(ts) - 1):
+        for k in range(steps):
             t, t_next = ts[k].item(), ts[k + 1].item()
             tv = torch.full((len(x),), t, device=device)
             u = flow_velocity(model_fn(x, tv), x, tv, flow_output, clip)
@@ -765,8 +561,6 @@ def sample(model_fn, shape, seeds, objective, sampler, steps, device, clip=False
                 x_next = x + (t_next - t) * 0.5 * (u + u_next)
             x = x_next
         return x
-    if t_start < 1.0:
-        raise ValueError("starting from a noised image (t_start < 1) is implemented for objective='flow' only")
     spaced = (diffusion or GaussianDiffusion.linear()).respaced(steps)
     step_seeds = [[int(s) * 7919 + 1 + i for s in seeds] for i in range(spaced.num_timesteps)]
     for i in reversed(range(spaced.num_timesteps)):
@@ -775,28 +569,31 @@ def sample(model_fn, shape, seeds, objective, sampler, steps, device, clip=False
         if sampler == 'ddim':
             x = spaced.ddim_step(out, x, i, clip)
         else:
-            x = spaced.ddpm_step(out, x, i, sample_noise(shape, step_seeds[i], device) if i > 0 else None, clip)
+            noise = sample_noise(shape, step_seeds[i], device) if i > 0 else None
+            x = spaced.ddpm_step(out, x, i, noise, clip)
     return x
 
 
 def check_sampler(objective, sampler):
     allowed = {'eps': ('ddpm', 'ddim'), 'flow': ('euler', 'heun')}[objective]
     if sampler not in allowed:
-        raise ValueError(f"sampler '{sampler}' does not sample objective '{objective}'; use one of {allowed}")
+        raise ValueError(f"sampler '{sampler}' does not sample objective '{objective}'; "
+                         f"use one of {allowed}")
 
 
 def guided(model, y, cfg_scale, objective, interval=(0.0, 1.0)):
     """model_fn for `sample`: the conditional network, with classifier-free guidance while
-    the normalized time is inside `interval`. Time is t / 1000 for eps, t for flow."""
+    the normalized time (t / 1000 for eps, t for flow) is inside `interval`."""
     def fn(x, t):
-        t_net = t * 1000 if objective == 'flow' else t
+        t_net = t * FLOW_T_SCALE if objective == 'flow' else t
         t_norm = (t if objective == 'flow' else t.float() / 1000)[0].item()
-        if cfg_scale == 1.0 or model.cond == 'none' or not (interval[0] <= t_norm <= interval[1]):
+        if cfg_scale == 1.0 or model.cond == 'none' or not interval[0] <= t_norm <= interval[1]:
             return model(x, t_net, y)
         cond = y
         if cond.is_floating_point():                   # soft codes: the null row, one-hot
             cond = F.pad(cond, (0, model.null + 1 - cond.shape[-1]))
-            null = F.one_hot(torch.full(cond.shape[:-1], model.null, device=cond.device), model.null + 1).to(cond)
+            null = torch.full(cond.shape[:-1], model.null, device=cond.device)
+            null = F.one_hot(null, model.null + 1).to(cond)
         else:
             null = torch.full_like(cond, model.null)
         return model.forward_with_cfg(torch.cat([x, x]), torch.cat([t_net, t_net]),
@@ -813,7 +610,8 @@ def read_images(data_dir, split, image_size):
     array = os.path.join(data_dir, f'{split}_images.npy')
     if os.path.exists(array):
         images = np.load(array, mmap_mode='r')
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (image_size, image_size, 3):
+        if images.dtype != np.uint8 or images.ndim != 4 or \
+                images.shape[1:] != (image_size, image_size, 3):
             raise ValueError(f"{array}: expected uint8 (N, {image_size}, {image_size}, 3), got "
                              f"{images.dtype} {images.shape}; set --image_size to the data's size")
         return images
@@ -855,7 +653,8 @@ class ImageFolder(torch.utils.data.Dataset):
                 im = im.crop((left, top, left + self.image_size, top + self.image_size))
                 return torch.from_numpy(np.asarray(im).copy())
         except Exception as e:
-            raise RuntimeError(f"cannot read image '{self.files[i]}' ({e}); remove or replace it") from None
+            raise RuntimeError(f"cannot read image '{self.files[i]}' ({e}); "
+                               "remove or replace it") from None
 
 
 def read_conditions(cfg, split, n_items):
@@ -864,8 +663,8 @@ def read_conditions(cfg, split, n_items):
     if cfg['cond'] == 'dlc':
         ckpt_path = os.path.join(cfg['codes_dir'], 'tokenizer.pt')
         if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"tokenizer checkpoint '{ckpt_path}' not found: set --codes_dir to the "
-                                    "tokenizer's out_dir")
+            raise FileNotFoundError(f"tokenizer checkpoint '{ckpt_path}' not found: set "
+                                    "--codes_dir to the tokenizer's out_dir")
         tok = torch.load(ckpt_path, map_location='cpu', weights_only=True)
         path = os.path.join(cfg['codes_dir'], f'codes_{split}.npy')
         return check_codes(path, tok['L'], tok['V'], n_items), dict(L=tok['L'], V=tok['V'])
@@ -881,18 +680,20 @@ def check_codes(path, L, V, n_items=None):
         raise FileNotFoundError(f"code dump '{path}' not found; {fix}")
     codes = np.load(path)
     if codes.ndim != 2 or codes.shape[1] != L:
-        raise ValueError(f"code dump '{path}' has shape {codes.shape}, but its tokenizer makes codes of "
-                         f"L={L} tokens; {fix}")
+        raise ValueError(f"code dump '{path}' has shape {codes.shape}, but its tokenizer makes "
+                         f"codes of L={L} tokens; {fix}")
     if not np.issubdtype(codes.dtype, np.unsignedinteger) or (codes.size and int(codes.max()) >= V):
-        raise ValueError(f"code dump '{path}' holds {codes.dtype} tokens up to {int(codes.max())}, but its "
-                         f"tokenizer has V={V}: tokens must be unsigned integers < V; {fix}")
+        raise ValueError(f"code dump '{path}' holds {codes.dtype} tokens up to "
+                         f"{int(codes.max())}, but its tokenizer has V={V}: tokens must be "
+                         f"unsigned integers < V; {fix}")
     if n_items is not None and len(codes) != n_items:
-        raise ValueError(f"code dump '{path}' has {len(codes)} codes but the split has {n_items} items; {fix}")
+        raise ValueError(f"code dump '{path}' has {len(codes)} codes but the split has {n_items} "
+                         f"items; {fix}")
     return codes
 
 
 def class_labels(data_dir, split, image_size, num_classes):
-    """Folder classes, or for the built-in data the (shape, color) pair: shape * n_colors + color."""
+    """Folder classes, or on the built-in data the (shape, color) pair, shape * n_colors + color."""
     factors = os.path.join(data_dir, f'{split}_factors.npy')
     if os.path.exists(factors):
         f = np.load(factors)
@@ -901,7 +702,8 @@ def class_labels(data_dir, split, image_size, num_classes):
     else:
         labels = np.array(ImageFolder(os.path.join(data_dir, split), image_size).labels)
     if labels.max() >= num_classes:
-        raise ValueError(f"split '{split}' of '{data_dir}' has labels up to {labels.max()}; set --num_classes")
+        raise ValueError(f"split '{split}' of '{data_dir}' has labels up to {labels.max()}; "
+                         "set --num_classes")
     return labels
 
 
@@ -909,20 +711,23 @@ class TrainingSet(torch.utils.data.Dataset):
     """Item i: (image as float in [-1, 1] (C, H, W) or its latent, condition). Flips are chosen
     by the caller (a per-item flag) so they are the same on any number of processes."""
     def __init__(self, cfg, split):
-        if cfg['latents_dir']:
+        self.latent = bool(cfg['latents_dir'])
+        self.images, self.flipped = None, None
+        if self.latent:
             path = os.path.join(cfg['latents_dir'], f'latents_{split}.npy')
             if not os.path.exists(path):
-                raise FileNotFoundError(f"latents '{path}' not found: run python diffusion.py --mode=extract "
-                                        f"--split={split} --out_dir={cfg['latents_dir']}")
+                raise FileNotFoundError(f"latents '{path}' not found: run python diffusion.py "
+                                        f"--mode=extract --split={split} "
+                                        f"--out_dir={cfg['latents_dir']}")
             self.images = np.load(path, mmap_mode='r')
             flip_path = path.replace('.npy', '_flip.npy')
-            self.flipped = np.load(flip_path, mmap_mode='r') if cfg['hflip'] and os.path.exists(flip_path) else None
-            if cfg['hflip'] and self.flipped is None:
-                raise FileNotFoundError(f"hflip=True needs '{flip_path}' (--mode=extract --extract_flip=True), "
-                                        "or set --hflip=False")
+            if cfg['hflip'] and not os.path.exists(flip_path):
+                raise FileNotFoundError(f"hflip=True needs '{flip_path}' (--mode=extract "
+                                        "--extract_flip=True), or set --hflip=False")
+            if cfg['hflip']:
+                self.flipped = np.load(flip_path, mmap_mode='r')
         else:
-            self.images, self.flipped = read_images(cfg['data_dir'], split, cfg['image_size']), None
-        self.latent = bool(cfg['latents_dir'])
+            self.images = read_images(cfg['data_dir'], split, cfg['image_size'])
         self.conditions, self.contract = read_conditions(cfg, split, len(self.images))
 
     def __len__(self):
@@ -933,12 +738,12 @@ class TrainingSet(torch.utils.data.Dataset):
         if self.latent:
             x = torch.from_numpy(np.array((self.flipped if flip else self.images)[i])).float()
         else:
-            x = self.images[i]
-            x = torch.as_tensor(np.array(x)).permute(2, 0, 1).float() / 127.5 - 1
+            x = torch.as_tensor(np.array(self.images[i])).permute(2, 0, 1).float() / 127.5 - 1
             if flip:
                 x = x.flip(-1)
-        y = torch.as_tensor(np.array(self.conditions[i]).astype(np.int64)) if self.conditions is not None else torch.zeros(())
-        return x, y
+        if self.conditions is None:
+            return x, torch.zeros(())
+        return x, torch.as_tensor(np.array(self.conditions[i]).astype(np.int64))
 
 
 class BatchSampler:
@@ -967,54 +772,6 @@ class BatchSampler:
             for k in range(0, local, self.micro):
                 part = idx[k:k + self.micro].tolist()
                 yield [(i, bool(self.flips[i]) and self.hflip) for i in part]
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints, images
-
-def save_atomic(obj, path):
-    """Write to a temporary file in the same folder, then rename: a crash leaves the old file."""
-    tmp = f'{path}.tmp.{os.getpid()}'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"diffusion checkpoint '{path}' not found: train one first "
-                                f"(python diffusion.py <config> --out_dir={os.path.dirname(path) or '.'}), "
-                                "or for the class-conditional baseline download DiT-XL-2-256x256.pt from "
-                                "https://dl.fbaipublicfiles.com/DiT/models/")
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def model_from_checkpoint(ckpt, weights='ema'):
-    model = DiT(**ckpt['model_args'])
-    model.load_state_dict(ckpt[weights])
-    return model.eval()
-
-
-def to_uint8(x):
-    """(N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_grid(images, path, ncol):
-    """uint8 (N, H, W, 3) -> one PNG, ncol images per row, 2 px gaps."""
-    n, h, w, _ = images.shape
-    nrow = math.ceil(n / ncol)
-    grid = np.full((nrow * (h + 2) + 2, ncol * (w + 2) + 2, 3), 255, dtype=np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, ncol)
-        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = im
-    Image.fromarray(grid).save(path)
-
-
-def decode_to_uint8(x, vae):
-    """Samples in the training space to uint8 images: pixels directly, latents via the VAE."""
-    if vae is not None:
-        x = vae.decode(x / VAE_SCALE)
-    return to_uint8(x)
 
 
 # -----------------------------------------------------------------------------
@@ -1054,53 +811,21 @@ def load_public_dit(model, path):
     (cond='dlc'). The fork trains a torch.compile'd model, so its model.safetensors and its EMA
     (custom_checkpoint_0.pkl) prefix every key with '_orig_mod.', which its samplers strip too."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"DiT weights '{path}' not found; download DiT-XL-2-256x256.pt from "
-                                "https://dl.fbaipublicfiles.com/DiT/models/ and set --init_from to its path")
+        raise FileNotFoundError(f"DiT weights '{path}' not found; download DiT-XL-2-256x256.pt "
+                                "from https://dl.fbaipublicfiles.com/DiT/models/ and set "
+                                "--init_from to its path")
     state = read_safetensors(path) if path.endswith('.safetensors') else \
         torch.load(path, map_location='cpu', weights_only=True)
     state = {k.removeprefix('_orig_mod.'): v for k, v in state.get('ema', state).items()}
     model.load_state_dict(state, strict=True)
 
 
-def public_dit_from_weights(path, state):
-    """A class-conditional DiT rebuilt from a bare state dict (DiT-XL-2-256x256.pt and its
-    kin, loaded from path): the size and patch are read off the tensor shapes, the heads from
-    DiT_models. Returns (model, checkpoint-like info: objective eps, space, image size)."""
-    state = state.get('ema', state)
-    if 'y_embedder.embedding_table.weight' not in state:
-        raise ValueError(f"'{path}' is not a class-conditional DiT state dict (no y_embedder.embedding_table)")
-    hidden, in_channels, patch, _ = state['x_embedder.proj.weight'].shape
-    depth = len({k.split('.')[1] for k in state if k.startswith('blocks.')})
-    sizes = [v for v in DiT_models.values() if (v['hidden_size'], v['depth'], v['patch_size']) == (hidden, depth, patch)]
-    heads = sizes[0]['num_heads'] if sizes else max(h for h in (16, 12, 8, 6, 4, 2, 1) if hidden % h == 0)
-    input_size = int(math.sqrt(state['pos_embed'].shape[1])) * patch
-    args = dict(input_size=input_size, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
-                num_heads=heads, learn_sigma=state['final_layer.linear.weight'].shape[0] == 2 * in_channels * patch ** 2,
-                cond='class', num_classes=state['y_embedder.embedding_table.weight'].shape[0] - 1)
-    model = DiT(**args)
-    model.load_state_dict(state, strict=True)
-    latent = in_channels == 4
-    info = dict(objective='eps', space='latent' if latent else 'pixel', cond='class', model_args=args,
-                image_size=input_size * 8 if latent else input_size, config={})
-    return model.eval(), info
-
-
-def flow_velocity(out, x_t, t, flow_output, clip=False, t_min=1e-6):
-    """The velocity eps - x0 from the network's output: itself, or from a predicted clean
-    image x0_hat as (x_t - x0_hat) / t. Training floors t at 0.05 so the loss weight on
-    x0_hat, 1 / t^2, stays bounded; an Euler step to t = 0 then lands exactly on x0_hat."""
-    if flow_output == 'velocity':
-        return out
-    x0_hat = out.clamp(-1, 1) if clip else out
-    return (x_t - x0_hat) / t.view(-1, 1, 1, 1).clamp(min=t_min)
-
-
-def flow_loss(model, x0, y, t, noise, flow_output='velocity'):
-    """Rectified flow: x_t = (1 - t) x0 + t noise, regress the velocity noise - x0."""
-    tt = t.view(-1, 1, 1, 1)
-    x_t = x0 * (1 - tt) + noise * tt
-    u = flow_velocity(model(x_t, t * 1000, y).float(), x_t, t, flow_output, t_min=0.05)
-    return (u - (noise - x0)).pow(2).mean(dim=(1, 2, 3))
+def configure_optimizer(model, c):
+    """AdamW; weight decay (when any) on the matrices only, not on gains and biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=c['weight_decay']),
+              dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=c['learning_rate'], betas=(0.9, 0.999), fused=True)
 
 
 def learning_rate_at(it, c):
@@ -1110,23 +835,46 @@ def learning_rate_at(it, c):
     if not c['lr_decay']:
         return c['learning_rate']
     progress = (it - c['warmup_iters']) / max(1, c['max_iters'] - c['warmup_iters'])
-    return c['min_lr'] + 0.5 * (c['learning_rate'] - c['min_lr']) * (1 + math.cos(math.pi * min(1.0, progress)))
+    cosine = 1 + math.cos(math.pi * min(1.0, progress))
+    return c['min_lr'] + 0.5 * (c['learning_rate'] - c['min_lr']) * cosine
 
 
 def ema_decay_at(it, c):
-    """The EMA decay of iteration it. The warm-up (1 + it) / (10 + it) matters in short runs, where
-    a plain 0.999 would keep a large share of the initial network in the average. It reaches
-    0.9999 at iteration 89,990; from there the two averages follow the same recursion, so they
-    differ at iteration K by 0.9999^(K - 89,990) times their gap then: 3e-14 of it at 400k,
-    2e-18 at 500,400. The ImageNet config turns it off only to be exactly the paper's DiT."""
+    """The EMA decay of iteration it. The warm-up (1 + it) / (10 + it) matters in short runs,
+    where a plain 0.999 would keep much of the initial network in the average. From iteration
+    89,990 on (0.9999) both averages follow one recursion, their gap shrinking by 0.9999 a step:
+    2e-18 of it at 500,400. The ImageNet config turns it off only to be exactly the paper's."""
     return min(c['ema_decay'], (1 + it) / (10 + it)) if c['ema_warmup'] else c['ema_decay']
 
 
-def flow_t_mean_at(it, c):
-    """The mean of the logit-normal training t: flow_t_mean, then over the second half of
-    max_iters a linear move to flow_t_mean + flow_t_shift."""
-    progress = min(1.0, max(0.0, 2 * it / c['max_iters'] - 1))
-    return c['flow_t_mean'] + progress * c['flow_t_shift']
+def draw_global_batch(it, c, x_shape):
+    """The timesteps (flow: times in [0, 1]), noise and condition dropouts of iteration it,
+    drawn for the whole global batch from one generator, then sliced per process: the step is
+    the same on any number of processes, and a resumed run draws them again."""
+    gen = torch.Generator().manual_seed(c['seed'] * 1_000_003 + it)
+    B = c['batch_size']
+    if c['objective'] == 'flow':
+        t = flow_training_t(it, c, B, gen)
+    else:
+        t = torch.randint(0, 1000, (B,), generator=gen)
+    noise = torch.randn(B, *x_shape, generator=gen)
+    drop = torch.rand(B, generator=gen) < c['class_dropout_prob']
+    return t, noise, drop
+
+
+def drop_condition(y, drop, cond, null):
+    """Classifier-free guidance's training: where drop is set, the whole condition becomes the
+    null (a code: all L tokens); cond='none' has no condition."""
+    if cond == 'none':
+        return None
+    return torch.where(drop[:, None] if cond == 'dlc' else drop, null, y)
+
+
+def training_loss(model, x0, y, t, noise, c, diffusion):
+    """The per-sample loss of the configured objective."""
+    if c['objective'] == 'flow':
+        return flow_loss(model, x0, y, t, noise, c['flow_output'])
+    return eps_loss(model, x0, y, t, noise, diffusion)
 
 
 def train(cfg):
@@ -1134,16 +882,16 @@ def train(cfg):
     c, master = cfg, rank == 0
     device_type = 'cuda' if 'cuda' in device else 'cpu'
     check_sampler(c['objective'], c['sampler'])
-    if c['dtype'] not in ('bfloat16', 'float32'):
-        raise ValueError(f"--dtype={c['dtype']} is not 'bfloat16' or 'float32'")
-    if c['batch_size'] % (world * c['micro_batch_size']):
-        raise ValueError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) x "
-                         f"micro_batch_size ({c['micro_batch_size']})")
-    accum = c['batch_size'] // (world * c['micro_batch_size'])
+    micro = c['micro_batch_size']
+    if c['batch_size'] % (world * micro):
+        raise ValueError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) "
+                         f"x micro_batch_size ({micro})")
+    accum = c['batch_size'] // (world * micro)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    bf16 = device_type == 'cuda' and c['dtype'] == 'bfloat16'
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if bf16 else nullcontext()
+    autocast = nullcontext()
+    if device_type == 'cuda':   # bf16: half the memory traffic of fp32, and no loss scaling needed
+        autocast = torch.autocast('cuda', dtype=torch.bfloat16)
     os.makedirs(c['out_dir'], exist_ok=True)
     ckpt_path = os.path.join(c['out_dir'], 'diffusion.pt')
 
@@ -1156,11 +904,7 @@ def train(cfg):
         load_public_dit(model, c['init_from'])
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    decay, no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2], \
-                      [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=c['weight_decay']),
-                                   dict(params=no_decay, weight_decay=0.0)],
-                                  lr=c['learning_rate'], betas=(0.9, 0.999), fused=True)
+    optimizer = configure_optimizer(model, c)
     iter_num = 0
     if c['init_from'] == 'resume':
         ckpt = load_checkpoint(ckpt_path)
@@ -1171,30 +915,34 @@ def train(cfg):
         if master:
             print(f"resuming from {ckpt_path} at iteration {iter_num}")
     raw_model = model
-    ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())   # one fused EMA update
+    ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
     if c['compile']:
         model = torch.compile(model)
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == 'cuda' else None)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device_type == 'cuda' else None)
     diffusion = GaussianDiffusion.linear()
     if master:
         n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-        print(f"{c['model']} ({n_params / 1e6:.2f}M parameters), cond={c['cond']}, objective={c['objective']}, "
-              f"{'latents' if c['latents_dir'] else 'pixels'} {x_shape}, {world} process(es) x {accum} "
-              f"micro-batches of {c['micro_batch_size']} = batch {c['batch_size']}")
+        print(f"{c['model']} ({n_params / 1e6:.2f}M parameters), cond={c['cond']}, "
+              f"objective={c['objective']}, {'latents' if data.latent else 'pixels'} {x_shape}, "
+              f"{world} process(es) x {accum} micro-batches of {micro} = batch {c['batch_size']}")
 
     def save():
-        save_atomic(dict(model=raw_model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                         model_args=model_args, config=dict(c), iter_num=iter_num,
-                         image_size=c['image_size'], space='latent' if c['latents_dir'] else 'pixel',
-                         cond=c['cond'], objective=c['objective'], **data.contract), ckpt_path)
+        save_atomic(dict(model=raw_model.state_dict(), ema=ema.state_dict(),
+                         optimizer=optimizer.state_dict(), model_args=model_args, config=dict(c),
+                         iter_num=iter_num, image_size=c['image_size'],
+                         space='latent' if data.latent else 'pixel', cond=c['cond'],
+                         objective=c['objective'], **data.contract), ckpt_path)
 
     stop = c['max_iters'] if c['run_iters'] < 0 else min(c['max_iters'], iter_num + c['run_iters'])
     sampler = BatchSampler(len(data), c['batch_size'], iter_num, stop, c['seed'], rank, world,
-                           c['micro_batch_size'], c['hflip'])
-    loader = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, pin_memory=device_type == 'cuda',
-                                              num_workers=c['num_workers'] if isinstance(data.images, ImageFolder) else 0))
-    bar = tqdm(total=stop, initial=iter_num, disable=not master, desc='diffusion', dynamic_ncols=True)
+                           micro, c['hflip'])
+    workers = c['num_workers'] if isinstance(data.images, ImageFolder) else 0
+    loader = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=workers,
+                                              pin_memory=device_type == 'cuda'))
+    bar = tqdm(total=stop, initial=iter_num, disable=not master, desc='diffusion',
+               dynamic_ncols=True)
     local = c['batch_size'] // world
     t0, history = time.time(), []
     while iter_num < stop:
@@ -1202,44 +950,28 @@ def train(cfg):
         lr = learning_rate_at(it, c)
         for g in optimizer.param_groups:
             g['lr'] = lr
-        # timesteps, noise and condition dropout drawn for the global batch, sliced per process
-        gen = torch.Generator().manual_seed(c['seed'] * 1_000_003 + it)
-        B = c['batch_size']
-        if c['objective'] == 'flow':
-            t_all = torch.sigmoid(flow_t_mean_at(it, c) + c['flow_t_std'] * torch.randn(B, generator=gen)) \
-                if c['flow_t_std'] > 0 else torch.rand(B, generator=gen)
-        else:
-            t_all = torch.randint(0, 1000, (B,), generator=gen)
-        noise_all = torch.randn(B, *x_shape, generator=gen)
-        drop_all = torch.rand(B, generator=gen) < c['class_dropout_prob']
+        t_all, noise_all, drop_all = draw_global_batch(it, c, x_shape)
         loss_sum = torch.zeros((), device=device)
         for k in range(accum):
             x, y = next(loader)
-            rows = slice(rank * local + k * c['micro_batch_size'], rank * local + (k + 1) * c['micro_batch_size'])
+            rows = slice(rank * local + k * micro, rank * local + (k + 1) * micro)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            t, noise, drop = t_all[rows].to(device), noise_all[rows].to(device), drop_all[rows].to(device)
-            if c['cond'] == 'dlc':
-                y = torch.where(drop[:, None], raw_model.null, y)
-            elif c['cond'] == 'class':
-                y = torch.where(drop, raw_model.null, y)
-            else:
-                y = None
+            t, noise = t_all[rows].to(device), noise_all[rows].to(device)
+            y = drop_condition(y, drop_all[rows].to(device), c['cond'], raw_model.null)
             if world > 1:
                 model.require_backward_grad_sync = k == accum - 1
             with autocast:
-                if c['objective'] == 'flow':
-                    loss = flow_loss(model, x, y, t, noise, c['flow_output']).mean()
-                else:
-                    x_t = diffusion.q_sample(x, t, noise)
-                    loss = diffusion.training_losses(model(x_t, t, y).float(), x, x_t, t, noise).mean()
+                loss = training_loss(model, x, y, t, noise, c, diffusion).mean()
             (loss / accum).backward()
             loss_sum += loss.detach() / accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c['grad_clip'] if c['grad_clip'] > 0 else float('inf'))
-        if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):   # stop before the bad update
+        max_norm = c['grad_clip'] if c['grad_clip'] > 0 else float('inf')
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+        if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):   # before the bad update
             raise FloatingPointError(
-                f"loss is {loss_sum.item()} (gradient norm {grad_norm.item()}) at iteration {it}; {ckpt_path} "
-                f"keeps the last good state (saved every {c['ckpt_interval']} iterations). Lower "
-                f"learning_rate or add warmup_iters, then continue with --init_from=resume")
+                f"loss is {loss_sum.item()} (gradient norm {grad_norm.item()}) at iteration {it}; "
+                f"{ckpt_path} keeps the last good state (saved every {c['ckpt_interval']} "
+                "iterations). Lower learning_rate or add warmup_iters, then continue with "
+                "--init_from=resume")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -1250,15 +982,16 @@ def train(cfg):
             logged = all_reduce_mean(loss_sum).item()
             history.append(dict(iter=iter_num, loss=logged))
             if master:
-                dt = time.time() - t0
-                n_iters = c['log_interval'] if iter_num % c['log_interval'] == 0 else iter_num % c['log_interval']
+                n_iters = iter_num % c['log_interval'] or c['log_interval']
                 tqdm.write(f"iter {iter_num}: loss {logged:.4f} lr {lr:.2e} "
-                           f"{n_iters * c['batch_size'] / dt:.1f} img/s")
+                           f"{n_iters * c['batch_size'] / (time.time() - t0):.1f} img/s")
             t0 = time.time()
         if master and (iter_num % c['ckpt_interval'] == 0 or iter_num == stop):
             save()
-        if master and c['sample_interval'] > 0 and (iter_num % c['sample_interval'] == 0 or iter_num == stop):
-            write_sample_grid(ema, c, data, x_shape, device, os.path.join(c['out_dir'], f'samples_{iter_num:07d}.png'))
+        if master and c['sample_interval'] > 0 and \
+                (iter_num % c['sample_interval'] == 0 or iter_num == stop):
+            path = os.path.join(c['out_dir'], f'samples_{iter_num:07d}.png')
+            write_sample_grid(ema, c, data, x_shape, device, path)
     bar.close()
     if world > 1:
         dist.barrier()
@@ -1272,12 +1005,63 @@ def write_sample_grid(ema, c, data, x_shape, device, path):
     if data.latent and not c['vae_path']:
         return
     n = min(c['n_grid'], len(data))
-    y = torch.stack([data[(i, False)][1] for i in range(n)]).to(device) if c['cond'] != 'none' else None
+    y = torch.stack([data[(i, False)][1] for i in range(n)]).to(device) \
+        if c['cond'] != 'none' else None
     x = sample(guided(ema, y, c['cfg_scale'], c['objective'], c['guidance_interval']), x_shape,
-               range(n), c['objective'], c['sampler'], c['num_sampling_steps'], device, clip=c['clip_denoised'],
-               flow_output=c['flow_output'])
+               range(n), c['objective'], c['sampler'], c['num_sampling_steps'], device,
+               clip=c['clip_denoised'], flow_output=c['flow_output'])
     vae = load_vae(c['vae_path']).to(device) if data.latent else None
     save_grid(decode_to_uint8(x, vae), path, ncol=int(math.ceil(math.sqrt(n))))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints, images
+
+def save_atomic(obj, path):
+    """Write to a temporary file in the same folder, then rename: a crash leaves the old file."""
+    tmp = f'{path}.tmp.{os.getpid()}'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"diffusion checkpoint '{path}' not found: train one first "
+                                f"(python diffusion.py <config> "
+                                f"--out_dir={os.path.dirname(path) or '.'}), or for the "
+                                "class-conditional baseline download DiT-XL-2-256x256.pt from "
+                                "https://dl.fbaipublicfiles.com/DiT/models/")
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def model_from_checkpoint(ckpt, weights='ema'):
+    model = DiT(**ckpt['model_args'])
+    model.load_state_dict(ckpt[weights])
+    return model.eval()
+
+
+def to_uint8(x):
+    """(N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, path, ncol):
+    """uint8 (N, H, W, 3) -> one PNG, ncol images per row, 2 px gaps."""
+    n, h, w, _ = images.shape
+    nrow = math.ceil(n / ncol)
+    grid = np.full((nrow * (h + 2) + 2, ncol * (w + 2) + 2, 3), 255, dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncol)
+        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = im
+    Image.fromarray(grid).save(path)
+
+
+def decode_to_uint8(x, vae):
+    """Samples in the training space to uint8 images: pixels directly, latents via the VAE."""
+    if vae is not None:
+        x = vae.decode(x / VAE_SCALE)
+    return to_uint8(x)
 
 
 # -----------------------------------------------------------------------------
@@ -1311,7 +1095,8 @@ def extract(cfg):
         x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
         for key, array in arrays.items():
             view = x.flip(-1) if key == '_flip' else x
-            z = vae.encode(view, generator=torch.Generator(device).manual_seed(cfg['seed'] * 1_000_003 + b))
+            gen = torch.Generator(device).manual_seed(cfg['seed'] * 1_000_003 + b)
+            z = vae.encode(view, generator=gen)
             array[rows.start:rows.stop] = (z * VAE_SCALE).half().cpu().numpy()
     for array in arrays.values():
         array.flush()
@@ -1326,26 +1111,28 @@ def extract(cfg):
 
 
 # -----------------------------------------------------------------------------
-# Recon: the code of each image of a split -> DiT -> an image, judged on the built-in data by
-# the attribute reader (does the result keep the source's shape and color?)
+# Recon and decode: codes -> DiT -> images, judged on the built-in data by the attribute
+# reader of data/shapes (recon: does the result keep the source's factors?)
 
 @torch.no_grad()
-def images_from_codes(model, ckpt, conditions, seeds, cfg, vae=None, desc='images', starts=None):
+def images_from_codes(model, ckpt, conditions, seeds, cfg, vae=None, desc='images'):
     """The DiT's images (N, H, W, 3) uint8 for conditions (N, L) codes or (N,) classes, image i
-    from seeds[i], with the sampler and guidance of cfg; with starts (N, C, H, W), from those
-    noised to cfg['recon_from_t'] instead of from pure noise."""
+    from seeds[i], with the sampler and guidance of cfg."""
     device = cfg['device']
     size = int(math.sqrt(model.pos_embed.shape[1])) * model.patch_size
     x_shape = (model.in_channels, size, size)
     check_sampler(ckpt['objective'], cfg['sampler'])
+    flow_output = ckpt['config'].get('flow_output', 'velocity')
     out, bs = [], cfg['micro_batch_size']
     for start in tqdm(range(0, len(seeds), bs), desc=desc, dynamic_ncols=True):
         idx = list(range(start, min(len(seeds), start + bs)))
-        y = torch.as_tensor(conditions[idx].astype(np.int64)).to(device) if conditions is not None else None
-        x = sample(guided(model, y, cfg['cfg_scale'], ckpt['objective'], cfg['guidance_interval']), x_shape,
-                   [seeds[i] for i in idx], ckpt['objective'], cfg['sampler'], cfg['num_sampling_steps'], device,
-                   clip=cfg['clip_denoised'], flow_output=ckpt['config'].get('flow_output', 'velocity'),
-                   x_start=None if starts is None else starts[idx], t_start=1.0 if starts is None else cfg['recon_from_t'])
+        y = None
+        if conditions is not None:
+            y = torch.as_tensor(conditions[idx].astype(np.int64)).to(device)
+        model_fn = guided(model, y, cfg['cfg_scale'], ckpt['objective'], cfg['guidance_interval'])
+        x = sample(model_fn, x_shape, [seeds[i] for i in idx], ckpt['objective'], cfg['sampler'],
+                   cfg['num_sampling_steps'], device, clip=cfg['clip_denoised'],
+                   flow_output=flow_output)
         out.append(decode_to_uint8(x, vae))
     return np.concatenate(out)
 
@@ -1356,27 +1143,23 @@ def recon(cfg):
     model = model_from_checkpoint(ckpt).to(device)
     images = read_images(cfg['data_dir'], cfg['split'], ckpt['image_size'])
     n = min(cfg['n_recon'], len(images))
-    conditions, contract = read_conditions(dict(cfg, cond=ckpt['cond']), cfg['split'], len(images))
+    conditions, contract = read_conditions(dict(cfg, cond=ckpt['cond']), cfg['split'],
+                                           len(images))
     if contract and (contract['L'], contract['V']) != (ckpt['L'], ckpt['V']):
-        raise ValueError(f"the tokenizer in {cfg['codes_dir']} makes codes of L={contract['L']}, V={contract['V']}, "
-                         f"but the DiT in {cfg['out_dir']} was trained on L={ckpt['L']}, V={ckpt['V']}; "
-                         "point --codes_dir at the tokenizer the DiT was trained with")
+        raise ValueError(f"the tokenizer in {cfg['codes_dir']} makes codes of L={contract['L']}, "
+                         f"V={contract['V']}, but the DiT in {cfg['out_dir']} was trained on "
+                         f"L={ckpt['L']}, V={ckpt['V']}; point --codes_dir at the tokenizer the "
+                         "DiT was trained with")
     vae = load_vae(cfg['vae_path']).to(device) if ckpt['space'] == 'latent' else None
     sources = np.stack([np.array(images[i]) for i in range(n)])
-    starts = None
-    if cfg['recon_from_t'] < 1.0:             # SDEdit: from the source itself, noised to recon_from_t
-        if ckpt['objective'] != 'flow' or vae is not None:
-            raise ValueError("--recon_from_t < 1 starts from the noised source image: a pixel-space flow DiT only")
-        starts = torch.from_numpy(sources).permute(0, 3, 1, 2).float() / 127.5 - 1
-    recons = images_from_codes(model, ckpt, conditions, [cfg['seed'] * 1_000_003 + i for i in range(n)], cfg,
-                               vae, desc='recon', starts=starts)
+    seeds = [cfg['seed'] * 1_000_003 + i for i in range(n)]
+    recons = images_from_codes(model, ckpt, conditions, seeds, cfg, vae, desc='recon')
     pairs = np.stack([sources[:32], recons[:32]], axis=1).reshape(-1, *sources.shape[1:])
     grid_path = os.path.join(cfg['out_dir'], f"recon_{cfg['split']}.png")
     save_grid(pairs, grid_path, ncol=16)
     print(f"wrote {grid_path} (source | reconstruction pairs); {n} samples, {cfg['sampler']} "
-          f"{cfg['num_sampling_steps']} steps, cfg {cfg['cfg_scale']}"
-          + (f", from the sources noised to t = {cfg['recon_from_t']}" if starts is not None else ''))
-    return score_recon(cfg['data_dir'], cfg['split'], recons)
+          f"{cfg['num_sampling_steps']} steps, cfg {cfg['cfg_scale']}")
+    return reconstruction_scores(cfg['data_dir'], cfg['split'], recons)
 
 
 def decode(cfg):
@@ -1384,72 +1167,271 @@ def decode(cfg):
     uint8 NHWC) and, on the built-in data, the attribute reader's factor histogram."""
     ckpt = load_checkpoint(os.path.join(cfg['out_dir'], 'diffusion.pt'))
     if ckpt['cond'] != 'dlc':
-        raise ValueError(f"--mode=decode needs a DLC-conditioned DiT; {cfg['out_dir']} has cond='{ckpt['cond']}'")
+        raise ValueError(f"--mode=decode needs a DLC-conditioned DiT; {cfg['out_dir']} has "
+                         f"cond='{ckpt['cond']}'")
     device = cfg['device']
     model = model_from_checkpoint(ckpt).to(device)
     if not cfg['codes_path']:
-        raise ValueError("--mode=decode reads the codes in --codes_path (an .npy dump, e.g. prior.py's samples.npy)")
+        raise ValueError("--mode=decode reads the codes in --codes_path (an .npy dump, e.g. "
+                         "prior.py's samples.npy)")
     codes = check_codes(cfg['codes_path'], ckpt['L'], ckpt['V'])[:cfg['n_recon']]
     vae = load_vae(cfg['vae_path']).to(device) if ckpt['space'] == 'latent' else None
-    images = images_from_codes(model, ckpt, codes, [cfg['seed'] * 1_000_003 + i for i in range(len(codes))], cfg,
-                               vae, desc='decode')
+    seeds = [cfg['seed'] * 1_000_003 + i for i in range(len(codes))]
+    images = images_from_codes(model, ckpt, codes, seeds, cfg, vae, desc='decode')
     stem = os.path.splitext(cfg['codes_path'])[0]
     save_grid(images[:64], stem + '_images.png', ncol=16)
     np.savez(stem + '_images.npz', arr_0=images)
     print(f"wrote {stem}_images.png and {stem}_images.npz ({len(images)} images)")
-    return score_samples(cfg['data_dir'], images)
+    return histogram_scores(cfg['data_dir'], images)
 
 
-def read_builtin(data_dir, images):
-    """The built-in dataset's attribute reader on uint8 images: (factors read, meta), or
-    (None, None) for data that is not the built-in dataset."""
-    meta_path = os.path.join(data_dir, 'meta.json')
-    if not os.path.exists(meta_path):
-        return None, None
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from data.shapes.prepare import read_attributes
-    with open(meta_path) as f:
-        meta = json.load(f)
-    return read_attributes(images, meta), meta
+# -----------------------------------------------------------------------------
+# Appendix: the pretrained SD-VAE, for ImageNet latents. The frozen AutoencoderKL of
+# stabilityai/sd-vae-ft-ema, parameter names as diffusers, so that its
+# diffusion_pytorch_model.{bin,safetensors} loads strictly; plus a reader of .safetensors
+# files. Latents are scaled by VAE_SCALE before the DiT sees them; --mode=extract runs the
+# encoder once for the dataset.
+
+VAE_SCALE = 0.18215  # sd-vae-ft-ema config "scaling_factor": unit-variance latents for the UNet
 
 
-def score_samples(data_dir, images):
-    """On the built-in data: the reader's valid fraction and, per factor, the histogram of the
-    images against the training set's (total variation)."""
-    read, meta = read_builtin(data_dir, images)
-    if read is None:
-        return {}
-    factors = np.load(os.path.join(data_dir, 'train_factors.npy'))
-    scores = dict(valid=float(read['valid'].mean()))
-    print(f"attribute reader on {len(images)} images: valid {scores['valid']:.3f}; per factor, the share of each "
-          "value among the valid images vs the training set:")
-    for j, name in enumerate(['shape', 'color', 'background', 'size']):
-        values = meta[name]
-        got = read[name][read['valid'] if name != 'background' else read['background'] >= 0]
-        p = np.bincount(got, minlength=len(values)) / max(len(got), 1)
-        q = np.bincount(factors[:, j], minlength=len(values)) / len(factors)
-        scores[f'tv_{name}'] = 0.5 * float(np.abs(p - q).sum())
-        shares = ' '.join(f'{v}:{a:.2f}/{b:.2f}' for v, a, b in zip(values, p, q))
-        print(f"  {name:<11} TV {scores[f'tv_{name}']:.3f}   {shares}")
-    return scores
+class _VAEResnet(nn.Module):
+    """diffusers ResnetBlock2D without a time embedding: GN-SiLU-conv twice, plus a skip."""
+    def __init__(self, cin, cout, groups):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        # diffusers creates the 1x1 shortcut only when the width changes (no key otherwise)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))  # dropout is 0 in the VAE, so it is left out
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
-def score_recon(data_dir, split, recons):
-    """On the built-in data: the attribute reader's verdict on reconstructions of items 0..n-1."""
-    read, _ = read_builtin(data_dir, recons)
-    if read is None:
-        return {}
-    factors = np.load(os.path.join(data_dir, f'{split}_factors.npy'))[:len(recons)]
-    scores = dict(valid=float(read['valid'].mean()),
-                  shape=float((read['shape'] == factors[:, 0]).mean()),
-                  color=float((read['color'] == factors[:, 1]).mean()),
-                  shape_and_color=float(((read['shape'] == factors[:, 0]) & (read['color'] == factors[:, 1])).mean()),
-                  background=float((read['background'] == factors[:, 2]).mean()),
-                  size=float((read['size'] == factors[:, 3]).mean()))
-    print('attribute reader on the reconstructions (fraction of items whose source factor is kept):')
-    for k, v in scores.items():
-        print(f"  {k:<16} {v:.3f}")
-    return scores
+class _VAEAttention(nn.Module):
+    """diffusers Attention as used in the VAE mid block: one head over all channels, spatial
+    positions as tokens, residual added back; the current diffusers key names."""
+    def __init__(self, ch, groups):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.to_q = nn.Linear(ch, ch)
+        self.to_k = nn.Linear(ch, ch)
+        self.to_v = nn.Linear(ch, ch)
+        # a ModuleList so the key is "to_out.0" (diffusers keeps a dropout at index 1)
+        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        t = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
+        q, k, v = (lin(t).unsqueeze(1) for lin in (self.to_q, self.to_k, self.to_v))  # (B,1,HW,C)
+        o = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(C), as heads=1 in diffusers
+        o = self.to_out[0](o.squeeze(1))  # (B, HW, C)
+        return x + o.transpose(1, 2).reshape(b, c, h, w)
+
+
+class _VAEDownsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        # asymmetric right/bottom pad as in the original LDM code: (B,C,H,W) -> (B,C,H/2,W/2)
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class _VAEUpsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B,C,2H,2W)
+
+
+class _VAEBlock(nn.Module):
+    """DownEncoderBlock2D / UpDecoderBlock2D: resnets, then an optional resampler.
+    Attribute names (resnets, downsamplers, upsamplers) are the diffusers ones."""
+    def __init__(self, cin, cout, n, groups, down=False, up=False):
+        super().__init__()
+        self.resnets = nn.ModuleList(_VAEResnet(cin if i == 0 else cout, cout, groups)
+                                     for i in range(n))
+        if down:
+            self.downsamplers = nn.ModuleList([_VAEDownsample(cout)])
+        if up:
+            self.upsamplers = nn.ModuleList([_VAEUpsample(cout)])
+
+    def forward(self, x):
+        for r in self.resnets:
+            x = r(x)
+        if hasattr(self, "downsamplers"):
+            x = self.downsamplers[0](x)
+        if hasattr(self, "upsamplers"):
+            x = self.upsamplers[0](x)
+        return x
+
+
+class _VAEMid(nn.Module):
+    """UNetMidBlock2D: resnet, attention, resnet (keys resnets.0, attentions.0, resnets.1)."""
+    def __init__(self, ch, groups):
+        super().__init__()
+        self.attentions = nn.ModuleList([_VAEAttention(ch, groups)])
+        self.resnets = nn.ModuleList([_VAEResnet(ch, ch, groups), _VAEResnet(ch, ch, groups)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class _VAEEncoder(nn.Module):
+    def __init__(self, cin, chs, n, zc, groups):
+        super().__init__()
+        self.conv_in = nn.Conv2d(cin, chs[0], 3, padding=1)
+        # every block but the last halves the resolution
+        self.down_blocks = nn.ModuleList(
+            _VAEBlock(chs[max(i - 1, 0)], c, n, groups, down=i < len(chs) - 1)
+            for i, c in enumerate(chs))
+        self.mid_block = _VAEMid(chs[-1], groups)
+        self.conv_norm_out = nn.GroupNorm(groups, chs[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(chs[-1], 2 * zc, 3, padding=1)  # mean and logvar
+
+    def forward(self, x):  # (B,3,H,W) -> (B,2*zc,H/f,W/f), f = 2**(len(chs)-1)
+        h = self.conv_in(x)
+        for blk in self.down_blocks:
+            h = blk(h)
+        h = self.mid_block(h)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+class _VAEDecoder(nn.Module):
+    def __init__(self, cout, chs, n, zc, groups):
+        super().__init__()
+        rev = list(reversed(chs))
+        self.conv_in = nn.Conv2d(zc, rev[0], 3, padding=1)
+        self.mid_block = _VAEMid(rev[0], groups)
+        # one more resnet per block than the encoder; every block but the last doubles the size
+        self.up_blocks = nn.ModuleList(
+            _VAEBlock(rev[max(i - 1, 0)], c, n + 1, groups, up=i < len(rev) - 1)
+            for i, c in enumerate(rev))
+        self.conv_norm_out = nn.GroupNorm(groups, chs[0], eps=1e-6)
+        self.conv_out = nn.Conv2d(chs[0], cout, 3, padding=1)
+
+    def forward(self, z):  # (B,zc,h,w) -> (B,3,h*f,w*f)
+        h = self.mid_block(self.conv_in(z))
+        for blk in self.up_blocks:
+            h = blk(h)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+class AutoencoderKL(nn.Module):
+    """The Stable Diffusion KL autoencoder, with diffusers' module and parameter names
+    (encoder/decoder, down_blocks/up_blocks, resnets, mid_block.attentions.0.to_q, ...,
+    quant_conv, post_quant_conv), so the published weights load with strict=True and no key
+    translation. Images are in [-1, 1]; latents are unscaled (multiply by VAE_SCALE)."""
+    def __init__(self, in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512),
+                 layers_per_block=2, latent_channels=4, norm_num_groups=32):
+        super().__init__()
+        chs, n, zc = tuple(block_out_channels), layers_per_block, latent_channels
+        self.encoder = _VAEEncoder(in_channels, chs, n, zc, norm_num_groups)
+        self.decoder = _VAEDecoder(out_channels, chs, n, zc, norm_num_groups)
+        self.quant_conv = nn.Conv2d(2 * zc, 2 * zc, 1)
+        self.post_quant_conv = nn.Conv2d(zc, zc, 1)
+
+    def _moments(self, x):
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)  # each (B,zc,H/f,W/f)
+        return mean, logvar.clamp(-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
+
+    def encode(self, x, generator=None):
+        """Sample z ~ N(mean, exp(logvar)) from the posterior; returns unscaled latents."""
+        mean, logvar = self._moments(x)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + torch.exp(0.5 * logvar) * noise
+
+    def encode_mean(self, x):
+        """The posterior mean (deterministic latents), unscaled."""
+        return self._moments(x)[0]
+
+    def decode(self, z):
+        """Unscaled latents (B,zc,h,w) -> images (B,3,h*f,w*f), roughly in [-1, 1], unclamped."""
+        return self.decoder(self.post_quant_conv(z))
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path):
+    """Parse a .safetensors file by hand -> {name: tensor} on CPU.
+
+    Layout: u64 little-endian header size N, N bytes of JSON
+    {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}},
+    then the raw little-endian tensor bytes (offsets relative to the end of the header)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n).decode("utf-8"))
+        data = f.read()
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        dtype = _ST_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        buf = bytearray(data[begin:end])  # a writable copy, so the tensor owns its memory
+        t = torch.frombuffer(buf, dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
+        if sys.byteorder == "big" and t.element_size() > 1:  # file bytes are little-endian
+            t = t.view(torch.uint8).view(-1, t.element_size()).flip(1).contiguous()
+            t = t.view(dtype).flatten()
+        out[name] = t.reshape(tuple(info["shape"]))
+    return out
+
+
+# Older diffusers checkpoints (sd-vae-ft-ema was published in 2022) may still carry the
+# deprecated attention names; diffusers renames them on load, so we do the same.
+_VAE_OLD_ATTN = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.",
+                 ".proj_attn.": ".to_out.0."}
+
+
+def _vae_rename_deprecated(sd):
+    out = {}
+    for k, v in sd.items():
+        if ".attentions." in k:
+            for old, new in _VAE_OLD_ATTN.items():
+                k = k.replace(old, new)
+        out[k] = v
+    return out
+
+
+def load_vae(path, **arch):
+    """Build the sd-vae-ft-ema AutoencoderKL (or `arch` overrides) and load `path` strictly:
+    diffusion_pytorch_model.safetensors (read by hand) or .bin/.pt (torch.load)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"VAE weights not found at {path!r}. Download diffusion_pytorch_model.safetensors "
+            f"(or .bin) from https://huggingface.co/stabilityai/sd-vae-ft-ema and set the config "
+            f"key 'vae_path' to its location.")
+    model = AutoencoderKL(**arch)
+    if path.endswith(".safetensors"):
+        sd = read_safetensors(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    sd = _vae_rename_deprecated(sd)
+    want, have = set(model.state_dict()), set(sd)
+    if want != have:
+        missing, unexpected = sorted(want - have), sorted(have - want)
+        raise ValueError(
+            f"{path} does not match the diffusers AutoencoderKL layout: "
+            f"{len(missing)} missing keys (e.g. {missing[:5]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:5]})")
+    model.load_state_dict(sd, strict=True)  # copies and casts (e.g. F16 -> F32) into the params
+    return model.eval()
 
 
 if __name__ == '__main__':

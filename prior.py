@@ -13,9 +13,9 @@ t in [0, 1], masks a token with probability (1 - eps) t, so at t = 1 nearly all 
 Score. The network s(x_t, sigma) gives, at every masked position l and clean token y < V, the
 log of the ratio p_t(x_t with x_l := y) / p_t(x_t). For the absorbing graph the true ratio is
     r_y = p_0(c_l = y | the unmasked tokens of x_t) / (e^sigma - 1),
-so the ratios carry the denoising distribution times a known factor. With scale_by_sigma the
-network's raw output is shifted by -log(e^sigma - 1) - log V: an untrained network starts at
-the uniform guess. The entry of the current token is fixed at log 1 = 0.
+so the ratios carry the denoising distribution times a known factor. The raw output is shifted
+by -log(e^sigma - 1) - log V (SEDD's scale_by_sigma): an untrained network starts at the uniform
+guess. The entry of the current token is fixed at log 1 = 0.
 
 Loss (denoising score entropy). With a = 1 / (e^sigma - 1) and c_l the clean token,
     l(x_t, c) = sigma'(t) sum_{l masked} [ sum_{y<V} e^{s_ly} - a s_{l c_l} + a (log a - 1) ].
@@ -36,13 +36,9 @@ re-masked with probability rho = min(eta, (1 - alpha_s) / alpha_t), alpha = e^-s
 unmasking is made more likely by (alpha_s - (1 - rho) alpha_t) / (alpha_s - alpha_t), which
 keeps every step's marginals those of the forward process while letting early tokens be revised.
 The paper's corrector (its SEDD fork, corrector='paper') acts only in the steps whose t lies in
-(0.3, 0.55). There the step jumps further, from t to s - eta (1 - t), and then each position's
-transition probabilities p (V codes and the mask; an unmasked token stays put: p = onehot)
-move eta (1 - p_mask) from their largest entry to the mask: an unmasked token is re-masked with
-probability eta, a masked one gives that share of its likeliest code back to the mask. When the
-mask is itself the largest entry it gains eta (1 - p_mask) and nothing is taken (the fork's code;
-the Gumbel race draws from unnormalized probabilities). Unlike ReMDM it does not keep the forward
-marginals: it is the paper's heuristic.
+(0.3, 0.55): the step jumps further, from t to s - eta (1 - t), then each position's transition
+probabilities (an unmasked token's: onehot) move eta (1 - p_mask) from their largest entry to
+the mask (paper_renoise). Unlike ReMDM it does not keep the forward marginals: a heuristic.
 The random-order sampler (LLaDA's, which the paper uses for text to DLC) instead unmasks
 ceil(L / steps) positions per step in a random order fixed at the start, each drawn from the
 denoising distribution p_0(y) ~ r_y sharpened by a temperature T, p_0^(1/T); a committed token
@@ -56,9 +52,8 @@ learned absolute position embedding `pos_embed`, since position l of a DLC has i
 
 Modes:  python prior.py [config.py] [--key=value ...]
     --mode=train    (torchrun for DDP) codes_dir/codes_<train_split>.npy -> out_dir/prior.pt
-    --mode=sample   out_dir/prior.pt -> n_samples codes, out_dir/samples.npy (dump format);
-                    with codes_dir/probe.pt, the probe's factor histogram against the training
-                    codes and the fraction of samples that copy a training code
+    --mode=sample   out_dir/prior.pt -> n_samples codes, out_dir/samples.npy (dump format), the
+                    share that copies a training code and (probe.pt) the factor histograms
     --mode=eval     the ELBO in bits per token on codes_dir/codes_<val_split>.npy, beside the
                     entropy of the per-position marginals
 """
@@ -77,26 +72,25 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import configure
+from data.shapes.score import code_histograms
 
 # -----------------------------------------------------------------------------
 # config: the defaults are the paper's ImageNet recipe (DDiT medium on DLC512, V = 256)
 mode = 'train'                  # 'train' | 'sample' | 'eval'
 out_dir = 'out-prior'
-init_from = 'scratch'           # 'scratch' | 'resume' | path to a SEDD checkpoint of the same vocabulary
-codes_dir = 'out-imagenet-tokenizer'   # tokenizer.pt, codes_<split>.npy (and probe.pt for the report)
+init_from = 'scratch'           # 'scratch' | 'resume' | a SEDD checkpoint of the same vocabulary
+codes_dir = 'out-imagenet-tokenizer'   # tokenizer.pt, codes_<split>.npy (probe.pt: the report)
 train_split = 'train'
 val_split = 'val'
 seed = 0
 # model
 model = 'medium'                # a key of PRIOR_MODELS: 'tiny' | 'mini' | 'small' | 'medium'
 dropout = 0.1
-scale_by_sigma = True
-noise_eps = 1e-3                # the log-linear schedule's eps
 # optimization
 batch_size = 512                # global, across processes and accumulation steps
 micro_batch_size = 64           # per process per forward; accumulation = batch / (world * micro)
 max_iters = 1500000
-run_iters = -1                  # stop this run after so many iterations (resume later); -1: no limit
+run_iters = -1                  # stop this run after so many iterations (resume later); -1: none
 learning_rate = 3e-4
 weight_decay = 0.0
 warmup_iters = 2500
@@ -105,14 +99,13 @@ ema_decay = 0.9999
 # held-out loss during training, and --mode=eval
 eval_interval = 5000
 n_eval = 2048                   # held-out codes scored (0 = all)
-eval_t_per_code = 4             # noise levels drawn per held-out code
 # sampling
-sampler = 'analytic'            # 'analytic' (Tweedie tau-leaping) | 'euler' | 'random_order' (LLaDA's)
+sampler = 'analytic'            # 'analytic' (Tweedie tau-leaping) | 'euler' | 'random_order'
 temperature = 1.0               # random_order: draw from p_0^(1/temperature)
 num_steps = 1024
 sample_eps = 1e-5               # the steps end at t = sample_eps (SEDD's and the paper's sampler)
 corrector = 'remdm'             # 'remdm' (ReMDM-cap) | 'paper' (the paper's, for t in (0.3, 0.55))
-remask_eta = 0.0                # the corrector's eta; 0 = no corrector (the paper's 4,096-step run: 'paper', 0.01)
+remask_eta = 0.0                # the corrector's eta; 0 = none (the paper's 4,096 steps: 0.01)
 n_samples = 2000
 sample_batch_size = 500
 sample_path = ''                # '' = out_dir/samples.npy
@@ -125,6 +118,8 @@ ckpt_interval = 5000
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
 CONFIG = {k: globals()[k] for k in config_keys}
+NOISE_EPS = 1e-3        # the schedule's eps, SEDD's and the paper's: sigma(1) = log(1 / eps)
+EVAL_T_PER_CODE = 4     # held-out noise levels per code, stratified: 4 cover [eps, 1] evenly
 
 # depth, width, heads (cond_dim 128 as SEDD); 'small' and 'medium' are SEDD's two sizes
 PRIOR_MODELS = {
@@ -157,11 +152,13 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size, frequency_size=256):
         super().__init__()
         self.frequency_size = frequency_size
-        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
 
     def forward(self, sigma):
         half = self.frequency_size // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
+        steps = torch.arange(half, device=sigma.device, dtype=torch.float32)
+        freqs = torch.exp(-math.log(10000) * steps / half)
         args = sigma.float()[:, None] * freqs[None]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
@@ -170,7 +167,8 @@ class Rotary(nn.Module):
     """Rotary position embedding of queries and keys; inv_freq is a buffer, as in SEDD."""
     def __init__(self, head_dim, base=10000):
         super().__init__()
-        self.register_buffer('inv_freq', 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        self.register_buffer('inv_freq', inv_freq)
 
     def forward(self, T, device):
         freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), self.inv_freq)
@@ -198,8 +196,9 @@ class DDiTBlock(nn.Module):
 
     def forward(self, x, rotary, c):
         B, T, D = x.shape
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
-        q, k, v = self.attn_qkv(modulate(self.norm1(x), shift1, scale1)).view(B, T, 3, self.n_heads, -1).unbind(2)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, 2)
+        qkv = self.attn_qkv(modulate(self.norm1(x), shift1, scale1))
+        q, k, v = qkv.view(B, T, 3, self.n_heads, -1).unbind(2)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))          # (B, H, T, head_dim)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, D)
@@ -231,54 +230,51 @@ class DDitFinalLayer(nn.Module):
 
 class SEDD(nn.Module):
     """forward(x (B, T) tokens in [0, V], sigma (B,)) -> log score ratios (B, T, V + 1), float32."""
-    def __init__(self, vocab_size, seq_len, n_blocks, hidden_size, n_heads, cond_dim=128, dropout=0.1,
-                 scale_by_sigma=True, pos_embed=True):
+    def __init__(self, vocab_size, seq_len, n_blocks, hidden_size, n_heads, cond_dim=128,
+                 dropout=0.1):
         super().__init__()
-        self.vocab_size, self.seq_len, self.scale_by_sigma = vocab_size, seq_len, scale_by_sigma
+        self.vocab_size, self.seq_len = vocab_size, seq_len
         self.vocab_embed = EmbeddingLayer(hidden_size, vocab_size + 1)         # + the mask token
         self.sigma_map = TimestepEmbedder(cond_dim)
         self.rotary_emb = Rotary(hidden_size // n_heads)
-        self.pos_embed = nn.Parameter(torch.randn(1, seq_len, hidden_size) * 0.02) if pos_embed else None
+        self.pos_embed = nn.Parameter(torch.randn(1, seq_len, hidden_size) * 0.02)
         self.blocks = nn.ModuleList([DDiTBlock(hidden_size, n_heads, cond_dim, dropout=dropout)
                                      for _ in range(n_blocks)])
         self.output_layer = DDitFinalLayer(hidden_size, vocab_size + 1, cond_dim)
-        for layer in [b.adaLN_modulation for b in self.blocks] + [self.output_layer.adaLN_modulation,
-                                                                  self.output_layer.linear]:
-            nn.init.zeros_(layer.weight)                          # adaLN-Zero: every block starts as identity
+        out = self.output_layer                       # adaLN-Zero: every block starts as identity
+        for layer in [b.adaLN_modulation for b in self.blocks] + [out.adaLN_modulation, out.linear]:
+            nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
     def forward(self, x, sigma):
-        h = self.vocab_embed(x)
-        if self.pos_embed is not None:
-            h = h + self.pos_embed[:, :x.shape[1]]
+        h = self.vocab_embed(x) + self.pos_embed[:, :x.shape[1]]
         c = F.silu(self.sigma_map(sigma))
         rotary = self.rotary_emb(x.shape[1], x.device)
         for block in self.blocks:
             h = block(h, rotary, c)
-        out = self.output_layer(h, c).float()
-        if self.scale_by_sigma:                                   # start from the uniform ratio
-            out = out - torch.expm1(sigma.float()).log()[:, None, None] - math.log(self.vocab_size)
+        out = self.output_layer(h, c).float()                     # scaled by sigma: from uniform
+        out = out - torch.expm1(sigma.float()).log()[:, None, None] - math.log(self.vocab_size)
         return out.scatter(-1, x[..., None], 0.0)                 # staying put has ratio 1
 
 
 def sedd_state_dict(path):
-    """The weights in a SEDD checkpoint (.pth / .bin: a state dict, or a dict holding one under
-    'model'; DDP 'module.' prefixes allowed), as a plain {name: tensor}. A training checkpoint of
-    SEDD or of the paper's fork ({'model', 'ema': {'shadow_params': [...]}, 'optimizer', 'step'})
-    gives its EMA weights, as their load_model does: the shadow list follows the network's
-    parameters, i.e. the state dict's keys but the one buffer, rotary_emb.inv_freq."""
+    """The weights in a SEDD checkpoint (.pth / .bin: a state dict, or one under 'model'; DDP
+    'module.' prefixes allowed) as {name: tensor}. A training checkpoint of SEDD or of the
+    paper's fork ({'model', 'ema': {'shadow_params': [...]}, ...}) gives its EMA weights, as their
+    load_model does: the shadow list follows the state dict's keys but rotary_emb.inv_freq."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"SEDD checkpoint '{path}' not found; set --init_from to a local copy "
-                                "(e.g. louaaron/sedd-small) or to 'scratch'")
+        raise FileNotFoundError(f"SEDD checkpoint '{path}' not found; set --init_from to a local "
+                                "copy (e.g. louaaron/sedd-small) or to 'scratch'")
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     state = {k.removeprefix('module.'): v for k, v in ckpt.get('model', ckpt).items()}
     ema = ckpt.get('ema')
     if isinstance(ema, dict) and 'shadow_params' in ema:
         names = [k for k in state if k != 'rotary_emb.inv_freq']
         shadow = ema['shadow_params']
-        if len(shadow) != len(names) or any(state[k].shape != v.shape for k, v in zip(names, shadow)):
-            raise ValueError(f"'{path}': its EMA holds {len(shadow)} tensors that do not line up with the "
-                             f"{len(names)} parameters of its model")
+        if len(shadow) != len(names) or any(state[k].shape != v.shape
+                                            for k, v in zip(names, shadow)):
+            raise ValueError(f"'{path}': its EMA holds {len(shadow)} tensors that do not line up "
+                             f"with the {len(names)} parameters of its model")
         state.update(zip(names, shadow))
     return state
 
@@ -287,10 +283,11 @@ def load_sedd(model, path):
     """A SEDD checkpoint into `model`: every key must match but pos_embed, which SEDD's text models
     lack and the paper's fork stores as (L, D) (ours: (1, L, D))."""
     state = sedd_state_dict(path)
-    if 'pos_embed' in state and model.pos_embed is not None:
+    if 'pos_embed' in state:
         if state['pos_embed'].numel() != model.pos_embed.numel():
-            raise ValueError(f"'{path}' has a position embedding of shape {tuple(state['pos_embed'].shape)}, "
-                             f"this prior needs {model.seq_len} positions of width {model.pos_embed.shape[-1]}")
+            shape, width = tuple(state['pos_embed'].shape), model.pos_embed.shape[-1]
+            raise ValueError(f"'{path}' has a position embedding of shape {shape}, this prior "
+                             f"needs {model.seq_len} positions of width {width}")
         state['pos_embed'] = state['pos_embed'].reshape(model.pos_embed.shape)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {'pos_embed'}:
@@ -338,7 +335,8 @@ def sample_categorical(probs, generators):
 
 def uniform(shape, generators, device):
     """(len(generators), *shape) float64 uniforms, row i from generators[i]."""
-    return torch.stack([torch.rand(shape, generator=g, dtype=torch.float64, device=device) for g in generators])
+    return torch.stack([torch.rand(shape, generator=g, dtype=torch.float64, device=device)
+                        for g in generators])
 
 
 def paper_renoise(probs, eta):
@@ -352,18 +350,18 @@ def paper_renoise(probs, eta):
 
 
 @torch.no_grad()
-def sample(score_fn, n, L, V, steps, seeds, sampler='analytic', eps=1e-3, device='cpu', given=None,
-           remask_eta=0.0, temperature=1.0, t_end=None, corrector='remdm', window=(0.3, 0.55)):
-    """n codes (n, L) in [0, V). score_fn(x (n, L), sigma (n,)) -> log ratios (n, L, V + 1).
-    Code i depends on seeds[i] alone. given: (n, L) tokens to keep fixed, -1 where free.
-    eps: the schedule's; t_end: where the steps end (None: eps). temperature: of the random-order
-    sampler only. corrector: 'remdm' or 'paper' (acting for t in window), of strength remask_eta."""
+def sample(score_fn, n, L, V, steps, seeds, sampler='analytic', eps=NOISE_EPS, device='cpu',
+           given=None, remask_eta=0.0, temperature=1.0, t_end=None, corrector='remdm',
+           window=(0.3, 0.55)):
+    """n codes (n, L) in [0, V), code i from seeds[i] alone. score_fn(x (n, L), sigma (n,)) -> log
+    ratios (n, L, V + 1). given: (n, L) tokens kept fixed, -1 where free. t_end: where the steps
+    end (None: eps). corrector: 'remdm' or 'paper' (for t in window), of strength remask_eta."""
     if sampler not in ('analytic', 'euler', 'random_order'):
         raise ValueError(f"sampler '{sampler}' is not 'analytic', 'euler' or 'random_order'")
     if corrector not in ('remdm', 'paper'):
         raise ValueError(f"corrector '{corrector}' is not 'remdm' or 'paper'")
     if corrector == 'paper' and remask_eta > 0 and sampler != 'analytic':
-        raise ValueError(f"the paper's corrector corrects the analytic step, not sampler '{sampler}'")
+        raise ValueError(f"the paper's corrector corrects the analytic step, not '{sampler}'")
     generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     x = torch.full((n, L), V, dtype=torch.long, device=device)
     known = None
@@ -377,7 +375,7 @@ def sample(score_fn, n, L, V, steps, seeds, sampler='analytic', eps=1e-3, device
     for i in range(steps):
         t, s = ts[i], ts[i + 1]
         renoise = corrector == 'paper' and remask_eta > 0 and window[0] < t < window[1]
-        if renoise:                                               # the paper's: a longer step, then re-noise
+        if renoise:                                 # the paper's: a longer step, then re-noise
             s = s - remask_eta * (1 - t)
         sigma_t, dsigma_t = log_linear(t, eps)
         sigma_s, _ = log_linear(s, eps)
@@ -392,8 +390,8 @@ def sample(score_fn, n, L, V, steps, seeds, sampler='analytic', eps=1e-3, device
             rho = min(remask_eta, ((1 - alpha_s) / alpha_t).item(), 1.0)
             move = move * (alpha_s - (1 - rho) * alpha_t) / (alpha_s - alpha_t)
         masked = x == V
-        if renoise:                     # every position's V + 1 probabilities, an unmasked token's one-hot
-            probs = torch.cat([move, 1 - move.sum(-1, keepdim=True)], dim=-1)                      # (n, L, V + 1)
+        if renoise:             # every position's V + 1 probabilities, an unmasked token's one-hot
+            probs = torch.cat([move, 1 - move.sum(-1, keepdim=True)], dim=-1)      # (n, L, V + 1)
             probs = torch.where(masked[..., None], probs, F.one_hot(x, V + 1).double())
             x_next = sample_categorical(paper_renoise(probs, remask_eta).clamp_min(0), generators)
         else:
@@ -417,11 +415,11 @@ def sample_random_order(score_fn, x, V, steps, generators, eps, temperature):
     n, L = x.shape
     free = x == V
     order = uniform((L,), generators, x.device).masked_fill(~free, 2.0)      # known positions last
-    rank = order.argsort(-1).argsort(-1)                                    # (n, L) place in the order
+    rank = order.argsort(-1).argsort(-1)                              # (n, L) place in the order
     n_free = free.sum(-1, keepdim=True)
     for i in range(steps):
         sigma, _ = log_linear(torch.tensor(1.0 - i / steps, dtype=torch.float64), eps)
-        log_p = score_fn(x, sigma.float().expand(n).to(x.device)).double()[..., :V]   # log p_0 + const
+        log_p = score_fn(x, sigma.float().expand(n).to(x.device)).double()[..., :V]  # log p_0 + c
         log_p = (log_p - log_p.amax(-1, keepdim=True)) / temperature
         draw = sample_categorical(log_p.exp(), generators)
         low, high = torch.round(n_free * i / steps), torch.round(n_free * (i + 1) / steps)
@@ -443,10 +441,14 @@ def model_score_fn(model, autocast=nullcontext()):
 def tokenizer_contract(codes_dir):
     path = os.path.join(codes_dir, 'tokenizer.pt')
     if not os.path.exists(path):
-        raise FileNotFoundError(f"tokenizer checkpoint '{path}' not found; the prior reads L and V from it. "
-                                "Train the tokenizer (python tokenizer.py ...) or point --codes_dir at its out_dir")
+        raise FileNotFoundError(f"tokenizer checkpoint '{path}' (the codes' L and V) not found; "
+                                "train the tokenizer or point --codes_dir at its out_dir")
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     return int(ckpt['L']), int(ckpt['V'])
+
+
+def codes_path(cfg, split_key):
+    return os.path.join(cfg['codes_dir'], f"codes_{cfg[split_key]}.npy")
 
 
 def load_codes(path, L, V):
@@ -456,13 +458,13 @@ def load_codes(path, L, V):
         raise FileNotFoundError(f"code dump '{path}' not found; {fix}")
     codes = np.load(path)
     if codes.ndim != 2 or codes.shape[1] != L:
-        raise ValueError(f"code dump '{path}' has shape {codes.shape}, but the tokenizer makes L={L} "
-                         f"tokens per code (expected (N, {L})); {fix}")
+        raise ValueError(f"code dump '{path}' has shape {codes.shape}, but the tokenizer makes "
+                         f"L={L} tokens per code (expected (N, {L})); {fix}")
     if not np.issubdtype(codes.dtype, np.unsignedinteger):
-        raise ValueError(f"code dump '{path}' has dtype {codes.dtype}; expected unsigned integers; {fix}")
+        raise ValueError(f"code dump '{path}' has dtype {codes.dtype}, not unsigned ints; {fix}")
     if codes.size and int(codes.max()) >= V:
-        raise ValueError(f"code dump '{path}' holds token {int(codes.max())} >= V={V}, the tokenizer's "
-                         f"vocabulary size; {fix}")
+        raise ValueError(f"code dump '{path}' holds token {int(codes.max())} >= V={V}, the "
+                         f"tokenizer's vocabulary size; {fix}")
     return codes
 
 
@@ -507,6 +509,34 @@ def all_reduce_mean(x):
     return x
 
 
+def clip_and_check(model, loss, it, c, ckpt_path):
+    """Clip the gradient norm (grad_clip > 0); stop before an update that is not finite."""
+    max_norm = c['grad_clip'] if c['grad_clip'] > 0 else float('inf')
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        raise FloatingPointError(
+            f"loss is {loss.item()} (gradient norm {grad_norm.item()}) at iteration {it}; "
+            f"{ckpt_path} keeps the last good state (saved every {c['ckpt_interval']} "
+            "iterations). Lower learning_rate or add warmup_iters, then continue with "
+            "--init_from=resume")
+
+
+def gather_codes(codes, mine, n, rank, world):
+    """Rank 0's (n, L) array of every process's codes (codes[j] is code mine[j]); None on the
+    other ranks. The last distributed step of sampling: it ends the process group."""
+    if world == 1:
+        return codes.numpy()
+    parts = [None] * world
+    dist.all_gather_object(parts, (mine, codes.numpy()))
+    dist.destroy_process_group()
+    if rank:
+        return None
+    full = np.zeros((n, codes.shape[1]), dtype=np.int64)
+    for idx, part in parts:
+        full[idx] = part
+    return full
+
+
 def save_atomic(obj, path):
     tmp = path + '.tmp'
     torch.save(obj, tmp)
@@ -517,12 +547,12 @@ def model_args_from(cfg, L, V):
     if cfg['model'] not in PRIOR_MODELS:
         raise ValueError(f"--model={cfg['model']} is not one of {sorted(PRIOR_MODELS)}")
     return dict(vocab_size=V, seq_len=L, cond_dim=128, dropout=cfg['dropout'],
-                scale_by_sigma=cfg['scale_by_sigma'], **PRIOR_MODELS[cfg['model']])
+                **PRIOR_MODELS[cfg['model']])
 
 
 @torch.no_grad()
-def heldout_bits(model, codes, eps, t_per_code, batch_size, device, seed=0):
-    """The diffusion ELBO of `codes` in bits per token: the loss averaged over t_per_code
+def heldout_bits(model, codes, eps, batch_size, device, seed=0):
+    """The diffusion ELBO of `codes` in bits per token: the loss averaged over EVAL_T_PER_CODE
     stratified noise levels per code, with fixed draws so that evaluations compare."""
     was_training = model.training
     model.eval()
@@ -530,22 +560,24 @@ def heldout_bits(model, codes, eps, t_per_code, batch_size, device, seed=0):
     total, count = 0.0, 0
     for start in range(0, len(codes), batch_size):
         x0 = torch.as_tensor(codes[start:start + batch_size].astype(np.int64))
-        for k in range(t_per_code):
-            t = eps + (1 - eps) * (k + torch.rand(len(x0), generator=gen, dtype=torch.float64)) / t_per_code
+        for k in range(EVAL_T_PER_CODE):
+            r = torch.rand(len(x0), generator=gen, dtype=torch.float64)
+            t = eps + (1 - eps) * (k + r) / EVAL_T_PER_CODE
             u = torch.rand(x0.shape, generator=gen, dtype=torch.float64)
-            loss = diffusion_loss(model, x0.to(device), t.to(device), u.to(device), eps, model.vocab_size)
-            total += loss.double().sum().item() / t_per_code
+            loss = diffusion_loss(model, x0.to(device), t.to(device), u.to(device), eps,
+                                  model.vocab_size)
+            total += loss.double().sum().item() / EVAL_T_PER_CODE
         count += x0.numel()
     model.train(was_training)
     return total / count / math.log(2)
 
 
 def marginal_bits(train_codes, eval_codes, V):
-    """Entropy of the per-position marginals of the training codes, and the cross-entropy of
-    the held-out codes under them (add-one smoothed), both in bits per token: the cost of
-    coding each position on its own, which a prior that models the joint must beat."""
+    """Bits per token of coding each position on its own, which a prior of the joint must beat:
+    the training codes' per-position entropy, the held-out cross-entropy (add-one smoothed)."""
     L = train_codes.shape[1]
-    counts = np.stack([np.bincount(train_codes[:, l].astype(np.int64), minlength=V) for l in range(L)]) + 1.0
+    counts = np.stack([np.bincount(train_codes[:, l].astype(np.int64), minlength=V)
+                       for l in range(L)]) + 1.0
     p = counts / counts.sum(1, keepdims=True)
     entropy = float(-(p * np.log2(p)).sum(1).mean())
     cross = float(-np.log2(p[np.arange(L), eval_codes.astype(np.int64)]).mean())
@@ -556,21 +588,23 @@ def train(cfg):
     rank, world, device = setup_distributed(cfg['device'])
     c, master = cfg, rank == 0
     device_type = 'cuda' if 'cuda' in device else 'cpu'
-    if c['batch_size'] % (world * c['micro_batch_size']):
-        raise ValueError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) x "
-                         f"micro_batch_size ({c['micro_batch_size']})")
-    accum = c['batch_size'] // (world * c['micro_batch_size'])
+    micro = c['micro_batch_size']
+    if c['batch_size'] % (world * micro):
+        raise ValueError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) "
+                         f"x micro_batch_size ({micro})")
+    accum = c['batch_size'] // (world * micro)
     torch.backends.cuda.matmul.allow_tf32 = True
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device_type == 'cuda' else nullcontext()
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device_type == 'cuda' else \
+        nullcontext()
     os.makedirs(c['out_dir'], exist_ok=True)
     ckpt_path = os.path.join(c['out_dir'], 'prior.pt')
 
     L, V = tokenizer_contract(c['codes_dir'])
-    codes = load_codes(os.path.join(c['codes_dir'], f"codes_{c['train_split']}.npy"), L, V)
-    val_path = os.path.join(c['codes_dir'], f"codes_{c['val_split']}.npy")
-    val_codes = load_codes(val_path, L, V) if os.path.exists(val_path) else None
-    if val_codes is not None and c['n_eval']:
-        val_codes = val_codes[:c['n_eval']]
+    codes = load_codes(codes_path(c, 'train_split'), L, V)
+    val_path = codes_path(c, 'val_split')
+    val_codes = None
+    if os.path.exists(val_path):
+        val_codes = load_codes(val_path, L, V)[:c['n_eval'] or None]
     model_args = model_args_from(c, L, V)
     torch.manual_seed(c['seed'])
     model = SEDD(**model_args)
@@ -578,11 +612,11 @@ def train(cfg):
         load_sedd(model, c['init_from'])
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=c['weight_decay']),
-                                   dict(params=no_decay, weight_decay=0.0)],
-                                  lr=c['learning_rate'], betas=(0.9, 0.999), fused=device_type == 'cuda')
+    groups = [dict(params=[p for p in model.parameters() if p.ndim >= 2],
+                   weight_decay=c['weight_decay']),
+              dict(params=[p for p in model.parameters() if p.ndim < 2], weight_decay=0.0)]
+    optimizer = torch.optim.AdamW(groups, lr=c['learning_rate'], betas=(0.9, 0.999),
+                                  fused=device_type == 'cuda')
     iter_num, history = 0, []
     if c['init_from'] == 'resume':
         ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
@@ -596,16 +630,19 @@ def train(cfg):
     if c['compile']:
         model = torch.compile(model)
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == 'cuda' else None)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device_type == 'cuda' else None)
     if master:
         n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"prior {c['model']} ({n_params / 1e6:.2f}M parameters) on {len(codes)} codes of L={L}, V={V}; "
-              f"{world} process(es) x {accum} micro-batches of {c['micro_batch_size']} = batch {c['batch_size']}")
+        print(f"prior {c['model']} ({n_params / 1e6:.2f}M parameters) on {len(codes)} codes of "
+              f"L={L}, V={V}; {world} process(es) x {accum} micro-batches of {micro} = batch "
+              f"{c['batch_size']}")
 
     def save():
-        save_atomic(dict(model=raw_model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                         model_args=model_args, config=dict(c), iter_num=iter_num, history=history,
-                         L=L, V=V, noise_eps=c['noise_eps']), ckpt_path)
+        save_atomic(dict(model=raw_model.state_dict(), ema=ema.state_dict(),
+                         optimizer=optimizer.state_dict(), model_args=model_args, config=dict(c),
+                         iter_num=iter_num, history=history, L=L, V=V, noise_eps=NOISE_EPS),
+                    ckpt_path)
 
     stream = EpochStream(len(codes), c['batch_size'], c['seed'])
     stop = c['max_iters'] if c['run_iters'] < 0 else min(c['max_iters'], iter_num + c['run_iters'])
@@ -615,32 +652,28 @@ def train(cfg):
     t0 = time.time()
     while iter_num < stop:
         it = iter_num
-        lr = c['learning_rate'] * min(1.0, (it + 1) / c['warmup_iters']) if c['warmup_iters'] else c['learning_rate']
+        lr = c['learning_rate'] * min(1.0, (it + 1) / max(1, c['warmup_iters']))   # warm-up
         for g in optimizer.param_groups:
             g['lr'] = lr
         # the items, noise levels and mask draws of the global batch, sliced per process
         gen = torch.Generator().manual_seed(c['seed'] * 1_000_003 + it)
         B = c['batch_size']
-        t_all = c['noise_eps'] + (1 - c['noise_eps']) * torch.rand(B, generator=gen)
+        t_all = NOISE_EPS + (1 - NOISE_EPS) * torch.rand(B, generator=gen)
         u_all = torch.rand(B, L, generator=gen)
         items = stream.batch(it)
-        torch.manual_seed((c['seed'] * 1_000_003 + it) * 4096 + rank)   # dropout masks: per rank, resumable
+        torch.manual_seed((c['seed'] * 1_000_003 + it) * 4096 + rank)   # dropout: resumable
         loss_sum = torch.zeros((), device=device)
         for k in range(accum):
-            rows = slice(rank * local + k * c['micro_batch_size'], rank * local + (k + 1) * c['micro_batch_size'])
+            rows = slice(rank * local + k * micro, rank * local + (k + 1) * micro)
             x0 = torch.as_tensor(codes[items[rows]].astype(np.int64)).to(device)
             if world > 1:
                 model.require_backward_grad_sync = k == accum - 1
             with autocast:
-                loss = diffusion_loss(model, x0, t_all[rows].to(device), u_all[rows].to(device), c['noise_eps'], V).mean()
+                t, u = t_all[rows].to(device), u_all[rows].to(device)
+                loss = diffusion_loss(model, x0, t, u, NOISE_EPS, V).mean()
             (loss / accum).backward()
             loss_sum += loss.detach() / accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c['grad_clip'] if c['grad_clip'] > 0 else float('inf'))
-        if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):   # stop before the bad update
-            raise FloatingPointError(
-                f"loss is {loss_sum.item()} (gradient norm {grad_norm.item()}) at iteration {it}; {ckpt_path} "
-                f"keeps the last good state (saved every {c['ckpt_interval']} iterations). Lower "
-                f"learning_rate or add warmup_iters, then continue with --init_from=resume")
+        clip_and_check(raw_model, loss_sum, it, c, ckpt_path)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema_decay = min(c['ema_decay'], (1 + it) / (10 + it))     # warm-up, as diffusion.py
@@ -652,16 +685,15 @@ def train(cfg):
         if iter_num % c['log_interval'] == 0 or iter_num == stop:
             logged = all_reduce_mean(loss_sum).item() / L / math.log(2)
             entry = dict(iter=iter_num, train_bits=logged)
-            if val_codes is not None and c['eval_interval'] > 0 and (iter_num % c['eval_interval'] == 0 or iter_num == stop):
-                entry['val_bits'] = heldout_bits(ema, val_codes, c['noise_eps'], c['eval_t_per_code'],
-                                                 c['micro_batch_size'], device)
+            if val_codes is not None and c['eval_interval'] > 0 and \
+                    (iter_num % c['eval_interval'] == 0 or iter_num == stop):
+                entry['val_bits'] = heldout_bits(ema, val_codes, NOISE_EPS, micro, device)
             history.append(entry)
             if master:
-                dt = time.time() - t0
-                n_iters = c['log_interval'] if iter_num % c['log_interval'] == 0 else iter_num % c['log_interval']
+                n_iters = iter_num % c['log_interval'] or c['log_interval']
                 val = f", held-out (EMA) {entry['val_bits']:.4f}" if 'val_bits' in entry else ''
                 tqdm.write(f"iter {iter_num}: loss {logged:.4f} bits/token{val}, lr {lr:.2e}, "
-                           f"{n_iters * B * L / dt:.0f} tok/s")
+                           f"{n_iters * B * L / (time.time() - t0):.0f} tok/s")
             t0 = time.time()
         if master and (iter_num % c['ckpt_interval'] == 0 or iter_num == stop):
             save()
@@ -675,34 +707,41 @@ def train(cfg):
 # -----------------------------------------------------------------------------
 # Sample and evaluate
 
+def model_from_checkpoint(ckpt, weights='ema'):
+    """The SEDD of a prior.pt or text2dlc.pt (older ones name scale_by_sigma, now always on)."""
+    model = SEDD(**{k: v for k, v in ckpt['model_args'].items() if k != 'scale_by_sigma'})
+    model.load_state_dict(ckpt[weights])
+    return model
+
+
 def load_prior(out_dir, device, weights='ema'):
     path = os.path.join(out_dir, 'prior.pt')
     if not os.path.exists(path):
-        raise FileNotFoundError(f"prior checkpoint '{path}' not found; train it with python prior.py ...")
+        raise FileNotFoundError(f"prior checkpoint '{path}' not found; train it with python "
+                                "prior.py ...")
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    model = SEDD(**ckpt['model_args'])
-    model.load_state_dict(ckpt[weights])
-    return model.to(device).eval(), ckpt
+    return model_from_checkpoint(ckpt, weights).to(device).eval(), ckpt
 
 
 def check_contract(cfg, L, V):
-    """The tokenizer in codes_dir must make the codes the prior in out_dir models."""
     contract = tokenizer_contract(cfg['codes_dir'])
     if contract != (L, V):
-        raise ValueError(f"the prior in {cfg['out_dir']} models L={L}, V={V} codes but the tokenizer in "
-                         f"{cfg['codes_dir']} makes L={contract[0]}, V={contract[1]}; point --codes_dir at "
-                         "the tokenizer the prior was trained on")
+        raise ValueError(f"the prior in {cfg['out_dir']} models L={L}, V={V} codes but the "
+                         f"tokenizer in {cfg['codes_dir']} makes L={contract[0]}, V={contract[1]}; "
+                         "point --codes_dir at the tokenizer the prior was trained on")
 
 
 def generate(model, n, steps, sampler, eps, seeds, device, batch_size, remask_eta=0.0, given=None,
              autocast=nullcontext(), progress=True, temperature=1.0, t_end=None, corrector='remdm'):
     """n codes from the prior in batches; code i from seeds[i]; given: (n, L), -1 where free."""
-    out = []
-    for start in tqdm(range(0, n, batch_size), desc='prior samples', disable=not progress, dynamic_ncols=True):
+    out, score_fn = [], model_score_fn(model, autocast)
+    for start in tqdm(range(0, n, batch_size), desc='prior samples', disable=not progress,
+                      dynamic_ncols=True):
         stop = min(n, start + batch_size)
-        out.append(sample(model_score_fn(model, autocast), stop - start, model.seq_len, model.vocab_size, steps,
-                          seeds[start:stop], sampler, eps, device, None if given is None else given[start:stop],
-                          remask_eta, temperature, t_end, corrector).cpu())
+        part = None if given is None else given[start:stop]
+        out.append(sample(score_fn, stop - start, model.seq_len, model.vocab_size, steps,
+                          seeds[start:stop], sampler, eps, device, part, remask_eta, temperature,
+                          t_end, corrector).cpu())
     return torch.cat(out) if out else torch.zeros(0, model.seq_len, dtype=torch.long)
 
 
@@ -715,46 +754,23 @@ def sample_mode(cfg):
     n = cfg['n_samples']
     mine = list(range(rank, n, world))                            # sample i is seeded by i alone
     seeds = [cfg['seed'] * 1_000_003 + i for i in mine]
-    codes = generate(model, len(mine), cfg['num_steps'], cfg['sampler'], ckpt['noise_eps'], seeds, device,
-                     cfg['sample_batch_size'], cfg['remask_eta'], autocast=autocast, progress=rank == 0,
-                     temperature=cfg['temperature'], t_end=cfg['sample_eps'], corrector=cfg['corrector'])
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, (mine, codes.numpy()))
-        dist.destroy_process_group()
-        if rank:
-            return None
-        full = np.zeros((n, L), dtype=np.int64)
-        for idx, part in parts:
-            full[idx] = part
-    else:
-        full = codes.numpy()
+    codes = generate(model, len(mine), cfg['num_steps'], cfg['sampler'], ckpt['noise_eps'], seeds,
+                     device, cfg['sample_batch_size'], cfg['remask_eta'], autocast=autocast,
+                     progress=rank == 0, temperature=cfg['temperature'], t_end=cfg['sample_eps'],
+                     corrector=cfg['corrector'])
+    full = gather_codes(codes, mine, n, rank, world)
+    if full is None:
+        return None
     full = full.astype(np.uint16 if V <= 65536 else np.uint32)
     path = cfg['sample_path'] or os.path.join(cfg['out_dir'], 'samples.npy')
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp.npy'
-    np.save(tmp, full)
-    os.replace(tmp, path)
+    np.save(path + '.tmp.npy', full)
+    os.replace(path + '.tmp.npy', path)
     name = {'remdm': 'ReMDM', 'paper': "the paper's corrector"}[cfg['corrector']]
     remask = f", {name}, eta {cfg['remask_eta']}" if cfg['remask_eta'] > 0 else ''
     print(f"wrote {path}: {n} codes of L={L}, V={V} ({cfg['sampler']}, {cfg['num_steps']} steps to "
           f"t = {cfg['sample_eps']:g}{remask})")
-    report = report_samples(full, cfg)
-    return full, report
-
-
-def probe_predict(probe, codes):
-    """The tokenizer's linear probe (probe.pt: per-factor weight (L*V, C) and bias) on codes."""
-    V = probe['V']
-    flat = torch.as_tensor(codes.astype(np.int64)) + torch.arange(codes.shape[1]) * V
-    return {name: (F.embedding_bag(flat, p['weight'], mode='sum') + p['bias']).argmax(1).numpy()
-            for name, p in probe['labels'].items()}
-
-
-def histogram_tv(a, b, n_bins):
-    pa = np.bincount(a, minlength=n_bins) / max(len(a), 1)
-    pb = np.bincount(b, minlength=n_bins) / max(len(b), 1)
-    return 0.5 * float(np.abs(pa - pb).sum())
+    return full, report_samples(full, cfg)
 
 
 def report_samples(samples, cfg, n_reference=10000):
@@ -762,11 +778,11 @@ def report_samples(samples, cfg, n_reference=10000):
     factor histograms (each factor, and shape x color x background jointly). As a yardstick
     for the noise of a finite sample, the same distances for as many held-out codes."""
     L, V = tokenizer_contract(cfg['codes_dir'])
-    train_codes = load_codes(os.path.join(cfg['codes_dir'], f"codes_{cfg['train_split']}.npy"), L, V)
-    val_path = os.path.join(cfg['codes_dir'], f"codes_{cfg['val_split']}.npy")
+    train_codes = load_codes(codes_path(cfg, 'train_split'), L, V)
+    val_path = codes_path(cfg, 'val_split')
     val_codes = load_codes(val_path, L, V)[:len(samples)] if os.path.exists(val_path) else None
     seen = {row.tobytes() for row in train_codes.astype(np.uint16)}
-    copies = lambda codes: float(np.mean([row.tobytes() in seen for row in codes.astype(np.uint16)]))
+    copies = lambda codes: float(np.mean([r.tobytes() in seen for r in codes.astype(np.uint16)]))
     report = dict(copies=copies(samples))
     yardstick = f" (held-out codes: {copies(val_codes):.3f})" if val_codes is not None else ''
     print(f"samples identical to a training code: {report['copies']:.3f}{yardstick}")
@@ -775,25 +791,11 @@ def report_samples(samples, cfg, n_reference=10000):
         return report
     probe = torch.load(probe_path, map_location='cpu', weights_only=True)
     if (probe['L'], probe['V']) != (L, V):
-        raise ValueError(f"probe '{probe_path}' reads L={probe['L']}, V={probe['V']} codes, not L={L}, V={V}")
+        raise ValueError(f"probe '{probe_path}' reads L={probe['L']}, V={probe['V']} codes, not "
+                         f"L={L}, V={V}")
     reference = train_codes[np.random.default_rng(0).permutation(len(train_codes))[:n_reference]]
-    want = probe_predict(probe, reference)
-    sets = {'samples': probe_predict(probe, samples)}
-    if val_codes is not None:
-        sets['held-out'] = probe_predict(probe, val_codes)
-    names = list(want)
-    joint = [k for k in ('shape', 'color', 'background') if k in want]
-    sizes = [probe['labels'][k]['bias'].numel() for k in joint]
-    index = lambda d: np.ravel_multi_index([d[k] for k in joint], sizes)
-    print(f"total variation between the probe's factor histograms and those of {len(reference)} training codes:")
-    print(f"  {'':<28}" + ''.join(f"{k:>14}" for k in sets))
-    rows = [(k, {s: histogram_tv(got[k], want[k], probe['labels'][k]['bias'].numel()) for s, got in sets.items()})
-            for k in names]
-    if joint:
-        rows.append((' x '.join(joint), {s: histogram_tv(index(got), index(want), int(np.prod(sizes)))
-                                         for s, got in sets.items()}))
-    for name, tvs in rows:
-        print(f"  {name:<28}" + ''.join(f"{tvs[s]:>14.3f}" for s in sets))
+    sets = {'samples': samples, **({'held-out': val_codes} if val_codes is not None else {})}
+    for name, tvs in code_histograms(probe, reference, sets).items():
         report[f"tv_{name.replace(' x ', '_')}"] = tvs['samples']
     return report
 
@@ -803,11 +805,9 @@ def eval_mode(cfg):
     model, ckpt = load_prior(cfg['out_dir'], device)
     L, V = ckpt['L'], ckpt['V']
     check_contract(cfg, L, V)
-    val_codes = load_codes(os.path.join(cfg['codes_dir'], f"codes_{cfg['val_split']}.npy"), L, V)
-    if cfg['n_eval']:
-        val_codes = val_codes[:cfg['n_eval']]
-    train_codes = load_codes(os.path.join(cfg['codes_dir'], f"codes_{cfg['train_split']}.npy"), L, V)
-    bits = heldout_bits(model, val_codes, ckpt['noise_eps'], cfg['eval_t_per_code'], cfg['sample_batch_size'], device)
+    val_codes = load_codes(codes_path(cfg, 'val_split'), L, V)[:cfg['n_eval'] or None]
+    train_codes = load_codes(codes_path(cfg, 'train_split'), L, V)
+    bits = heldout_bits(model, val_codes, ckpt['noise_eps'], cfg['sample_batch_size'], device)
     entropy, cross = marginal_bits(train_codes, val_codes, V)
     print(f"held-out {cfg['val_split']} codes ({len(val_codes)}), bits per token:")
     print(f"  prior ELBO (upper bound on -log2 p)            {bits:.4f}")

@@ -20,11 +20,9 @@ training data. With one source, c is the source's own DLC (the argmax), i.e. rec
 
 Sample i of a run is seeded by its global index alone: its code draw (prior or composition)
 from  2 (seed * 1_000_003 + i) + 1  and its image noise from  2 (seed * 1_000_003 + i), so
-`torchrun --nproc_per_node=8 sample.py ...` writes the same images as one process.
-
-Every mode rebuilds its models from their checkpoints alone and checks that they agree: the
-tokenizer's or the prior's (L, V) against the DiT's, the DiT's conditioning against the mode,
-and its image size and space (pixels, or SD-VAE latents: then vae_path) against the outputs.
+`torchrun --nproc_per_node=8 sample.py ...` writes the same images as one process. Every mode
+rebuilds its models from their checkpoints alone and checks that they agree: the codes' (L, V),
+the DiT's conditioning, its image size and space (SD-VAE latents: then vae_path).
 
 Outputs in out_dir, for each mode:
     <mode>.npz        arr_0: uint8 (N, H, W, 3), what eval_fid.py and the ADM suite read
@@ -32,28 +30,26 @@ Outputs in out_dir, for each mode:
                       the prompt under each image: text)
     <mode>_codes.npy  the DLCs the images were drawn from (recon, uncond, compose, text)
     <mode>/000000.png ... one PNG per image, with save_pngs=True
-On the built-in data, the attribute reader scores every set (valid single shape; recon: the
-source's shape and color kept; compose: factors taken from the sources, novel combinations;
-uncond: factor histograms against the training set; class: the label's shape and color kept;
-text: each factor the prompt names kept).
-mode may list several modes, 'recon,uncond,compose,class': they run in turn and one table of
-their scores ends the run (what `make demo` prints).
+On the built-in data, the attribute reader scores every set (reader_scores); mode may list
+several modes, 'recon,uncond,compose,class': they run in turn and one table of their scores
+ends the run (what `make demo` prints).
 
     python sample.py config/sample_shapes.py --mode=recon,uncond,compose,class
-    python sample.py config/sample_shapes.py --mode=text --prompts='a red square|a small blue triangle'
-    torchrun --nproc_per_node=8 sample.py --mode=uncond --n_samples=50000 --prior_dir=... --diffusion_dir=...
+    python sample.py config/sample_shapes.py --mode=text --prompts='a red square|a blue circle'
+    torchrun --nproc_per_node=8 sample.py --mode=uncond --n_samples=50000 --prior_dir=...
 """
 import json
 import math
 import os
 import sys
+import textwrap
 import time
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import diffusion as D
@@ -61,17 +57,19 @@ import prior as P
 import text2dlc as T2D
 import tokenizer as T
 from configurator import configure
+from data.shapes.score import (composition_scores, factors_kept, histogram_scores,
+                               named_factors_kept, print_table, read_builtin)
 
 # -----------------------------------------------------------------------------
 # config: the defaults are the ImageNet 256 pipeline (DiT-XL/2 on SD-VAE latents, DLC512)
-mode = 'uncond'                 # 'recon' | 'uncond' | 'compose' | 'class' | 'text', or a list 'recon,uncond'
+mode = 'uncond'                 # 'recon' | 'uncond' | 'compose' | 'class' | 'text' | 'recon,text'
 out_dir = 'out-samples'
 seed = 0
 n_samples = 64                  # images per mode
 # checkpoints
 diffusion_dir = 'out-diffusion'             # diffusion.pt, trained by diffusion.py
-class_dit = ''                  # class: a class-conditional DiT, its diffusion.pt or a bare state dict
-                                # (DiT-XL-2-256x256.pt); '' = diffusion_dir's
+class_dit = ''                  # class: a class-conditional DiT, its diffusion.pt or a bare
+                                # state dict (DiT-XL-2-256x256.pt); '' = diffusion_dir's
 tokenizer_dir = 'out-imagenet-tokenizer'    # tokenizer.pt: recon, compose
 prior_dir = 'out-prior'                     # prior.pt: uncond
 text2dlc_dir = 'out-text2dlc'               # text2dlc.pt: text
@@ -79,12 +77,13 @@ vae_path = ''                   # sd-vae-ft-ema weights, for a DiT on latents
 # sources of recon and compose
 data_dir = 'data/imagenet'
 split = 'val'
-sources = ''                    # groups split by ',', members by '+': dataset indices of `split` or image
-                                # files ('3+17,5+9', 'cat.png+dog.png'); sample i uses group i mod #groups.
-                                # '' = recon: items 0..n-1; compose: pairs (2i, 2i+1)
+sources = ''                    # groups by ',', members by '+': indices into `split` or image
+                                # files ('3+17,5+9', 'cat.png+dog.png'); sample i: group i mod
+                                # #groups. '' = recon: items 0..n-1; compose: pairs (2i, 2i+1)
 compose_tau = 0.001             # the SEM temperature of composition (the paper's)
-labels = ''                     # class: labels '207,360' (sample i: i mod #labels); '' = drawn per sample
-prompts = ''                    # text: 'a red square|a blue circle' or a file, one per line (sample i: i mod #prompts)
+labels = ''                     # class: '207,360' (sample i: i mod #labels); '' = drawn per sample
+prompts = ''                    # text: 'a red square|a blue circle' or a file, one per line
+                                # (sample i: i mod #prompts)
 # image model sampling
 dit_sampler = 'ddpm'            # eps: 'ddpm' | 'ddim';  flow: 'euler' | 'heun'
 dit_steps = 250
@@ -135,6 +134,33 @@ def seeds_of(cfg, indices):
 # -----------------------------------------------------------------------------
 # Models, each from its checkpoint alone, and the checks that they fit together
 
+def public_dit_from_weights(path, state):
+    """A class-conditional DiT rebuilt from a bare state dict (DiT-XL-2-256x256.pt and its kin):
+    the size and patch are read off the tensor shapes, the heads from D.DiT_models. Returns
+    (model, checkpoint-like info: objective eps, space, image size)."""
+    state = state.get('ema', state)
+    if 'y_embedder.embedding_table.weight' not in state:
+        raise ValueError(f"'{path}' is not a class-conditional DiT state dict "
+                         "(no y_embedder.embedding_table)")
+    hidden, in_channels, patch, _ = state['x_embedder.proj.weight'].shape
+    depth = len({k.split('.')[1] for k in state if k.startswith('blocks.')})
+    sizes = [v for v in D.DiT_models.values()
+             if (v['hidden_size'], v['depth'], v['patch_size']) == (hidden, depth, patch)]
+    heads = sizes[0]['num_heads'] if sizes else \
+        max(h for h in (16, 12, 8, 6, 4, 2, 1) if hidden % h == 0)
+    input_size = int(math.sqrt(state['pos_embed'].shape[1])) * patch
+    learn_sigma = state['final_layer.linear.weight'].shape[0] == 2 * in_channels * patch ** 2
+    args = dict(input_size=input_size, patch_size=patch, in_channels=in_channels,
+                hidden_size=hidden, depth=depth, num_heads=heads, learn_sigma=learn_sigma,
+                cond='class', num_classes=state['y_embedder.embedding_table.weight'].shape[0] - 1)
+    model = D.DiT(**args)
+    model.load_state_dict(state, strict=True)
+    latent = in_channels == 4
+    info = dict(objective='eps', space='latent' if latent else 'pixel', cond='class',
+                model_args=args, image_size=input_size * 8 if latent else input_size, config={})
+    return model.eval(), info
+
+
 def load_image_model(cfg, want_cond, device):
     """The DiT and what its checkpoint says about it (objective, space, image size, cond, L, V)."""
     source = os.path.join(cfg['diffusion_dir'], 'diffusion.pt')
@@ -143,55 +169,41 @@ def load_image_model(cfg, want_cond, device):
     info = D.load_checkpoint(source)
     if 'model_args' in info:
         model = D.model_from_checkpoint(info)
-    else:                                       # a bare state dict: the public class-conditional weights
-        model, info = D.public_dit_from_weights(source, info)
+    else:                                       # a bare state dict: the public class DiT's
+        model, info = public_dit_from_weights(source, info)
     if info['cond'] != want_cond:
-        raise ValueError(f"this mode needs a DiT with cond='{want_cond}', but {source} has cond='{info['cond']}'; "
-                         "point --diffusion_dir at one trained with that conditioning"
-                         + (" (or --class_dit at DiT-XL-2-256x256.pt)" if want_cond == 'class' else ''))
+        hint = " (or --class_dit at DiT-XL-2-256x256.pt)" if want_cond == 'class' else ''
+        raise ValueError(f"this mode needs a DiT with cond='{want_cond}', but {source} has "
+                         f"cond='{info['cond']}'; point --diffusion_dir at one trained with "
+                         f"that conditioning{hint}")
     D.check_sampler(info['objective'], cfg['dit_sampler'])
     side = int(round(model.pos_embed.shape[1] ** 0.5)) * model.patch_size
     vae = None
     if info['space'] == 'latent':
         if not cfg['vae_path']:
-            raise ValueError(f"{source} generates SD-VAE latents: set --vae_path to sd-vae-ft-ema's weights")
+            raise ValueError(f"{source} generates SD-VAE latents: set --vae_path to "
+                             "sd-vae-ft-ema's weights")
         vae = D.load_vae(cfg['vae_path']).to(device).eval()
         channels = vae.post_quant_conv.in_channels
         factor = 2 ** sum(isinstance(m, D._VAEUpsample) for m in vae.modules())
         if model.in_channels != channels or side * factor != info['image_size']:
-            raise ValueError(f"{source} makes {model.in_channels} x {side} x {side} latents of {info['image_size']} px "
-                             f"images, which the VAE in {cfg['vae_path']} ({channels} channels, {factor}x upsampling) "
+            raise ValueError(f"{source} makes {model.in_channels} x {side} x {side} latents of "
+                             f"{info['image_size']} px images, which the VAE in {cfg['vae_path']} "
+                             f"({channels} channels, {factor}x upsampling) "
                              "does not decode to that size")
     elif model.in_channels != 3 or side != info['image_size']:
-        raise ValueError(f"{source} is a pixel-space DiT of {model.in_channels} x {side} x {side}, not of RGB images "
+        raise ValueError(f"{source} is a pixel-space DiT of {model.in_channels} x {side} x {side}, "
+                         "not of RGB images "
                          f"of {info['image_size']} px")
     return model.to(device), info, vae, source, (model.in_channels, side, side)
 
 
-def check_code_contract(what, path, L, V, info, dit_source):
-    if (L, V) != (info['L'], info['V']):
-        raise ValueError(f"the {what} in {path} makes codes of L={L}, V={V}, but the DiT in {dit_source} was "
-                         f"trained on L={info['L']}, V={info['V']}; use the {what} the DiT's codes came from")
-
-
-def load_tokenizer(cfg, info, dit_source, device):
-    path = os.path.join(cfg['tokenizer_dir'], 'tokenizer.pt')
-    ckpt = T.load_checkpoint(path)
-    check_code_contract('tokenizer', path, ckpt['L'], ckpt['V'], info, dit_source)
-    return T.encoder_from_checkpoint(ckpt).to(device), ckpt
-
-
-def load_prior(cfg, info, dit_source, device):
-    model, ckpt = P.load_prior(cfg['prior_dir'], device)
-    check_code_contract('prior', os.path.join(cfg['prior_dir'], 'prior.pt'), ckpt['L'], ckpt['V'], info, dit_source)
-    return model, ckpt
-
-
-def load_text_model(cfg, info, dit_source, device):
-    model, ckpt, enc = T2D.load_text2dlc(cfg['text2dlc_dir'], device)
-    check_code_contract('text model', os.path.join(cfg['text2dlc_dir'], 'text2dlc.pt'), ckpt['L'], ckpt['V'], info,
-                        dit_source)
-    return model, ckpt, enc
+def check_code_contract(what, path, ckpt, info, dit_source):
+    """The tokenizer, prior or text model in path must make the codes the DiT was trained on."""
+    if (ckpt['L'], ckpt['V']) != (info['L'], info['V']):
+        raise ValueError(f"the {what} in {path} makes codes of L={ckpt['L']}, V={ckpt['V']}, but "
+                         f"the DiT in {dit_source} was trained on L={info['L']}, V={info['V']}; "
+                         f"use the {what} the DiT's codes came from")
 
 
 # -----------------------------------------------------------------------------
@@ -201,19 +213,21 @@ def parse_groups(cfg, mode, n_items):
     """The source groups: lists of ints (dataset indices) or strings (files)."""
     if not cfg['sources']:
         n = cfg['n_samples']
-        groups = [[i] for i in range(n)] if mode == 'recon' else [[2 * i, 2 * i + 1] for i in range(n)]
+        groups = [[i] if mode == 'recon' else [2 * i, 2 * i + 1] for i in range(n)]
     else:
         groups = [[int(m) if m.strip().isdigit() else m.strip() for m in g.split('+')]
                   for g in cfg['sources'].split(',') if g.strip()]
     for g in groups:
         if mode == 'recon' and len(g) != 1:
-            raise ValueError(f"recon reconstructs one image per group, got {'+'.join(map(str, g))} in --sources")
+            raise ValueError(f"recon reconstructs one image per group, got "
+                             f"{'+'.join(map(str, g))} in --sources")
         for m in g:
             if isinstance(m, int) and not (n_items and m < n_items):
-                raise ValueError(f"source index {m} is outside split '{cfg['split']}' of '{cfg['data_dir']}' "
-                                 f"({n_items} items)")
+                raise ValueError(f"source index {m} is outside split '{cfg['split']}' of "
+                                 f"'{cfg['data_dir']}' ({n_items} items)")
             if isinstance(m, str) and not os.path.exists(m):
-                raise FileNotFoundError(f"source image '{m}' not found (--sources takes dataset indices or files)")
+                raise FileNotFoundError(f"source image '{m}' not found (--sources takes dataset "
+                                        "indices or files)")
     return groups
 
 
@@ -236,7 +250,8 @@ class Sources:
         if isinstance(member, str):
             return T.load_image(member, self.size)
         if self.dataset is None:
-            raise FileNotFoundError("dataset indices in --sources need --data_dir and --split of an existing split")
+            raise FileNotFoundError("dataset indices in --sources need --data_dir and --split of "
+                                    "an existing split")
         return self.dataset[member]
 
     def logits(self, encoder, members, device):
@@ -250,7 +265,7 @@ class Sources:
 
 def partial_paths(out_dir, mode):
     """Where the processes write a mode's images and codes until rank 0 publishes them."""
-    return os.path.join(out_dir, f'{mode}.partial.npy'), os.path.join(out_dir, f'{mode}_codes.partial.npy')
+    return [os.path.join(out_dir, f'{mode}{part}.partial.npy') for part in ('', '_codes')]
 
 
 def shared_array(path, shape, dtype, rank, world):
@@ -270,23 +285,31 @@ def run_mode(cfg, mode, rank, world, device):
     n, bs = cfg['n_samples'], cfg['batch_size']
     groups, sources, labels, prompts = None, None, None, None
     if mode in ('recon', 'compose'):
-        encoder, tok_ckpt = load_tokenizer(cfg, info, dit_source, device)
+        path = os.path.join(cfg['tokenizer_dir'], 'tokenizer.pt')
+        tok_ckpt = T.load_checkpoint(path)
+        check_code_contract('tokenizer', path, tok_ckpt, info, dit_source)
+        encoder = T.encoder_from_checkpoint(tok_ckpt).to(device)
         sources = Sources(cfg, tok_ckpt)
         groups = parse_groups(cfg, mode, len(sources))
     elif mode == 'uncond':
-        prior, prior_ckpt = load_prior(cfg, info, dit_source, device)
+        prior, prior_ckpt = P.load_prior(cfg['prior_dir'], device)
+        path = os.path.join(cfg['prior_dir'], 'prior.pt')
+        check_code_contract('prior', path, prior_ckpt, info, dit_source)
     elif mode == 'text':
-        text_model, text_ckpt, enc = load_text_model(cfg, info, dit_source, device)
+        text_model, text_ckpt, enc = T2D.load_text2dlc(cfg['text2dlc_dir'], device)
+        path = os.path.join(cfg['text2dlc_dir'], 'text2dlc.pt')
+        check_code_contract('text model', path, text_ckpt, info, dit_source)
         prompts = T2D.read_prompts(cfg['prompts'])
     else:
         n_classes = dit.null
         if cfg['labels']:
             labels = [int(x) for x in str(cfg['labels']).split(',')]
             if max(labels) >= n_classes:
-                raise ValueError(f"label {max(labels)} is not a class of {dit_source} ({n_classes} classes)")
+                raise ValueError(f"label {max(labels)} is not a class of {dit_source} "
+                                 f"({n_classes} classes)")
         else:
-            labels = [int(torch.randint(n_classes, (1,), generator=torch.Generator().manual_seed(s)))
-                      for s in seeds_of(cfg, range(n))[0]]
+            gens = [torch.Generator().manual_seed(s) for s in seeds_of(cfg, range(n))[0]]
+            labels = [int(torch.randint(n_classes, (1,), generator=g)) for g in gens]
 
     # the prior samples in bf16 on CUDA, as prior.py does; the DiT and the tokenizer in fp32 (TF32)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if 'cuda' in device else nullcontext()
@@ -296,9 +319,11 @@ def run_mode(cfg, mode, rank, world, device):
     images = shared_array(images_path, (n, size, size, 3), np.uint8, rank, world)
     codes = None
     if mode != 'class':
-        codes = shared_array(codes_path, (n, info['L']), np.uint16 if info['V'] <= 65536 else np.uint32, rank, world)
+        code_type = np.uint16 if info['V'] <= 65536 else np.uint32
+        codes = shared_array(codes_path, (n, info['L']), code_type, rank, world)
     mine = list(range(rank, n, world))
-    scale = cfg['compose_cfg_scale'] if mode == 'compose' and cfg['compose_cfg_scale'] >= 0 else cfg['cfg_scale']
+    own_scale = mode == 'compose' and cfg['compose_cfg_scale'] >= 0
+    scale = cfg['compose_cfg_scale'] if own_scale else cfg['cfg_scale']
     flow_output = info['config'].get('flow_output', 'velocity')
     bar = tqdm(total=n, desc=mode, disable=rank != 0, dynamic_ncols=True)
     for start in range(0, len(mine), bs):
@@ -312,15 +337,18 @@ def run_mode(cfg, mode, rank, world, device):
                 y = torch.stack([z[g[0]].argmax(-1) for g in batch_groups])
             else:
                 y = torch.stack([compose_code(torch.stack([z[m] for m in g]), cfg['compose_tau'],
-                                              torch.Generator().manual_seed(s)) for g, s in zip(batch_groups, code_seeds)])
+                                              torch.Generator().manual_seed(s))
+                                 for g, s in zip(batch_groups, code_seeds)])
         elif mode == 'uncond':
-            y = P.generate(prior, len(idx), cfg['prior_steps'], cfg['prior_sampler'], prior_ckpt['noise_eps'],
-                           code_seeds, device, len(idx), cfg['remask_eta'], autocast=autocast, progress=False,
-                           t_end=cfg['prior_sample_eps'], corrector=cfg['prior_corrector'])
+            y = P.generate(prior, len(idx), cfg['prior_steps'], cfg['prior_sampler'],
+                           prior_ckpt['noise_eps'], code_seeds, device, len(idx), cfg['remask_eta'],
+                           autocast=autocast, progress=False, t_end=cfg['prior_sample_eps'],
+                           corrector=cfg['prior_corrector'])
         elif mode == 'text':
-            y = T2D.generate(text_model, enc, text_ckpt, [prompts[i % len(prompts)] for i in idx], code_seeds, device,
-                             cfg['text_sampler'], cfg['text_steps'], cfg['text_temperature'], cfg['text_cfg_scale'],
-                             len(idx), autocast=autocast, progress=False)
+            y = T2D.generate(text_model, enc, text_ckpt, [prompts[i % len(prompts)] for i in idx],
+                             code_seeds, device, cfg['text_sampler'], cfg['text_steps'],
+                             cfg['text_temperature'], cfg['text_cfg_scale'], len(idx),
+                             autocast=autocast, progress=False)
         else:
             y = torch.tensor([labels[i % len(labels)] for i in idx])
         y = y.to(device)
@@ -339,16 +367,16 @@ def run_mode(cfg, mode, rank, world, device):
         dist.barrier()
     if rank != 0:
         return None
-    extra = dict(groups=groups, sources=sources, labels=labels, prompts=prompts, dit_source=dit_source)
-    return np.load(images_path, mmap_mode='r'), np.load(codes_path) if codes is not None else None, extra
+    extra = dict(groups=groups, sources=sources, labels=labels, prompts=prompts)
+    codes = np.load(codes_path) if codes is not None else None
+    return np.load(images_path, mmap_mode='r'), codes, extra
 
 
 def fit(image, size):
     """A uint8 image resized to size x size, for the grid."""
     image = np.asarray(image)
-    if image.shape[0] == size:
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+    return image if image.shape[0] == size else \
+        np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
 
 
 def write_outputs(cfg, mode, images, codes, extra):
@@ -361,33 +389,32 @@ def write_outputs(cfg, mode, images, codes, extra):
     os.remove(images_partial)
     if codes is not None:
         os.replace(codes_partial, os.path.join(out, f'{mode}_codes.npy'))
-    n_show = min(cfg['n_grid'], len(images))
-    size = images.shape[1]
+    n_show, size, grid = min(cfg['n_grid'], len(images)), images.shape[1], f'{out}/{mode}.png'
     if extra['groups'] is not None:           # each entry: its sources, then the result
         groups = [extra['groups'][i % len(extra['groups'])] for i in range(n_show)]
         K = max(len(g) for g in groups)
         blank = np.full_like(images[0], 255)
         tiles = []
         for i, g in enumerate(groups):
-            tiles += [fit(extra['sources'][m].numpy(), size) for m in g] + [blank] * (K - len(g)) + [images[i]]
-        D.save_grid(np.stack(tiles), os.path.join(out, f'{mode}.png'), ncol=(K + 1) * max(1, 16 // (K + 1)))
+            tiles += [fit(extra['sources'][m].numpy(), size) for m in g]
+            tiles += [blank] * (K - len(g)) + [images[i]]
+        D.save_grid(np.stack(tiles), grid, ncol=(K + 1) * max(1, 16 // (K + 1)))
     elif extra['prompts'] is not None:
         prompts = [extra['prompts'][i % len(extra['prompts'])] for i in range(n_show)]
-        captioned_grid(images[:n_show], prompts, os.path.join(out, f'{mode}.png'), ncol=min(8, n_show))
+        captioned_grid(images[:n_show], prompts, grid, ncol=min(8, n_show))
     else:
-        D.save_grid(images[:n_show], os.path.join(out, f'{mode}.png'), ncol=min(16, n_show))
+        D.save_grid(images[:n_show], grid, ncol=min(16, n_show))
     if cfg['save_pngs']:
         os.makedirs(os.path.join(out, mode), exist_ok=True)
         for i, im in enumerate(images):
             Image.fromarray(im).save(os.path.join(out, mode, f'{i:06d}.png'))
-    print(f"wrote {out}/{mode}.npz ({len(images)} images), {out}/{mode}.png"
-          + (f", {out}/{mode}_codes.npy" if codes is not None else '') + (f", {out}/{mode}/*.png" if cfg['save_pngs'] else ''))
+    print(f"wrote {out}/{mode}.npz ({len(images)} images), {grid}"
+          + (f", {out}/{mode}_codes.npy" if codes is not None else '')
+          + (f", {out}/{mode}/*.png" if cfg['save_pngs'] else ''))
 
 
 def captioned_grid(images, captions, path, ncol, side=128, lines=4):
     """A grid of images, each enlarged to side x side with its caption wrapped beneath it."""
-    import textwrap
-    from PIL import ImageDraw
     line_height, width = 12, side // 6                          # the default bitmap font: 6 x 11 px
     tile_h = side + lines * line_height + 4
     nrow = math.ceil(len(images) / ncol)
@@ -407,62 +434,35 @@ def captioned_grid(images, captions, path, ncol, side=128, lines=4):
 def reader_scores(cfg, mode, images, extra):
     """valid, and per mode: recon/class the source's (label's) shape and color kept; compose
     every factor taken from a source, a combination equal to no source, a (shape, color) pair
-    held out of training; uncond the factor histograms' distance to the training set."""
+    held out of training; text the factors each prompt names kept; uncond the factor
+    histograms' distance to the training set."""
     if mode == 'uncond':
-        scores = D.score_samples(cfg['data_dir'], images)
+        scores = histogram_scores(cfg['data_dir'], images)
         return dict(n=len(images), **scores) if scores else {}
-    read, meta = D.read_builtin(cfg['data_dir'], images)
+    read, meta = read_builtin(cfg['data_dir'], images)
     if read is None:
         return {}
-    valid = read['valid']
-    scores = dict(n=len(images), valid=float(valid.mean()))
+    scores = dict(n=len(images), valid=float(read['valid'].mean()))
+    at = lambda values: [values[i % len(values)] for i in range(len(images))]
     if mode == 'text':
-        from data.shapes.prepare import named_factors_kept
-        prompts = [extra['prompts'][i % len(extra['prompts'])] for i in range(len(images))]
-        kept = named_factors_kept(read, prompts, meta)
-        scores.update({'kept' if k == 'shape_and_color' else f'{k}_kept': v for k, v in kept.items()})
-        print('text: the factors the prompts name, kept in the images (share of the prompts naming each): ' +
-              ', '.join(f"{k} {v:.3f}" for k, v in scores.items() if k.endswith('kept')))
+        kept = named_factors_kept(read, at(extra['prompts']), meta)
+        scores.update({('kept' if k == 'shape_and_color' else f'{k}_kept'): v
+                       for k, v in kept.items()})
+        shares = ', '.join(f"{k} {v:.3f}" for k, v in scores.items() if k.endswith('kept'))
+        print('text: the factors the prompts name, kept in the images (share of the prompts '
+              f'naming each): {shares}')
         return scores
     if mode == 'class':
-        shape, color = np.divmod(np.array([extra['labels'][i % len(extra['labels'])] for i in range(len(images))]),
-                                 len(meta['color']))
-        scores['kept'] = float(((read['shape'] == shape) & (read['color'] == color)).mean())
-        return scores
-    groups = [extra['groups'][i % len(extra['groups'])] for i in range(len(images))]
+        shape, color = np.divmod(np.array(at(extra['labels'])), len(meta['color']))
+        return dict(scores, kept=factors_kept(read, shape, color))
+    groups = at(extra['groups'])
     if any(isinstance(m, str) for g in groups for m in g):
         return scores                                  # files: no factors to compare with
     factors = np.load(os.path.join(cfg['data_dir'], f"{cfg['split']}_factors.npy"))
     if mode == 'recon':
         source = factors[[g[0] for g in groups]]
-        scores['kept'] = float(((read['shape'] == source[:, 0]) & (read['color'] == source[:, 1])).mean())
-        return scores
-    got = np.stack([read['shape'], read['color'], read['background']], axis=1)            # (N, 3)
-    from_sources = [all(got[i, j] in factors[g, j] for j in range(3)) for i, g in enumerate(groups)]
-    novel = [not any((got[i] == factors[m, :3]).all() for m in g) for i, g in enumerate(groups)]
-    held_out = {tuple(p) for p in meta['held_out']}
-    unseen = [(int(got[i, 0]), int(got[i, 1])) in held_out for i in range(len(images))]
-    scores['from_sources'] = float(np.mean(valid & np.array(from_sources)))
-    scores['novel'] = float(np.mean(valid & np.array(from_sources) & np.array(novel)))
-    scores['unseen_pair'] = float(np.mean(valid & np.array(unseen)))
-    return scores
-
-
-def print_table(results):
-    columns = [('n', 'images'), ('valid', 'valid'), ('kept', 'shape+color kept'), ('from_sources', 'from sources'),
-               ('novel', 'novel'), ('unseen_pair', 'unseen pair'), ('tv', 'TV shape/color/bg/size'), ('time', 'time')]
-    rows = []
-    for mode, s in results.items():
-        row = dict(s, time=f"{s['seconds']:.0f} s")
-        if 'tv_shape' in s:
-            row['tv'] = '/'.join(f"{s[f'tv_{k}']:.2f}" for k in ('shape', 'color', 'background', 'size'))
-        cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
-        rows.append([mode] + [cell(row.get(k, '-')) for k, _ in columns])
-    header = ['mode'] + [title for _, title in columns]
-    widths = [max(len(r[j]) for r in rows + [header]) for j in range(len(header))]
-    print()
-    for r in [header] + rows:
-        print('  '.join(v.ljust(w) for v, w in zip(r, widths)))
+        return dict(scores, kept=factors_kept(read, source[:, 0], source[:, 1]))
+    return dict(scores, **composition_scores(read, factors, groups, meta))
 
 
 def main(cfg):

@@ -20,35 +20,29 @@ masked tokens from the rest:
 
     loss = sum over masked positions i of  -log p_theta(x_i | x_t) / p   /  (number masked)
 
-the number masked being counted over the whole global batch, so that the step does not depend
-on how the batch is split across processes. Pads are never masked and never scored: the model
-always sees where the caption ends, and nothing is ever generated into a pad. The paper masks
-codes, separator and caption alike (noise_caption=True); noise_caption=False masks only the
-codes, so that every step trains p(code | caption) (the built-in config's choice, README). A
-caption_dropout share of the sequences gets the empty caption, which trains the unconditional
-model classifier-free guidance needs.
+the number masked counted over the whole global batch, so that the step does not depend on how
+the batch is split across processes. Pads are never masked nor scored. The paper masks codes,
+separator and caption alike (noise_caption=True); False masks only the codes, so that every
+step trains p(code | caption). A caption_dropout share of the sequences gets the empty caption:
+the unconditional model that classifier-free guidance needs.
 
-The network and the diffusion math are the prior's (prior.py): SEDD's DDiT with rotary and a
-learned absolute position embedding, conditioned on the noise level sigma = -log(1 - p). Its
-log-ratio output, restricted to the clean tokens and normalized, is log p_theta(x_i | x_t).
+The network and the diffusion math are the prior's (prior.py): SEDD's DDiT, conditioned on the
+noise level sigma = -log(1 - p); its log ratios, restricted to the clean tokens and normalized,
+are log p_theta(x_i | x_t).
 
-Generation. The separator and the caption are fixed; the L code positions start masked and
-are drawn by prior.sample: the paper's random-order sampler (one position unmasked per step in
-a random order, temperature 0.2, never re-masked), or SEDD's analytic / Euler samplers. The
-draw at a code position is restricted to the V code tokens (the paper's script samples over
-the whole vocabulary; restricting can only help, since a code position must hold a code).
-Classifier-free guidance on the prompt: log p_w = log p_u + w (log p_c - log p_u), renormalized,
-with p_u the prediction given the empty caption.
-
-Initialization: from scratch, or from a SEDD checkpoint with the GPT-2 vocabulary (sedd-small,
-sedd-medium): its text rows (embedding and output) and its mask token are kept, rows for the
-code tokens and the separator and the position embedding are added.
+Generation. The separator and the caption are fixed; the L code positions start masked and are
+drawn by prior.sample over the V code tokens (the paper's script samples the whole vocabulary):
+the paper's random-order sampler (one position per step, temperature 0.2, never re-masked), or
+SEDD's analytic / Euler samplers. Guidance on the prompt: log p_w = log p_u + w (log p_c -
+log p_u), renormalized, with p_u the prediction given the empty caption.
+Initialization: from scratch, or from a GPT-2-vocabulary SEDD (sedd-small, sedd-medium) grown
+by the code and separator rows (extend_pretrained).
 
 Modes:  python text2dlc.py [config.py] [--key=value ...]
-    --mode=train    (torchrun for DDP) codes_dir/codes_<split>.npy + captions -> out_dir/text2dlc.pt
+    --mode=train    (torchrun for DDP) codes_dir/codes_<split>.npy + captions -> text2dlc.pt
     --mode=sample   prompts -> out_dir/text_codes.npy (the dump format) + text_codes_prompts.txt;
-                    on the built-in data, the tokenizer's probe reads the factors of the codes
-                    and compares them with the factors the prompts name
+                    on the built-in data, the tokenizer's probe reads the codes' factors against
+                    those the prompts name
 """
 import base64
 import copy
@@ -71,34 +65,34 @@ from tqdm import tqdm
 import diffusion as D
 import prior as P
 from configurator import configure
+from data.shapes.score import load_meta, named_factors_kept, probe_predict
 
 # -----------------------------------------------------------------------------
 # config: the defaults are the paper's recipe, on SEDD's small model and the GPT-2 vocabulary
 mode = 'train'                  # 'train' | 'sample'
 out_dir = 'out-text2dlc'
-init_from = 'scratch'           # 'scratch' | 'resume' | path to a GPT-2-vocabulary SEDD checkpoint
-                                # (sedd-small / sedd-medium: .pth, .bin or .safetensors)
-codes_dir = 'out-imagenet-tokenizer'    # tokenizer.pt and codes_<split>.npy (probe.pt for the report)
+init_from = 'scratch'           # 'scratch' | 'resume' | a GPT-2 SEDD (sedd-small, sedd-medium)
+codes_dir = 'out-imagenet-tokenizer'    # tokenizer.pt, codes_<split>.npy (probe.pt: the report)
 data_dir = 'data/imagenet'
-captions_path = ''              # '' = data_dir/<split>_captions.txt; a path with {split} in it. One line per
-                                # item, in the dump's order; tab-separated captions of one item: one is drawn
+captions_path = ''              # '' = data_dir/<split>_captions.txt, or a path with {split}: a line
+                                # per item, in the dump's order; tab-separated captions: one drawn
 train_split = 'train'
 val_split = 'val'
 seed = 0
 # text
-text_encoding = 'gpt2'          # 'gpt2' | path to a .tiktoken ranks file | 'bytes' | 'words' (built from the captions)
-caption_len = 128               # caption tokens after the separator; with DLC512 the paper's 640 in all
+text_encoding = 'gpt2'          # 'gpt2' | a .tiktoken ranks file | 'bytes' | 'words' (captions')
+caption_len = 128               # caption tokens after the separator; with DLC512: the paper's 640
 # model and loss
 model = 'small'                 # a key of prior.PRIOR_MODELS; 'small' / 'medium' are SEDD's sizes
 dropout = 0.1
 noise_eps = 1e-3                # mask probability (1 - eps) t + eps
-noise_caption = True            # the paper's: mask codes, separator and caption; False: the codes only
-caption_dropout = 0.0           # share of sequences trained with the empty caption (guidance needs > 0)
+noise_caption = True            # the paper's: mask codes, separator, caption; False: the codes only
+caption_dropout = 0.0           # share of sequences with the empty caption (guidance needs > 0)
 # optimization
 batch_size = 128                # global, across processes and accumulation steps
 micro_batch_size = 16
 max_iters = 600000
-run_iters = -1                  # stop this run after so many iterations (resume later); -1: no limit
+run_iters = -1                  # stop this run after so many iterations (resume later); -1: none
 learning_rate = 1e-5            # the paper's, for a pretrained model
 min_lr = 0.0
 lr_decay = True                 # cosine from learning_rate to min_lr at max_iters
@@ -109,10 +103,9 @@ ema_decay = 0.9999
 # held-out loss: bits per code token of val codes given their captions
 eval_interval = 5000
 n_eval = 1024
-eval_t_per_code = 4
 # generation
 prompts = ''                    # 'a red square|a blue circle', or a file with one prompt per line
-n_samples = 0                   # codes to draw; sample i uses prompt i mod #prompts; 0 = one per prompt
+n_samples = 0                   # codes to draw, sample i: prompt i mod #prompts; 0 = one per prompt
 sampler = 'random_order'        # 'random_order' (the paper's) | 'analytic' | 'euler'
 num_steps = 0                   # 0 = L (random_order: one token per step)
 temperature = 0.2               # random_order: draw from p^(1/temperature)
@@ -139,7 +132,8 @@ END_OF_TEXT = '<|endoftext|>'
 
 def ranks_to_text(ranks):
     """{token bytes: rank} -> the .tiktoken format: 'base64 rank' per line."""
-    return ''.join(f"{base64.b64encode(b).decode()} {r}\n" for b, r in sorted(ranks.items(), key=lambda kv: kv[1]))
+    return ''.join(f"{base64.b64encode(b).decode()} {r}\n"
+                   for b, r in sorted(ranks.items(), key=lambda kv: kv[1]))
 
 
 def ranks_from_text(text, source):
@@ -151,11 +145,11 @@ def ranks_from_text(text, source):
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
         except ValueError:
-            raise ValueError(f"{source}, line {n}: {line[:60]!r} is not 'base64 rank'; a .tiktoken file "
-                             "(e.g. GPT-2's ranks) has one such line per token") from None
+            raise ValueError(f"{source}, line {n}: {line[:60]!r} is not 'base64 rank'; a .tiktoken "
+                             "file (e.g. GPT-2's ranks) has one such line per token") from None
     if len(set(ranks.values())) != len(ranks) or any(bytes([i]) not in ranks for i in range(256)):
-        raise ValueError(f"{source} is not a byte-level BPE ranks file: ranks must be distinct and every "
-                         "single byte must have one")
+        raise ValueError(f"{source} is not a byte-level BPE ranks file: ranks must be distinct and "
+                         "every single byte must have one")
     return ranks
 
 
@@ -173,10 +167,10 @@ def encoding_spec(name, captions=()):
             enc = tiktoken.get_encoding('gpt2')
         except Exception as e:
             raise RuntimeError(
-                f"text_encoding='gpt2' needs tiktoken's GPT-2 files, which could not be loaded ({type(e).__name__}: "
-                f"{e}). On a connected machine tiktoken downloads and caches them (point TIKTOKEN_CACHE_DIR at a "
-                "cached copy to reuse it offline); or set --text_encoding to a local GPT-2 ranks file "
-                "(gpt2.tiktoken, 'base64 rank' per line), which gives the same encoding") from None
+                f"text_encoding='gpt2' needs tiktoken's GPT-2 files ({type(e).__name__}: {e}). On "
+                "a connected machine tiktoken downloads and caches them (TIKTOKEN_CACHE_DIR reuses "
+                "a cached copy offline); or set --text_encoding to a local GPT-2 ranks file "
+                "(gpt2.tiktoken, 'base64 rank' per line), the same encoding") from None
         return dict(name='gpt2', pat_str=enc._pat_str, ranks=ranks_to_text(enc._mergeable_ranks),
                     special=dict(enc._special_tokens))
     ranks = {bytes([i]): i for i in range(256)}
@@ -186,9 +180,9 @@ def encoding_spec(name, captions=()):
             ranks.setdefault(piece, len(ranks))
     elif name != 'bytes':
         if not os.path.isfile(name):
-            raise FileNotFoundError(f"text_encoding '{name}' is not 'gpt2', 'bytes', 'words' or an existing "
-                                    ".tiktoken file; for GPT-2 offline, save its ranks (gpt2.tiktoken) and pass "
-                                    "that path")
+            raise FileNotFoundError(f"text_encoding '{name}' is not 'gpt2', 'bytes', 'words' or an "
+                                    "existing .tiktoken file; for GPT-2 offline, save its ranks "
+                                    "(gpt2.tiktoken) and pass that path")
         with open(name) as f:
             ranks = ranks_from_text(f.read(), name)
     return dict(name=os.path.basename(name), pat_str=GPT2_PATTERN, ranks=ranks_to_text(ranks),
@@ -196,13 +190,13 @@ def encoding_spec(name, captions=()):
 
 
 def encoding_from_spec(spec):
-    return tiktoken.Encoding(spec['name'], pat_str=spec['pat_str'],
-                             mergeable_ranks=ranks_from_text(spec['ranks'], f"encoding '{spec['name']}'"),
+    ranks = ranks_from_text(spec['ranks'], f"encoding '{spec['name']}'")
+    return tiktoken.Encoding(spec['name'], pat_str=spec['pat_str'], mergeable_ranks=ranks,
                              special_tokens=spec['special'])
 
 
 def encode_captions(enc, captions, caption_len):
-    """list of str -> (N, caption_len) int64, truncated, padded with end-of-text; and (N,) lengths."""
+    """list of str -> (N, caption_len) int64, cut or padded with end-of-text; and (N,) lengths."""
     out = torch.full((len(captions), caption_len), enc.eot_token, dtype=torch.long)
     lengths = torch.zeros(len(captions), dtype=torch.long)
     for i, tokens in enumerate(enc.encode_ordinary_batch(list(captions))):
@@ -251,42 +245,45 @@ def extend_pretrained(model, state, n_text, V, source='checkpoint'):
     position embedding new when the checkpoint has none. Returns what is new, in words."""
     rows = state['vocab_embed.embedding'].shape[0]
     if rows != n_text + 1:
-        raise ValueError(f"{source} has {rows - 1} text tokens (+ its mask), but the text encoding has {n_text}; "
-                         "a GPT-2-vocabulary SEDD needs text_encoding='gpt2' or GPT-2's .tiktoken ranks file")
+        raise ValueError(f"{source} has {rows - 1} text tokens (+ its mask), but the text encoding "
+                         f"has {n_text}; a GPT-2-vocabulary SEDD needs text_encoding='gpt2' or "
+                         "GPT-2's .tiktoken ranks file")
     state, ours = dict(state), model.state_dict()
-    for key in ['vocab_embed.embedding', 'output_layer.linear.weight', 'output_layer.linear.bias']:
-        grown = ours[key].clone()                                  # the new rows keep their fresh init
+    grown_keys = ['vocab_embed.embedding', 'output_layer.linear.weight', 'output_layer.linear.bias']
+    for key in grown_keys:
+        grown = ours[key].clone()                             # the new rows keep their fresh init
         grown[:n_text] = state[key][:n_text]
-        grown[-1] = state[key][-1]                                 # the mask stays the absorbing state
+        grown[-1] = state[key][-1]                            # the mask stays the absorbing state
         state[key] = grown
     if 'pos_embed' in state:
         pos = state['pos_embed'].reshape(1, -1, ours['pos_embed'].shape[-1])
         if pos.shape[1] < model.seq_len:
-            raise ValueError(f"{source}'s position embedding has {pos.shape[1]} positions, fewer than the "
-                             f"{model.seq_len} of a sequence; lower caption_len")
+            raise ValueError(f"{source}'s position embedding has {pos.shape[1]} positions, fewer "
+                             f"than the {model.seq_len} of a sequence; lower caption_len")
         state['pos_embed'] = pos[:, :model.seq_len]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {'pos_embed'}:
-        raise ValueError(f"{source} does not fit --model: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-    new = [f"{k} rows {n_text}..{n_text + V} (the {V} codes and the separator)" for k in
-           ['vocab_embed.embedding', 'output_layer.linear.weight', 'output_layer.linear.bias']] + missing
-    return new
+        raise ValueError(f"{source} does not fit --model: missing {sorted(missing)}, unexpected "
+                         f"{sorted(unexpected)}")
+    return [f"{k} rows {n_text}..{n_text + V} (the {V} codes and the separator)"
+            for k in grown_keys] + missing
 
 
 def read_pretrained(path):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"init_from='{path}' not found; give a local SEDD checkpoint with the GPT-2 "
-                                "vocabulary (louaaron/sedd-small or sedd-medium: .pth, .bin or .safetensors), "
-                                "or 'scratch'")
+        raise FileNotFoundError(f"init_from='{path}' not found; give a local SEDD checkpoint with "
+                                "the GPT-2 vocabulary (louaaron/sedd-small or sedd-medium: .pth, "
+                                ".bin or .safetensors), or 'scratch'")
     if path.endswith('.safetensors'):
-        return D.read_safetensors(path)                            # diffusion.py's reader: no safetensors package
+        return D.read_safetensors(path)               # diffusion.py's: no safetensors package
     return P.sedd_state_dict(path)
 
 
 # -----------------------------------------------------------------------------
 # Generation (pure): prompts -> codes
 
-def code_log_ratios(model, captions, lengths, n_text, V, pad_id, cfg_scale=1.0, autocast=nullcontext()):
+def code_log_ratios(model, captions, lengths, n_text, V, pad_id, cfg_scale=1.0,
+                    autocast=nullcontext()):
     """A score function for prior.sample over the L code positions only: x (n, L) in [0, V] (V =
     masked) -> log ratios (n, L, V + 1) of the code tokens, given the fixed [sep][caption]. The
     unconditional prediction of guidance sees the empty caption (all pad)."""
@@ -311,54 +308,57 @@ def code_log_ratios(model, captions, lengths, n_text, V, pad_id, cfg_scale=1.0, 
 
 
 @torch.no_grad()
-def generate(model, enc, ckpt, prompts, seeds, device, sampler='random_order', steps=0, temperature=0.2,
-             cfg_scale=1.0, batch_size=256, remask_eta=0.0, autocast=nullcontext(), progress=True):
+def generate(model, enc, ckpt, prompts, seeds, device, sampler='random_order', steps=0,
+             temperature=0.2, cfg_scale=1.0, batch_size=256, remask_eta=0.0, autocast=nullcontext(),
+             progress=True):
     """One code (L,) per prompt, code i from seeds[i] alone: (len(prompts), L) long."""
     L, V, n_text = ckpt['L'], ckpt['V'], ckpt['n_text']
     steps = steps or L
     out = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc='text2dlc', disable=not progress, dynamic_ncols=True):
+    for start in tqdm(range(0, len(prompts), batch_size), desc='text2dlc', disable=not progress,
+                      dynamic_ncols=True):
         batch = prompts[start:start + batch_size]
         caps, lens = encode_captions(enc, batch, ckpt['caption_len'])
-        fn = code_log_ratios(model, caps.to(device), lens.to(device), n_text, V, enc.eot_token, cfg_scale, autocast)
-        out.append(P.sample(fn, len(batch), L, V, steps, seeds[start:start + len(batch)], sampler, ckpt['noise_eps'],
-                            device, remask_eta=remask_eta, temperature=temperature).cpu())
+        fn = code_log_ratios(model, caps.to(device), lens.to(device), n_text, V, enc.eot_token,
+                             cfg_scale, autocast)
+        out.append(P.sample(fn, len(batch), L, V, steps, seeds[start:start + len(batch)], sampler,
+                            ckpt['noise_eps'], device, remask_eta=remask_eta,
+                            temperature=temperature).cpu())
     return torch.cat(out) if out else torch.zeros(0, L, dtype=torch.long)
 
 
 # -----------------------------------------------------------------------------
 # Data: codes checked against the tokenizer, captions checked against the codes
 
-def captions_file(cfg, split):
-    return cfg['captions_path'].replace('{split}', split) if cfg['captions_path'] else \
-        os.path.join(cfg['data_dir'], f'{split}_captions.txt')
-
-
 def load_pairs(cfg, split, L, V):
-    """The code dump of a split and its captions: (codes (N, L), [[caption, alternatives..]] * N)."""
+    """A split's code dump and captions: (codes (N, L), [[caption, alternatives..]] * N)."""
     codes_path = os.path.join(cfg['codes_dir'], f'codes_{split}.npy')
     codes = P.load_codes(codes_path, L, V)
-    path = captions_file(cfg, split)
+    path = cfg['captions_path'].replace('{split}', split) if cfg['captions_path'] else \
+        os.path.join(cfg['data_dir'], f'{split}_captions.txt')
     if not os.path.exists(path):
-        raise FileNotFoundError(f"captions '{path}' not found: one line per item of {codes_path}, in its order; "
-                                "set --captions_path (with {split} in it) or --data_dir")
+        raise FileNotFoundError(f"captions '{path}' not found: one line per item of {codes_path}, "
+                                "in its order; set --captions_path (with {split}) or --data_dir")
     with open(path, encoding='utf-8') as f:
         lines = f.read().splitlines()
     if not any(line.strip() for line in lines):
-        raise ValueError(f"captions '{path}' is empty; it needs one caption line per item of {codes_path}")
+        raise ValueError(f"captions '{path}' is empty; it needs a caption line per item of "
+                         f"{codes_path}")
     if len(lines) != len(codes):
-        raise ValueError(f"captions '{path}' has {len(lines)} lines but {codes_path} has {len(codes)} codes; "
-                         "they must be the same items in the same order: re-dump the codes of this split "
-                         "(python tokenizer.py --mode=dump) or fix --captions_path")
+        raise ValueError(f"captions '{path}' has {len(lines)} lines but {codes_path} has "
+                         f"{len(codes)} codes; they must be the same items in the same order: "
+                         "re-dump the codes of this split (python tokenizer.py --mode=dump) or fix "
+                         "--captions_path")
     return codes, [line.split('\t') for line in lines]
 
 
 def choose_captions(captions, items, u_choice, u_drop, caption_dropout):
-    """One caption per item: alternative floor(u K) of its K, or '' with probability caption_dropout."""
+    """One caption per item: alternative floor(u K) of its K, or '' with probability
+    caption_dropout."""
     out = []
     for i, u, d in zip(items, u_choice.tolist(), u_drop.tolist()):
-        options = captions[i]
-        out.append('' if d < caption_dropout else options[min(int(u * len(options)), len(options) - 1)])
+        K = len(captions[i])
+        out.append('' if d < caption_dropout else captions[i][min(int(u * K), K - 1)])
     return out
 
 
@@ -374,8 +374,8 @@ def heldout_code_bits(model, codes, captions, enc, ckpt, t_per_code, batch_size,
     total = 0.0
     for start in range(0, len(codes), batch_size):
         c = torch.as_tensor(codes[start:start + batch_size].astype(np.int64))
-        caps, lens = encode_captions(enc, [options[0] for options in captions[start:start + len(c)]],
-                                     ckpt['caption_len'])
+        first = [options[0] for options in captions[start:start + len(c)]]
+        caps, lens = encode_captions(enc, first, ckpt['caption_len'])
         x0, _ = sequences(c, caps, lens, n_text, V)
         is_code = torch.zeros_like(x0, dtype=torch.bool)
         is_code[:, :L] = True
@@ -383,8 +383,9 @@ def heldout_code_bits(model, codes, captions, enc, ckpt, t_per_code, batch_size,
             t = (k + torch.rand(len(c), generator=gen, dtype=torch.float64)) / t_per_code
             u = torch.rand(x0.shape, generator=gen, dtype=torch.float64)
             p = (1 - eps) * t + eps
-            nll, _ = masked_cross_entropy(model, x0.to(device), is_code.to(device), t.to(device), u.to(device),
-                                          n_text + V + 1, eps, weight=((1 - eps) / p).to(device))
+            nll, _ = masked_cross_entropy(model, x0.to(device), is_code.to(device), t.to(device),
+                                          u.to(device), n_text + V + 1, eps,
+                                          weight=((1 - eps) / p).to(device))
             total += nll.double().sum().item() / t_per_code
     model.train(was_training)
     return total / (len(codes) * L) / math.log(2)
@@ -397,45 +398,49 @@ def train(cfg):
     rank, world, device = P.setup_distributed(cfg['device'])
     c, master = cfg, rank == 0
     device_type = 'cuda' if 'cuda' in device else 'cpu'
-    if c['batch_size'] % (world * c['micro_batch_size']):
-        raise ValueError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) x "
-                         f"micro_batch_size ({c['micro_batch_size']})")
-    accum = c['batch_size'] // (world * c['micro_batch_size'])
+    micro = c['micro_batch_size']
+    if c['batch_size'] % (world * micro):
+        raise ValueError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) "
+                         f"x micro_batch_size ({micro})")
+    accum = c['batch_size'] // (world * micro)
     torch.backends.cuda.matmul.allow_tf32 = True
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device_type == 'cuda' else nullcontext()
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device_type == 'cuda' else \
+        nullcontext()
     os.makedirs(c['out_dir'], exist_ok=True)
     ckpt_path = os.path.join(c['out_dir'], 'text2dlc.pt')
 
     L, V = P.tokenizer_contract(c['codes_dir'])
     codes, captions = load_pairs(c, c['train_split'], L, V)
     val = None
-    if c['eval_interval'] > 0 and os.path.exists(os.path.join(c['codes_dir'], f"codes_{c['val_split']}.npy")):
+    if c['eval_interval'] > 0 and os.path.exists(P.codes_path(c, 'val_split')):
         val_codes, val_captions = load_pairs(c, c['val_split'], L, V)
         n = c['n_eval'] or len(val_codes)
         val = val_codes[:n], val_captions[:n]
-    resume = torch.load(ckpt_path, map_location='cpu', weights_only=True) if c['init_from'] == 'resume' else None
-    if resume is not None:
+    resume = None
+    if c['init_from'] == 'resume':
+        resume = torch.load(ckpt_path, map_location='cpu', weights_only=True)
         spec = resume['encoding']
     else:
         spec = encoding_spec(c['text_encoding'], [t for options in captions for t in options])
     enc = encoding_from_spec(spec)
     n_text = enc.n_vocab
-    info = dict(L=L, V=V, n_text=n_text, caption_len=c['caption_len'], noise_eps=c['noise_eps'], encoding=spec)
-    model_args = P.model_args_from(dict(c, scale_by_sigma=True), L + 1 + c['caption_len'], n_text + V + 1)
+    info = dict(L=L, V=V, n_text=n_text, caption_len=c['caption_len'], noise_eps=c['noise_eps'],
+                encoding=spec)
+    model_args = P.model_args_from(c, L + 1 + c['caption_len'], n_text + V + 1)
     torch.manual_seed(c['seed'])
     model = P.SEDD(**model_args)
     if c['init_from'] not in ('scratch', 'resume'):
         new = extend_pretrained(model, read_pretrained(c['init_from']), n_text, V, c['init_from'])
         if master:
-            print(f"loaded {c['init_from']}: every tensor (the text and mask rows of the vocabulary's three); "
-                  f"new: {'; '.join(new)}")
+            print(f"loaded {c['init_from']}: every tensor (the text and mask rows of the "
+                  f"vocabulary's three); new: {'; '.join(new)}")
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=c['weight_decay']),
-                                   dict(params=no_decay, weight_decay=0.0)],
-                                  lr=c['learning_rate'], betas=(0.9, 0.999), fused=device_type == 'cuda')
+    groups = [dict(params=[p for p in model.parameters() if p.ndim >= 2],
+                   weight_decay=c['weight_decay']),
+              dict(params=[p for p in model.parameters() if p.ndim < 2], weight_decay=0.0)]
+    optimizer = torch.optim.AdamW(groups, lr=c['learning_rate'], betas=(0.9, 0.999),
+                                  fused=device_type == 'cuda')
     iter_num, history = 0, []
     if resume is not None:
         model.load_state_dict(resume['model'])
@@ -448,36 +453,39 @@ def train(cfg):
     if c['compile']:
         model = torch.compile(model)
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == 'cuda' else None)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device_type == 'cuda' else None)
     if master:
         n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"text2dlc {c['model']} ({n_params / 1e6:.2f}M parameters) on {len(codes)} (code, caption) pairs: "
-              f"L={L} codes of V={V}, {n_text} text tokens ({spec['name']}), sequences of {model_args['seq_len']}; "
-              f"{world} process(es) x {accum} micro-batches of {c['micro_batch_size']} = batch {c['batch_size']}")
+        print(f"text2dlc {c['model']} ({n_params / 1e6:.2f}M parameters) on {len(codes)} (code, "
+              f"caption) pairs: L={L} codes of V={V}, {n_text} text tokens ({spec['name']}), "
+              f"sequences of {model_args['seq_len']}; {world} process(es) x {accum} micro-batches "
+              f"of {micro} = batch {c['batch_size']}")
 
     def save():
-        P.save_atomic(dict(model=raw_model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                           model_args=model_args, config=dict(c), iter_num=iter_num, history=history, **info),
-                      ckpt_path)
+        P.save_atomic(dict(model=raw_model.state_dict(), ema=ema.state_dict(),
+                           optimizer=optimizer.state_dict(), model_args=model_args, config=dict(c),
+                           iter_num=iter_num, history=history, **info), ckpt_path)
 
     mask_id = n_text + V + 1
     stream = P.EpochStream(len(codes), c['batch_size'], c['seed'])
     stop = c['max_iters'] if c['run_iters'] < 0 else min(c['max_iters'], iter_num + c['run_iters'])
     local = c['batch_size'] // world
     model.train()
-    bar = tqdm(total=stop, initial=iter_num, disable=not master, desc='text2dlc', dynamic_ncols=True)
+    bar = tqdm(total=stop, initial=iter_num, disable=not master, desc='text2dlc',
+               dynamic_ncols=True)
     t0, tokens = time.time(), 0
     while iter_num < stop:
         it = iter_num
-        lr = D.learning_rate_at(it, c)                          # warm-up, then cosine (diffusion.py's)
+        lr = D.learning_rate_at(it, c)                      # warm-up, then cosine (diffusion.py's)
         for g in optimizer.param_groups:
             g['lr'] = lr
         # the whole global batch is drawn on every process (captions, noise), then sliced
         gen = torch.Generator().manual_seed(c['seed'] * 1_000_003 + it)
         B = c['batch_size']
         items = stream.batch(it)
-        chosen = choose_captions(captions, items, torch.rand(B, generator=gen), torch.rand(B, generator=gen),
-                                 c['caption_dropout'])
+        u_choice, u_drop = torch.rand(B, generator=gen), torch.rand(B, generator=gen)
+        chosen = choose_captions(captions, items, u_choice, u_drop, c['caption_dropout'])
         caps, lens = encode_captions(enc, chosen, c['caption_len'])
         x0, pad = sequences(torch.as_tensor(codes[items].astype(np.int64)), caps, lens, n_text, V)
         noisable = ~pad
@@ -485,25 +493,22 @@ def train(cfg):
             noisable[:, L:] = False
         t_all = torch.rand(B, generator=gen)
         u_all = torch.rand(x0.shape, generator=gen)
-        n_masked = noise(x0, noisable, t_all, u_all, mask_id, c['noise_eps'])[1].sum().clamp_min(1).item()
-        torch.manual_seed((c['seed'] * 1_000_003 + it) * 4096 + rank)   # dropout masks: per rank, resumable
+        masked = noise(x0, noisable, t_all, u_all, mask_id, c['noise_eps'])[1]
+        n_masked = masked.sum().clamp_min(1).item()
+        torch.manual_seed((c['seed'] * 1_000_003 + it) * 4096 + rank)   # dropout: resumable
         loss_sum = torch.zeros((), device=device)
         for k in range(accum):
-            rows = slice(rank * local + k * c['micro_batch_size'], rank * local + (k + 1) * c['micro_batch_size'])
+            rows = slice(rank * local + k * micro, rank * local + (k + 1) * micro)
             if world > 1:
                 model.require_backward_grad_sync = k == accum - 1
             with autocast:
                 nll, _ = masked_cross_entropy(model, x0[rows].to(device), noisable[rows].to(device),
-                                              t_all[rows].to(device), u_all[rows].to(device), mask_id, c['noise_eps'])
+                                              t_all[rows].to(device), u_all[rows].to(device),
+                                              mask_id, c['noise_eps'])
             loss = nll.sum() / n_masked
-            (loss * world).backward()                             # DDP averages over processes: undo it
+            (loss * world).backward()                 # DDP averages over processes: undo it
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c['grad_clip'] if c['grad_clip'] > 0 else float('inf'))
-        if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):   # stop before the bad update
-            raise FloatingPointError(
-                f"loss is {loss_sum.item()} (gradient norm {grad_norm.item()}) at iteration {it}; {ckpt_path} "
-                f"keeps the last good state (saved every {c['ckpt_interval']} iterations). Lower "
-                f"learning_rate or add warmup_iters, then continue with --init_from=resume")
+        P.clip_and_check(raw_model, loss_sum, it, c, ckpt_path)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema_decay = min(c['ema_decay'], (1 + it) / (10 + it))
@@ -517,11 +522,12 @@ def train(cfg):
             logged = P.all_reduce_mean(loss_sum).item() * world
             entry = dict(iter=iter_num, train_loss=logged)
             if val is not None and (iter_num % c['eval_interval'] == 0 or iter_num == stop):
-                entry['val_code_bits'] = heldout_code_bits(ema, *val, enc, info, c['eval_t_per_code'],
-                                                           c['micro_batch_size'], device)
+                entry['val_code_bits'] = heldout_code_bits(ema, *val, enc, info,
+                                                           P.EVAL_T_PER_CODE, micro, device)
             history.append(entry)
             if master:
-                held = f", held-out code bits (EMA) {entry['val_code_bits']:.4f}" if 'val_code_bits' in entry else ''
+                bits = entry.get('val_code_bits')
+                held = f", held-out code bits (EMA) {bits:.4f}" if bits is not None else ''
                 tqdm.write(f"iter {iter_num}: loss {logged:.4f}{held}, lr {lr:.2e}, "
                            f"{tokens / (time.time() - t0):.0f} tok/s")
             t0, tokens = time.time(), 0
@@ -541,17 +547,18 @@ def load_text2dlc(out_dir, device, weights='ema'):
     """(model, checkpoint, encoding) from out_dir/text2dlc.pt alone."""
     path = os.path.join(out_dir, 'text2dlc.pt')
     if not os.path.exists(path):
-        raise FileNotFoundError(f"text2dlc checkpoint '{path}' not found; train it with python text2dlc.py ...")
+        raise FileNotFoundError(f"text2dlc checkpoint '{path}' not found; train it with python "
+                                "text2dlc.py ...")
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    model = P.SEDD(**ckpt['model_args'])
-    model.load_state_dict(ckpt[weights])
+    model = P.model_from_checkpoint(ckpt, weights)
     return model.to(device).eval(), ckpt, encoding_from_spec(ckpt['encoding'])
 
 
 def read_prompts(spec):
     """'a|b' or a file, one prompt per line."""
     if not spec:
-        raise ValueError("no prompts: set --prompts='a red square|a blue circle' or --prompts=<file, one per line>")
+        raise ValueError("no prompts: set --prompts='a red square|a blue circle' or "
+                         "--prompts=<file, one per line>")
     if os.path.isfile(spec):
         with open(spec, encoding='utf-8') as f:
             prompts = [line.split('\t')[0] for line in f.read().splitlines()]
@@ -568,29 +575,22 @@ def sample_mode(cfg):
     model, ckpt, enc = load_text2dlc(cfg['out_dir'], device)
     L, V = ckpt['L'], ckpt['V']
     if P.tokenizer_contract(cfg['codes_dir']) != (L, V):
-        raise ValueError(f"the text2dlc model in {cfg['out_dir']} makes L={L}, V={V} codes but the tokenizer in "
-                         f"{cfg['codes_dir']} does not; point --codes_dir at the tokenizer it was trained on")
+        raise ValueError(f"the text2dlc model in {cfg['out_dir']} makes L={L}, V={V} codes but the "
+                         f"tokenizer in {cfg['codes_dir']} does not; point --codes_dir at the "
+                         "tokenizer it was trained on")
     prompts = read_prompts(cfg['prompts'])
     if cfg['cfg_scale'] != 1.0 and not ckpt['config']['caption_dropout']:
-        print(f"note: guidance {cfg['cfg_scale']} with a model trained without caption_dropout: its empty-caption "
-              "prediction was never trained")
+        print(f"note: guidance {cfg['cfg_scale']} with a model trained without caption_dropout: "
+              "its empty-caption prediction was never trained")
     n = cfg['n_samples'] or len(prompts)
     mine = list(range(rank, n, world))                            # sample i is seeded by i alone
     codes = generate(model, enc, ckpt, [prompts[i % len(prompts)] for i in mine],
-                     [cfg['seed'] * 1_000_003 + i for i in mine], device, cfg['sampler'], cfg['num_steps'],
-                     cfg['temperature'], cfg['cfg_scale'], cfg['sample_batch_size'], autocast=autocast,
-                     progress=rank == 0)
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, (mine, codes.numpy()))
-        dist.destroy_process_group()
-        if rank:
-            return None
-        full = np.zeros((n, L), dtype=np.int64)
-        for idx, part in parts:
-            full[idx] = part
-    else:
-        full = codes.numpy()
+                     [cfg['seed'] * 1_000_003 + i for i in mine], device, cfg['sampler'],
+                     cfg['num_steps'], cfg['temperature'], cfg['cfg_scale'],
+                     cfg['sample_batch_size'], autocast=autocast, progress=rank == 0)
+    full = P.gather_codes(codes, mine, n, rank, world)
+    if full is None:
+        return None
     full = full.astype(np.uint16 if V <= 65536 else np.uint32)
     used = [prompts[i % len(prompts)] for i in range(n)]
     path = cfg['sample_path'] or os.path.join(cfg['out_dir'], 'text_codes.npy')
@@ -599,23 +599,18 @@ def sample_mode(cfg):
     os.replace(path + '.tmp.npy', path)
     with open(os.path.splitext(path)[0] + '_prompts.txt', 'w', encoding='utf-8') as f:
         f.write(''.join(p + '\n' for p in used))
-    print(f"wrote {path}: {n} codes of L={L}, V={V} ({cfg['sampler']}, {cfg['num_steps'] or L} steps, "
-          f"guidance {cfg['cfg_scale']}) and {os.path.splitext(path)[0]}_prompts.txt")
+    print(f"wrote {path}: {n} codes of L={L}, V={V} ({cfg['sampler']}, {cfg['num_steps'] or L} "
+          f"steps, guidance {cfg['cfg_scale']}) and {os.path.splitext(path)[0]}_prompts.txt")
     return full, probe_agreement(full, used, cfg)
 
 
 def probe_agreement(codes, prompts, cfg):
     """On the built-in data: the share of codes whose factors, as the tokenizer's probe reads them,
     are the ones the prompt names. It judges the text model alone, before any DiT."""
-    meta_path, probe_path = os.path.join(cfg['data_dir'], 'meta.json'), os.path.join(cfg['codes_dir'], 'probe.pt')
-    if not (os.path.exists(meta_path) and os.path.exists(probe_path)):
+    meta, probe_path = load_meta(cfg['data_dir']), os.path.join(cfg['codes_dir'], 'probe.pt')
+    if meta is None or not os.path.exists(probe_path):
         return {}
-    import json
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from data.shapes.prepare import named_factors_kept
-    with open(meta_path) as f:
-        meta = json.load(f)
-    read = P.probe_predict(torch.load(probe_path, map_location='cpu', weights_only=True), codes)
+    read = probe_predict(torch.load(probe_path, map_location='cpu', weights_only=True), codes)
     scores = named_factors_kept(read, prompts, meta)
     print("the probe's reading of the codes against the factors the prompts name (share kept): " +
           ', '.join(f"{k} {v:.3f}" for k, v in scores.items()))

@@ -1,32 +1,34 @@
 # The built-in image generator: a tiny DiT on 32 x 32 pixels of data/shapes, conditioned on the
 # DLCs of the built-in tokenizer (run config/tokenizer_shapes.py and its probe first: the probe
 # writes out-shapes/codes_{train,val}.npy).
-# python diffusion.py config/diffusion_shapes.py && python diffusion.py config/diffusion_shapes.py --mode=recon
+# python diffusion.py config/diffusion_shapes.py
+# python diffusion.py config/diffusion_shapes.py --mode=recon
 out_dir = 'out-shapes-dit'
 data_dir = 'data/shapes'
 codes_dir = 'out-shapes'
 device = 'cpu'
-model = 'DiT-Ti/8'              # depth 4, width 128, patch 8: 16 tokens, 2.5x the images per CPU-second of patch 4
-head_hidden = 512               # the final layer draws each 8 x 8 patch through a hidden layer (not in DiT; README)
+model = 'DiT-Ti/8'              # depth 4, width 128, patch 8: 16 tokens, 2.5x patch 4's img/CPU-s
+head_hidden = 512               # each 8 x 8 patch drawn through a hidden layer (not in DiT)
 image_size = 32
 cond = 'dlc'
 objective = 'flow'              # learns far faster than eps prediction at this scale (README)
-flow_output = 'x0'              # predict the clean image: flat backgrounds come easily (README trials)
-flow_t_mean = 0.8               # t = sigmoid(N(0.8, 0.8)): most draws at high noise, where shapes form
+flow_output = 'x0'              # predict the clean image: flat backgrounds come easily
+flow_t_mean = 0.8               # t = sigmoid(N(0.8, 0.8)): most draws at high noise (shapes form)
 flow_t_std = 0.8
-flow_t_shift = -1.2             # then over the second half the mean moves to -0.4: the outlines at low noise last
+flow_t_shift = -1.2             # then over the second half the mean moves to -0.4: the outlines at
+                                # low noise last
 hflip = True
-batch_size = 32                 # small batches, many steps: better per CPU-minute than 128 (README trials)
+batch_size = 32                 # small batches, many steps: better per CPU-minute than 128
 micro_batch_size = 32
-max_iters = 24000               # 26 min 48 s alone on 2 CPU cores (about 470 img/s), sample grids included
-learning_rate = 2e-3            # with the hidden layer: 0.588 at 12,000 iterations, against 0.442 at 1e-3
+max_iters = 24000               # 26 min 48 s alone on 2 CPU cores (about 470 img/s), with the grids
+learning_rate = 2e-3            # with the hidden layer: 0.588 at 12,000 iterations, 0.442 at 1e-3
 warmup_iters = 100
 lr_decay = True                 # cosine to min_lr (1e-5) at max_iters
 ema_decay = 0.999
 sampler = 'euler'
 num_sampling_steps = 25
 cfg_scale = 3.0
-guidance_interval = (0.1, 1.0)  # no guidance in the last 2 of the 25 steps: it would amplify texture (README)
+guidance_interval = (0.1, 1.0)  # no guidance in the last 2 of the 25 steps: it amplifies texture
 clip_denoised = True
 sample_interval = 6000
 n_grid = 16

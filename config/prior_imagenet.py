@@ -1,5 +1,6 @@
 # The paper's prior for ImageNet 256: SEDD-medium DDiT (24 x 1024, 16 heads) on DLC512 (V = 256),
-# AdamW 3e-4 (constant after a linear warmup of 2500), clip 1, EMA 0.9999, batch 512, 1.5M iterations
+# AdamW 3e-4 (constant after a linear warmup of 2500), clip 1, EMA 0.9999, batch 512, 1.5M
+# iterations
 # (the fork's sedd/configs/config_sem_L512_hf.yaml: n_iters 1,500,001; config.yaml: 1,300,001).
 # Sampling: 1,024 analytic steps to t = 1e-5, no corrector. On 8 GPUs:
 # torchrun --nproc_per_node=8 prior.py config/prior_imagenet.py

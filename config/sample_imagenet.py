@@ -4,7 +4,8 @@
 # torchrun --nproc_per_node=8 sample.py config/sample_imagenet.py
 # The paper's run scripts/gen_50k_sedd-1024_cfg-1.7.sh: the prior's analytic sampler, 1,024 steps to
 # t = 1e-5, no corrector; the DiT's DDPM sampler, 256 steps, guidance 1.7 (on every eps channel),
-# no clipping. Its other run, 4,096 steps with the paper's corrector: config/sample_imagenet_corrector.py.
+# no clipping. Its other run, 4,096 steps with the paper's corrector:
+# config/sample_imagenet_corrector.py.
 # Composition (--mode=compose) as the paper's dit/sample_comp_imgs.py: guidance 4.0 (the pipeline's
 # default; its --cfg-scale reaches only the file names), 250 DDPM steps: --dit_steps=250.
 # Baseline: --mode=class --class_dit=weights/DiT-XL-2-256x256.pt --cfg_scale=1.5 --dit_steps=250

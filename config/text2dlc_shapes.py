@@ -6,7 +6,8 @@
 out_dir = 'out-shapes-text2dlc'
 codes_dir = 'out-shapes'
 data_dir = 'data/shapes'
-# each line: the full caption, then three that leave factors out ('a red square'), one drawn per step
+# each line: the full caption, then three that leave factors out ('a red square'), one drawn per
+# step
 captions_path = 'data/shapes/{split}_captions_varied.txt'
 device = 'cpu'
 text_encoding = 'words'         # one token a word: captions of at most 13 tokens (bytes: up to 60)
@@ -17,7 +18,7 @@ noise_caption = False
 caption_dropout = 0.1
 batch_size = 32
 micro_batch_size = 32
-max_iters = 5000                # 9 min 30 s alone on 2 CPU cores (about 9.5 it/s with the held-out evaluations)
+max_iters = 5000                # 9 min 30 s alone on 2 CPU cores (9.5 it/s with the evaluations)
 learning_rate = 1e-3
 min_lr = 1e-5
 warmup_iters = 100

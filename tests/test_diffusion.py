@@ -50,9 +50,11 @@ def test_guidance_scale_one_is_the_conditional_model_and_guides_every_eps_channe
     null = torch.full_like(y, model.null)
     both = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), 1.0)
     assert torch.allclose(both[:3], model(x, t, y), atol=1e-5)
-    out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), 4.0)[:3]
+    out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]),
+                                 4.0)[:3]
     cond, uncond = model(x, t, y), model(x, t, null)
-    assert torch.allclose(out[:, :3], uncond[:, :3] + 4.0 * (cond[:, :3] - uncond[:, :3]), atol=1e-4)
+    guided = uncond[:, :3] + 4.0 * (cond[:, :3] - uncond[:, :3])
+    assert torch.allclose(out[:, :3], guided, atol=1e-4)
     assert torch.allclose(out[:, 3:], cond[:, 3:], atol=1e-5)        # the variance is not guided
 
 
@@ -65,13 +67,15 @@ def test_the_guidance_interval_leaves_the_steps_outside_it_unguided():
         low, high = torch.full((2,), t_low), torch.full((2,), t_high)
         assert torch.allclose(fn(x, low), model(x, low * scale, y), atol=1e-6)
         cond, uncond = model(x, high * scale, y), model(x, high * scale, null)
-        assert torch.allclose(fn(x, high)[:, :3], uncond[:, :3] + 3.0 * (cond[:, :3] - uncond[:, :3]), atol=1e-4)
-    # the built-in config's 25 Euler steps with interval (0.1, 1): the last two (t = 0.08, 0.04) unguided
+        guided = uncond[:, :3] + 3.0 * (cond[:, :3] - uncond[:, :3])
+        assert torch.allclose(fn(x, high)[:, :3], guided, atol=1e-4)
+    # the built-in config's 25 Euler steps with interval (0.1, 1): the last two (t = 0.08, 0.04)
+    # unguided
     model = tiny_dit(learn_sigma=False)                     # a flow network: 3 output channels
-    batches, plain = [], model.forward      # swapped, not hooked: forward_with_cfg calls self.forward
+    batches, plain = [], model.forward  # swapped, not hooked: forward_with_cfg calls self.forward
     model.forward = lambda x, t, y: batches.append(len(x)) or plain(x, t, y)
-    D.sample(D.guided(model, y, 3.0, 'flow', (0.1, 1.0)), (3, 16, 16), [0, 1], 'flow', 'euler', 25, 'cpu',
-             flow_output='x0')
+    D.sample(D.guided(model, y, 3.0, 'flow', (0.1, 1.0)), (3, 16, 16), [0, 1], 'flow', 'euler', 25,
+             'cpu', flow_output='x0')
     model.forward = plain
     assert batches == [4] * 23 + [2] * 2
 
@@ -80,15 +84,17 @@ def dit_key_shapes(D_, depth, patch, in_channels, tokens, condition):
     """The exact key names and shapes of a learned-sigma DiT of facebookresearch/DiT's models.py
     (timm's PatchEmbed, Attention and Mlp: no parameters but these), with the condition's keys."""
     sd = {'pos_embed': (1, tokens, D_), 'x_embedder.proj.weight': (D_, in_channels, patch, patch),
-          'x_embedder.proj.bias': (D_,), 't_embedder.mlp.0.weight': (D_, 256), 't_embedder.mlp.0.bias': (D_,),
-          't_embedder.mlp.2.weight': (D_, D_), 't_embedder.mlp.2.bias': (D_,), **condition}
+          'x_embedder.proj.bias': (D_,), 't_embedder.mlp.0.weight': (D_, 256),
+          't_embedder.mlp.0.bias': (D_,), 't_embedder.mlp.2.weight': (D_, D_),
+          't_embedder.mlp.2.bias': (D_,), **condition}
     for i in range(depth):
         b = f'blocks.{i}.'
         sd.update({b + 'attn.qkv.weight': (3 * D_, D_), b + 'attn.qkv.bias': (3 * D_,),
                    b + 'attn.proj.weight': (D_, D_), b + 'attn.proj.bias': (D_,),
                    b + 'mlp.fc1.weight': (4 * D_, D_), b + 'mlp.fc1.bias': (4 * D_,),
                    b + 'mlp.fc2.weight': (D_, 4 * D_), b + 'mlp.fc2.bias': (D_,),
-                   b + 'adaLN_modulation.1.weight': (6 * D_, D_), b + 'adaLN_modulation.1.bias': (6 * D_,)})
+                   b + 'adaLN_modulation.1.weight': (6 * D_, D_),
+                   b + 'adaLN_modulation.1.bias': (6 * D_,)})
     out = patch * patch * 2 * in_channels
     sd.update({'final_layer.linear.weight': (out, D_), 'final_layer.linear.bias': (out,),
                'final_layer.adaLN_modulation.1.weight': (2 * D_, D_),
@@ -111,7 +117,8 @@ def test_public_dit_s2_weights_load_strictly(tmp_path):
     D.load_public_dit(model, str(path))
     assert set(model.state_dict()) == set(sd)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
-    assert model(torch.randn(1, 4, 32, 32), torch.tensor([5]), torch.tensor([3])).shape == (1, 8, 32, 32)
+    out = model(torch.randn(1, 4, 32, 32), torch.tensor([5]), torch.tensor([3]))
+    assert out.shape == (1, 8, 32, 32)
     with pytest.raises(FileNotFoundError, match='DiT-XL-2-256x256.pt'):
         D.load_public_dit(model, str(tmp_path / 'missing.pt'))
 
@@ -121,8 +128,8 @@ def test_the_paper_ditsem_weights_load_strictly_as_its_fork_saves_them(tmp_path)
     # parameter is the (L, V+1, D) table (V+1 rows: trained with class dropout 0.1)
     L, V, D_ = 5, 7, 32
     shapes = dit_key_shapes(D_, 2, 2, 4, 16, {'sem_embedder.embedding_table': (L, V + 1, D_)})
-    new = lambda: D.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=D_, depth=2, num_heads=2,
-                        cond='dlc', L=L, V=V)
+    new = lambda: D.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=D_, depth=2,
+                        num_heads=2, cond='dlc', L=L, V=V)
     assert {k: tuple(v.shape) for k, v in new().state_dict().items()} == shapes
     sd = {k: torch.randn(v) for k, v in shapes.items()}
     # it trains a torch.compile'd model: model.safetensors and the EMA's custom_checkpoint_0.pkl
@@ -135,7 +142,8 @@ def test_the_paper_ditsem_weights_load_strictly_as_its_fork_saves_them(tmp_path)
         model = new()
         D.load_public_dit(model, str(tmp_path / name))
         assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items()), name
-    # and embeds a code as the fork does: one-hot (N, L, V+1) times each position's table, mean over L
+    # and embeds a code as the fork does: one-hot (N, L, V+1) times each position's table, mean
+    # over L
     codes = torch.tensor([[0, 6, 3, 3, 1], [7, 7, 7, 7, 7]])
     one_hot = torch.nn.functional.one_hot(codes, V + 1).float()
     expected = (one_hot.transpose(0, 1) @ sd['sem_embedder.embedding_table']).mean(0)
@@ -150,7 +158,8 @@ def test_the_null_token_starts_as_one_vector_shared_by_all_positions_as_in_the_p
     null = table[:, V]
     assert torch.equal(null, null[:1].expand_as(null))
     assert table[:, :V].std().item() == pytest.approx(D_ ** -0.5, rel=0.02)   # the rows: N(0, 1/D)
-    # so the dropped code starts at norm ~1, a real code (a mean of L independent rows) at ~1/sqrt(L)
+    # so the dropped code starts at norm ~1, a real code (a mean of L independent rows) at
+    # ~1/sqrt(L)
     with torch.no_grad():
         dropped, code = embedder(torch.full((1, L), V)), embedder(torch.randint(0, V, (1, L)))
     assert 0.9 < dropped.norm() < 1.1
@@ -161,15 +170,17 @@ def test_a_hidden_layer_in_the_final_layer_adds_two_keys_and_comes_back_from_a_c
         shapes_dir, codes_dir, tmp_path):
     plain, wide = tiny_dit(), tiny_dit(head_hidden=24)
     plain_keys, wide_keys = plain.state_dict(), wide.state_dict()
-    assert set(wide_keys) - set(plain_keys) == {'final_layer.hidden.weight', 'final_layer.hidden.bias'}
-    assert set(plain_keys) <= set(wide_keys)                 # head_hidden=0 keeps DiT's layout (test above)
+    assert set(wide_keys) - set(plain_keys) == {'final_layer.hidden.weight',
+                                                'final_layer.hidden.bias'}
+    assert set(plain_keys) <= set(wide_keys)         # head_hidden=0 keeps DiT's layout (test above)
     assert wide_keys['final_layer.hidden.weight'].shape == (24, 32)
     assert wide_keys['final_layer.linear.weight'].shape == (4 * 4 * 6, 24)
     x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.randint(0, 7, (2, 5))
     assert wide(x, t, y).shape == plain(x, t, y).shape == (2, 6, 16, 16)
     cfg = tiny_cfg(shapes_dir, codes_dir, tmp_path, objective='flow', max_iters=2, head_hidden=24)
     model, _, _ = D.train(cfg)
-    restored = D.model_from_checkpoint(D.load_checkpoint(str(tmp_path / 'diffusion.pt')), weights='model')
+    ckpt = D.load_checkpoint(str(tmp_path / 'diffusion.pt'))
+    restored = D.model_from_checkpoint(ckpt, weights='model')
     assert restored.final_layer.hidden.out_features == 24
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in restored.state_dict().items())
 
@@ -204,10 +215,13 @@ def exact_x0(x, t):
 @pytest.mark.parametrize('objective, sampler, steps, output', [
     ('eps', 'ddpm', 250, None), ('eps', 'ddim', 100, None), ('flow', 'euler', 100, 'velocity'),
     ('flow', 'heun', 30, 'velocity'), ('flow', 'euler', 100, 'x0'), ('flow', 'heun', 30, 'x0')])
-def test_samplers_driven_by_the_exact_denoiser_reproduce_gaussian_data(objective, sampler, steps, output):
+def test_samplers_driven_by_the_exact_denoiser_reproduce_gaussian_data(objective, sampler, steps,
+                                                                        output):
     full = D.GaussianDiffusion.linear()
-    fn = {None: lambda x, t: exact_eps(x, t, full), 'velocity': exact_velocity, 'x0': exact_x0}[output]
-    x = D.sample(fn, (4, 1, 1), range(3000), objective, sampler, steps, 'cpu', flow_output=output or 'velocity')
+    fn = {None: lambda x, t: exact_eps(x, t, full), 'velocity': exact_velocity,
+          'x0': exact_x0}[output]
+    x = D.sample(fn, (4, 1, 1), range(3000), objective, sampler, steps, 'cpu',
+                 flow_output=output or 'velocity')
     mean, std = x.mean(dim=0).view(4), x.std(dim=0).view(4)
     assert torch.allclose(mean, MU.view(4), atol=0.06), mean
     assert torch.allclose(std, STD.view(4), rtol=0.08), std
@@ -217,7 +231,8 @@ def test_respacing_keeps_the_timesteps_dit_keeps_and_refuses_a_single_step():
     full = D.GaussianDiffusion.linear()
     assert list(full.respaced(1000).timesteps) == list(range(1000))
     spaced = full.respaced(250)                     # DiT's default: stride 999 / 249, rounded
-    assert list(spaced.timesteps[:4]) == [0, 4, 8, 12] and list(spaced.timesteps[-3:]) == [991, 995, 999]
+    assert list(spaced.timesteps[:4]) == [0, 4, 8, 12]
+    assert list(spaced.timesteps[-3:]) == [991, 995, 999]
     # DiT sums the stride in floating point: ten strides of 49.95 fall just short of 499.5
     assert list(full.respaced(21).timesteps[9:12]) == [450, 499, 549]
     assert np.allclose(np.cumprod(1 - spaced.betas), full.abar[spaced.timesteps], rtol=1e-12)
@@ -231,25 +246,8 @@ def test_respacing_keeps_the_timesteps_dit_keeps_and_refuses_a_single_step():
 
 def test_the_velocity_of_the_exact_clean_image_prediction_is_the_exact_velocity():
     x, t = torch.randn(16, 4, 1, 1), torch.rand(16) * 0.9 + 0.05
-    assert torch.allclose(D.flow_velocity(exact_x0(x, t), x, t, 'x0'), exact_velocity(x, t), atol=1e-5)
-
-
-def test_sdedit_keeps_a_nearly_clean_start_and_maps_a_noised_one_to_the_data():
-    data = lambda n, seed: MU + STD * torch.randn(n, 4, 1, 1, generator=torch.Generator().manual_seed(seed))
-    start = data(200, 1)
-    near = D.sample(exact_velocity, (4, 1, 1), range(200), 'flow', 'euler', 25, 'cpu', x_start=start, t_start=0.04)
-    assert (near - start).abs().mean() < 0.06                    # the image survives a little noise
-    # from halfway, the exact flow carries noised data samples back onto the data distribution
-    start = data(3000, 2)
-    mid = D.sample(exact_velocity, (4, 1, 1), range(3000), 'flow', 'euler', 50, 'cpu', x_start=start, t_start=0.5)
-    assert torch.allclose(mid.mean(dim=0).view(4), MU.view(4), atol=0.06)
-    assert torch.allclose(mid.std(dim=0).view(4), STD.view(4), rtol=0.08)
-    assert (mid - start).abs().mean() > 0.1                      # and it did move them
-    plain = D.sample(exact_velocity, (4, 1, 1), range(8), 'flow', 'heun', 10, 'cpu')
-    assert torch.equal(plain, D.sample(exact_velocity, (4, 1, 1), range(8), 'flow', 'heun', 10, 'cpu',
-                                       x_start=start[:8], t_start=1.0))
-    with pytest.raises(ValueError, match='flow'):
-        D.sample(lambda x, t: x, (4, 1, 1), range(2), 'eps', 'ddim', 10, 'cpu', x_start=start[:2], t_start=0.5)
+    u = D.flow_velocity(exact_x0(x, t), x, t, 'x0')
+    assert torch.allclose(u, exact_velocity(x, t), atol=1e-5)
 
 
 def test_a_sample_depends_on_its_seed_only_not_on_its_batch():
@@ -257,19 +255,20 @@ def test_a_sample_depends_on_its_seed_only_not_on_its_batch():
     y = torch.randint(0, 7, (4, 5))
     fn = D.guided(model, y, 2.0, 'eps')
     batch = D.sample(fn, (3, 16, 16), [11, 12, 13, 14], 'eps', 'ddpm', 10, 'cpu')
-    alone = D.sample(D.guided(model, y[2:3], 2.0, 'eps'), (3, 16, 16), [13], 'eps', 'ddpm', 10, 'cpu')
+    alone = D.sample(D.guided(model, y[2:3], 2.0, 'eps'), (3, 16, 16), [13], 'eps', 'ddpm', 10,
+                     'cpu')
     assert torch.allclose(batch[2:3], alone, atol=1e-5)
 
 
 def test_the_loss_is_the_eps_mse_plus_the_vlb_and_the_vlb_trains_the_variance_alone():
     full = D.GaussianDiffusion.linear()
     gen = torch.Generator().manual_seed(0)
-    x0 = torch.randint(40, 216, (8, 4, 2, 2), generator=gen).float() / 127.5 - 1   # 8-bit levels inside [-1, 1]
-    t = torch.tensor([0, 0, 1, 2, 3, 5, 8, 10])                    # small t, where the VLB weighs most
+    x0 = torch.randint(40, 216, (8, 4, 2, 2), generator=gen).float() / 127.5 - 1   # 8-bit levels
+    t = torch.tensor([0, 0, 1, 2, 3, 5, 8, 10])                # small t, where the VLB weighs most
     noise = torch.randn(x0.shape, generator=gen)
     x_t = full.q_sample(x0, t, noise)
     eps_hat = noise + 0.3 * torch.randn(x0.shape, generator=gen)
-    v = 2 * torch.rand(x0.shape, generator=gen) - 1                 # the variance output, anywhere in [-1, 1]
+    v = 2 * torch.rand(x0.shape, generator=gen) - 1         # the variance output, in [-1, 1]
     out = torch.cat([eps_hat, v], dim=1).requires_grad_(True)
     loss = full.training_losses(out, x0, x_t, t, noise)
 
@@ -280,7 +279,8 @@ def test_the_loss_is_the_eps_mse_plus_the_vlb_and_the_vlb_trains_the_variance_al
     abar_prev = np.append(1.0, abar[:-1])
     tilde = betas * (1 - abar_prev) / (1 - abar)
     at = lambda a: torch.as_tensor(a)[t].view(-1, 1, 1, 1)
-    b, a, ap, log_tilde = at(betas), at(abar), at(abar_prev), at(np.log(np.append(tilde[1], tilde[1:])))
+    b, a, ap = at(betas), at(abar), at(abar_prev)
+    log_tilde = at(np.log(np.append(tilde[1], tilde[1:])))
     x0_, x_t_, eps_, v_ = x0.double(), x_t.double(), eps_hat.double(), v.double()
     mean_of = lambda start: (b * ap.sqrt() * start + (1 - ap) * (1 - b).sqrt() * x_t_) / (1 - a)
     true_mean, model_mean = mean_of(x0_), mean_of((x_t_ - (1 - a).sqrt() * eps_) / a.sqrt())
@@ -289,7 +289,8 @@ def test_the_loss_is_the_eps_mse_plus_the_vlb_and_the_vlb_trains_the_variance_al
                 + (true_mean - model_mean) ** 2 * (-model_log_var).exp())
     std = (0.5 * model_log_var).exp()
     Phi = torch.special.ndtr
-    nll = -torch.log(Phi((x0_ - model_mean + 1 / 255) / std) - Phi((x0_ - model_mean - 1 / 255) / std))
+    nll = -torch.log(Phi((x0_ - model_mean + 1 / 255) / std)
+                     - Phi((x0_ - model_mean - 1 / 255) / std))
     vb = torch.where(t == 0, nll.mean(dim=(1, 2, 3)), kl.mean(dim=(1, 2, 3))) / math.log(2)
     mse = (noise - eps_hat).pow(2).mean(dim=(1, 2, 3))
     assert torch.all(vb > 0.005), vb                 # at every t, far above the tolerance below
@@ -310,10 +311,10 @@ def test_the_loss_is_the_eps_mse_plus_the_vlb_and_the_vlb_trains_the_variance_al
 # -- training ------------------------------------------------------------------------------
 
 def tiny_cfg(shapes_dir, codes_dir, out_dir, **overrides):
-    cfg = dict(D.CONFIG, data_dir=shapes_dir, codes_dir=str(codes_dir), out_dir=str(out_dir), device='cpu',
-               model='DiT-Ti/8', image_size=32, cond='dlc', objective='eps', batch_size=16,
-               micro_batch_size=8, max_iters=4, learning_rate=1e-3, ema_decay=0.9, sample_interval=0,
-               log_interval=1, ckpt_interval=2, num_sampling_steps=5,
+    cfg = dict(D.CONFIG, data_dir=shapes_dir, codes_dir=str(codes_dir), out_dir=str(out_dir),
+               device='cpu', model='DiT-Ti/8', image_size=32, cond='dlc', objective='eps',
+               batch_size=16, micro_batch_size=8, max_iters=4, learning_rate=1e-3, ema_decay=0.9,
+               sample_interval=0, log_interval=1, ckpt_interval=2, num_sampling_steps=5,
                sampler='euler' if overrides.get('objective') == 'flow' else 'ddpm')
     cfg.update(overrides)
     return cfg
@@ -323,9 +324,10 @@ def tiny_cfg(shapes_dir, codes_dir, out_dir, **overrides):
 def codes_dir(shapes_dir, tmp_path_factory):
     """A tiny tokenizer and its dumps of the test dataset's train and val splits."""
     out = tmp_path_factory.mktemp('tok')
-    cfg = dict(T.CONFIG, data_dir=shapes_dir, out_dir=str(out), device='cpu', patch_size=8, embed_dim=32,
-               depth=1, num_heads=2, image_size=32, L=4, V=8, ssl_loss='infonce', n_local_crops=0,
-               head_hidden_dim=32, head_bottleneck_dim=16, batch_size=32, max_iters=1, warmup_iters=1,
+    cfg = dict(T.CONFIG, data_dir=shapes_dir, out_dir=str(out), device='cpu', patch_size=8,
+               embed_dim=32, depth=1, num_heads=2, image_size=32, L=4, V=8, ssl_loss='infonce',
+               n_local_crops=0, head_hidden_dim=32, head_bottleneck_dim=16, batch_size=32,
+               max_iters=1, warmup_iters=1,
                color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0, 0.0),
                solarize_prob=(0.0, 0.0, 0.0), log_interval=1)
     T.train(cfg)
@@ -340,7 +342,8 @@ def as_args(cfg):
 
 
 @pytest.mark.parametrize('objective', ['eps', 'flow'])
-def test_two_processes_take_the_same_step_as_one_with_accumulation(shapes_dir, codes_dir, tmp_path, objective):
+def test_two_processes_take_the_same_step_as_one_with_accumulation(shapes_dir, codes_dir, tmp_path,
+                                                                    objective):
     # one process: 2 micro-batches of 8 accumulated; two processes: one micro-batch of 8 each
     one = tiny_cfg(shapes_dir, codes_dir, tmp_path / 'one', objective=objective, max_iters=2)
     two = tiny_cfg(shapes_dir, codes_dir, tmp_path / 'two', objective=objective, max_iters=2)
@@ -357,7 +360,8 @@ def test_two_processes_take_the_same_step_as_one_with_accumulation(shapes_dir, c
 def test_stop_and_resume_equals_an_uninterrupted_run(shapes_dir, codes_dir, tmp_path, objective):
     straight = tiny_cfg(shapes_dir, codes_dir, tmp_path / 'a', objective=objective, max_iters=6)
     D.train(straight)
-    split = tiny_cfg(shapes_dir, codes_dir, tmp_path / 'b', objective=objective, max_iters=6, run_iters=3)
+    split = tiny_cfg(shapes_dir, codes_dir, tmp_path / 'b', objective=objective, max_iters=6,
+                     run_iters=3)
     D.train(split)
     D.train(dict(split, init_from='resume', run_iters=-1))
     a = torch.load(tmp_path / 'a' / 'diffusion.pt', weights_only=True)
@@ -368,9 +372,11 @@ def test_stop_and_resume_equals_an_uninterrupted_run(shapes_dir, codes_dir, tmp_
             assert torch.equal(a[part][k], b[part][k]), (part, k)
 
 
-def test_training_on_pixels_lowers_the_loss_and_writes_a_sample_grid(shapes_dir, codes_dir, tmp_path):
-    cfg = tiny_cfg(shapes_dir, codes_dir, tmp_path, objective='flow', max_iters=40, sample_interval=40,
-                   n_grid=4, learning_rate=2e-3, log_interval=1, clip_denoised=True, sampler='euler')
+def test_training_on_pixels_lowers_the_loss_and_writes_a_sample_grid(shapes_dir, codes_dir,
+                                                                      tmp_path):
+    cfg = tiny_cfg(shapes_dir, codes_dir, tmp_path, objective='flow', max_iters=40,
+                   sample_interval=40, n_grid=4, learning_rate=2e-3, log_interval=1,
+                   clip_denoised=True, sampler='euler')
     _, _, history = D.train(cfg)
     losses = [h['loss'] for h in history]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1, losses
@@ -383,7 +389,8 @@ def test_training_on_pixels_lowers_the_loss_and_writes_a_sample_grid(shapes_dir,
     # any code dump (here the val codes again, as prior samples would be) decodes to images
     codes_path = tmp_path / 'some_codes.npy'
     np.save(codes_path, np.load(os.path.join(codes_dir, 'codes_val.npy'))[:6])
-    scores = D.decode(dict(cfg, mode='decode', codes_path=str(codes_path), n_recon=6, micro_batch_size=4))
+    scores = D.decode(dict(cfg, mode='decode', codes_path=str(codes_path), n_recon=6,
+                           micro_batch_size=4))
     assert 'valid' in scores and 'tv_shape' in scores
     assert np.load(tmp_path / 'some_codes_images.npz')['arr_0'].shape == (6, 32, 32, 3)
     np.save(codes_path, np.full((6, 4), 8, dtype=np.uint16))
@@ -396,7 +403,8 @@ def test_training_on_pixels_lowers_the_loss_and_writes_a_sample_grid(shapes_dir,
     (lambda c: np.where(c == c.max(), 8, c).astype(np.uint16), r'up to 8.*V=8'),
     (lambda c: c[:100], r'100 codes.*512 items'),
 ])
-def test_codes_that_do_not_match_the_tokenizer_or_the_data_are_refused(shapes_dir, codes_dir, tmp_path, bad, message):
+def test_codes_that_do_not_match_the_tokenizer_or_the_data_are_refused(shapes_dir, codes_dir,
+                                                                        tmp_path, bad, message):
     good = np.load(os.path.join(codes_dir, 'codes_train.npy'))
     bad_dir = tmp_path / 'codes'
     bad_dir.mkdir()
@@ -411,25 +419,31 @@ def test_the_imagenet_config_trains_with_the_recipe_of_the_paper_fork():
     cfg = configure(D.CONFIG, [os.path.join(ROOT, 'config', 'diffusion_imagenet.py')])
     # dit/train_diffusion.py and dit/train_scripts/launch_dit_L512.sh of the paper's code
     paper = dict(model='DiT-XL/2', image_size=256, cond='dlc', objective='eps', learn_sigma=True,
-                 class_dropout_prob=0.1, batch_size=256, learning_rate=1e-4, weight_decay=0.0, warmup_iters=0,
-                 lr_decay=False, ema_decay=0.9999, ema_warmup=False, grad_clip=0.0,
+                 class_dropout_prob=0.1, batch_size=256, learning_rate=1e-4, weight_decay=0.0,
+                 warmup_iters=0, lr_decay=False, ema_decay=0.9999, ema_warmup=False, grad_clip=0.0,
                  max_iters=100 * (1_281_167 // 256), sampler='ddpm', num_sampling_steps=250)
     assert {k: cfg[k] for k in paper} == paper
 
 
-def test_without_the_warm_up_the_ema_takes_one_minus_its_decay_from_the_first_step(shapes_dir, codes_dir, tmp_path):
-    for warmup, weight in [(False, 0.1), (True, 0.9)]:          # the warm-up's decay at step 0 is 1 / 10
-        cfg = tiny_cfg(shapes_dir, codes_dir, tmp_path / str(warmup), max_iters=1, ema_decay=0.9, ema_warmup=warmup)
+def test_without_the_warm_up_the_ema_takes_one_minus_its_decay_from_the_first_step(shapes_dir,
+                                                                                    codes_dir,
+                                                                                    tmp_path):
+    for warmup, weight in [(False, 0.1), (True, 0.9)]:      # the warm-up's decay at step 0: 1 / 10
+        cfg = tiny_cfg(shapes_dir, codes_dir, tmp_path / str(warmup), max_iters=1, ema_decay=0.9,
+                       ema_warmup=warmup)
         model, ema, _ = D.train(cfg)
-        torch.manual_seed(cfg['seed'])                         # the trainer's initial network, again
-        init = D.DiT(**D.load_checkpoint(str(tmp_path / str(warmup) / 'diffusion.pt'))['model_args']).state_dict()
+        torch.manual_seed(cfg['seed'])                     # the trainer's initial network, again
+        ckpt = D.load_checkpoint(str(tmp_path / str(warmup) / 'diffusion.pt'))
+        init = D.DiT(**ckpt['model_args']).state_dict()
         for k, v in ema.state_dict().items():
-            torch.testing.assert_close(v, (1 - weight) * init[k] + weight * model.state_dict()[k], msg=k)
+            want = (1 - weight) * init[k] + weight * model.state_dict()[k]
+            torch.testing.assert_close(v, want, msg=k)
     assert D.ema_decay_at(89990, dict(D.CONFIG, ema_warmup=True)) == 0.9999
 
 
 def test_the_learning_rate_warms_up_then_stays_or_decays_to_min_lr():
-    c = dict(D.CONFIG, learning_rate=1e-3, min_lr=1e-5, warmup_iters=10, max_iters=110, lr_decay=True)
+    c = dict(D.CONFIG, learning_rate=1e-3, min_lr=1e-5, warmup_iters=10, max_iters=110,
+             lr_decay=True)
     lrs = [D.learning_rate_at(it, c) for it in range(111)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == lrs[10] == pytest.approx(1e-3)
     assert lrs[60] == pytest.approx((1e-3 + 1e-5) / 2) and lrs[110] == pytest.approx(1e-5)
@@ -437,7 +451,9 @@ def test_the_learning_rate_warms_up_then_stays_or_decays_to_min_lr():
     assert D.learning_rate_at(100, dict(c, lr_decay=False)) == 1e-3
 
 
-def test_the_noise_curriculum_moves_the_mean_of_t_over_the_second_half_of_training(shapes_dir, codes_dir, tmp_path):
+def test_the_noise_curriculum_moves_the_mean_of_t_over_the_second_half_of_training(shapes_dir,
+                                                                                   codes_dir,
+                                                                                   tmp_path):
     c = dict(D.CONFIG, flow_t_mean=0.8, flow_t_shift=-1.2, max_iters=100)
     means = [D.flow_t_mean_at(it, c) for it in range(151)]
     assert means[0] == means[50] == 0.8 and means[75] == pytest.approx(0.2)
@@ -446,24 +462,28 @@ def test_the_noise_curriculum_moves_the_mean_of_t_over_the_second_half_of_traini
     # and the trainer draws its t from it: the same first half, then other steps
     runs = {}
     for shift in [0.0, -3.0]:
-        cfg = tiny_cfg(shapes_dir, codes_dir, tmp_path / str(shift), objective='flow', flow_t_mean=0.8,
-                       flow_t_std=0.8, flow_t_shift=shift, max_iters=4, ckpt_interval=2)
+        cfg = tiny_cfg(shapes_dir, codes_dir, tmp_path / str(shift), objective='flow',
+                       flow_t_mean=0.8, flow_t_std=0.8, flow_t_shift=shift, max_iters=4,
+                       ckpt_interval=2)
         D.train(dict(cfg, run_iters=2))
         half = torch.load(tmp_path / str(shift) / 'diffusion.pt', weights_only=True)['model']
         D.train(dict(cfg, init_from='resume'))
-        runs[shift] = half, torch.load(tmp_path / str(shift) / 'diffusion.pt', weights_only=True)['model']
+        end = torch.load(tmp_path / str(shift) / 'diffusion.pt', weights_only=True)['model']
+        runs[shift] = half, end
     assert all(torch.equal(runs[0.0][0][k], runs[-3.0][0][k]) for k in runs[0.0][0])
     assert not all(torch.equal(runs[0.0][1][k], runs[-3.0][1][k]) for k in runs[0.0][1])
 
 
 def test_bench_reports_dit_training_throughput():
-    result = subprocess.run([sys.executable, 'bench.py', '--model=DiT-Ti/8', '--image_size=32', '--batch_size=4',
-                             '--steps=1', '--warmup=1', '--L=4', '--V=8'], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, 'bench.py', '--model=DiT-Ti/8', '--image_size=32',
+                             '--batch_size=4', '--steps=1', '--warmup=1', '--L=4', '--V=8'],
+                            cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'img/s' in result.stdout and 'TFLOP/s' in result.stdout
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shapes_dir, codes_dir, tmp_path, monkeypatch):
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shapes_dir, codes_dir,
+                                                                     tmp_path, monkeypatch):
     cfg = tiny_cfg(shapes_dir, codes_dir, tmp_path, objective='flow', max_iters=8, ckpt_interval=2,
                    micro_batch_size=16)
     real, calls = D.flow_loss, []

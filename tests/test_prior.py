@@ -35,12 +35,16 @@ def test_score_entropy_is_non_negative_and_zero_at_the_true_score():
 
 
 def test_the_expected_loss_is_minimized_by_the_ratios_of_the_denoising_distribution():
-    # one masked token whose clean value is y ~ p0: E_y[loss] is smallest at s = log(p0 / (e^sigma - 1))
+    # one masked token whose clean value is y ~ p0: E_y[loss] is smallest at
+    # s = log(p0 / (e^sigma - 1))
     V, sigma = 5, torch.tensor([0.7])
     p0 = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
     def expected_loss(s):
-        return sum(p0[y] * P.score_entropy(s, sigma, torch.tensor([[V]]), torch.tensor([[y]]), V).sum() for y in range(V))
-    best = torch.cat([(p0 / torch.expm1(sigma)).log(), torch.zeros(1)]).view(1, 1, V + 1).requires_grad_(True)
+        masked = torch.tensor([[V]])
+        return sum(p0[y] * P.score_entropy(s, sigma, masked, torch.tensor([[y]]), V).sum()
+                   for y in range(V))
+    best = torch.cat([(p0 / torch.expm1(sigma)).log(), torch.zeros(1)]).view(1, 1, V + 1)
+    best.requires_grad_(True)
     expected_loss(best).backward()
     assert best.grad.abs().max() < 1e-6
     for _ in range(5):
@@ -90,14 +94,17 @@ def test_the_random_order_sampler_reproduces_the_distribution_and_a_low_temperat
     assert codes.min() >= 0 and codes.max() < V_TOY
     assert tv_to(codes, PROB) < math.sqrt(len(SEQS) / n)
     # all at once, each token from its own marginal: the dependence between positions is lost
-    assert tv_to(P.sample(exact_log_ratios, n, L_TOY, V_TOY, 1, range(n), 'random_order'), PROB) > 0.15
+    at_once = P.sample(exact_log_ratios, n, L_TOY, V_TOY, 1, range(n), 'random_order')
+    assert tv_to(at_once, PROB) > 0.15
     # T = 0.2 piles the draws onto the likeliest sequences: the top one far above its probability
-    cold = P.sample(exact_log_ratios, n, L_TOY, V_TOY, L_TOY, range(n), 'random_order', temperature=0.2)
+    cold = P.sample(exact_log_ratios, n, L_TOY, V_TOY, L_TOY, range(n), 'random_order',
+                    temperature=0.2)
     top = PROB.argmax()
     assert (cold == SEQS[top]).all(1).double().mean() > PROB[top] + 0.2
     given = torch.full((n, L_TOY), -1)
     given[:, 1] = 2
-    infilled = P.sample(exact_log_ratios, n, L_TOY, V_TOY, L_TOY, range(n), 'random_order', given=given)
+    infilled = P.sample(exact_log_ratios, n, L_TOY, V_TOY, L_TOY, range(n), 'random_order',
+                        given=given)
     conditional = PROB * (SEQS[:, 1] == 2)
     assert (infilled[:, 1] == 2).all()
     assert tv_to(infilled, conditional / conditional.sum()) < math.sqrt(V_TOY ** 2 / n)
@@ -130,7 +137,7 @@ def with_times(record, eps=1e-3):
     return fn
 
 
-def test_the_papers_corrector_moves_eta_times_the_unmasked_mass_from_the_likeliest_entry_to_the_mask():
+def test_the_papers_corrector_moves_eta_times_the_unmasked_mass_from_the_top_entry_to_the_mask():
     eta = 0.02
     probs = torch.tensor([[0.50, 0.20, 0.10, 0.20],     # masked, a code likeliest
                           [0.10, 0.05, 0.05, 0.80],     # masked, the mask likeliest
@@ -138,11 +145,12 @@ def test_the_papers_corrector_moves_eta_times_the_unmasked_mass_from_the_likelie
                          dtype=torch.float64)
     out = P.paper_renoise(probs, eta)
     moved = eta * (1 - probs[:, -1])
-    assert torch.allclose(out[0], probs[0] + moved[0] * torch.tensor([-1.0, 0, 0, 1], dtype=torch.float64))
+    f64 = lambda values: torch.tensor(values, dtype=torch.float64)
+    assert torch.allclose(out[0], probs[0] + moved[0] * f64([-1.0, 0, 0, 1]))
     assert torch.allclose(out[0].sum(), torch.tensor(1.0, dtype=torch.float64))          # mass kept
     # the fork's code: the mask's entry of the move is overwritten, so the mask only gains
-    assert torch.allclose(out[1], probs[1] + moved[1] * torch.tensor([0.0, 0, 0, 1], dtype=torch.float64))
-    assert torch.allclose(out[2], torch.tensor([0, 1 - eta, 0, eta], dtype=torch.float64))   # re-masked w.p. eta
+    assert torch.allclose(out[1], probs[1] + moved[1] * f64([0.0, 0, 0, 1]))
+    assert torch.allclose(out[2], f64([0, 1 - eta, 0, eta]))                # re-masked w.p. eta
     # on random peaked rows: mass kept, only the top code and the mask change, no code gains
     gen = torch.Generator().manual_seed(0)
     rows = torch.softmax(4 * torch.randn(200, 9, generator=gen, dtype=torch.float64), -1)
@@ -161,8 +169,8 @@ def test_the_papers_corrector_remasks_only_inside_its_window_and_still_samples_t
     n, steps, eta = 500, 64, 0.05
     plain, paper = [], []
     base = P.sample(with_times(plain), n, L_TOY, V_TOY, steps, range(n), t_end=1e-5)
-    codes = P.sample(with_times(paper), n, L_TOY, V_TOY, steps, range(n), t_end=1e-5, corrector='paper',
-                     remask_eta=eta)
+    codes = P.sample(with_times(paper), n, L_TOY, V_TOY, steps, range(n), t_end=1e-5,
+                     corrector='paper', remask_eta=eta)
     remasked_inside = 0
     for (t, before), (_, after) in zip(paper[:-1], paper[1:]):          # the steps, from t
         remasked = int(((before != V_TOY) & (after == V_TOY)).sum())
@@ -185,7 +193,7 @@ def test_the_steps_end_at_t_end_while_the_schedule_keeps_its_eps():
         record = []
         P.sample(with_times(record), 4, L_TOY, V_TOY, 8, range(4), eps=1e-3, t_end=t_end)
         times = [t for t, _ in record]
-        assert len(times) == 9 and abs(times[0] - 1) < 1e-6                # 8 steps, then the final one
+        assert len(times) == 9 and abs(times[0] - 1) < 1e-6      # 8 steps, then the final one
         assert abs(times[-1] - last) < 1e-3 * last, (t_end, times[-1])
         assert np.allclose(np.diff(times), -(1 - last) / 8, atol=1e-6)       # equal steps
 
@@ -202,7 +210,8 @@ def test_a_code_depends_on_its_seed_only_not_on_its_batch():
 
 def tiny_model(**kw):
     torch.manual_seed(0)
-    args = dict(vocab_size=8, seq_len=8, n_blocks=2, hidden_size=32, n_heads=2, cond_dim=16, dropout=0.0)
+    args = dict(vocab_size=8, seq_len=8, n_blocks=2, hidden_size=32, n_heads=2, cond_dim=16,
+                dropout=0.0)
     args.update(kw)
     model = P.SEDD(**args).eval()
     for p in model.parameters():            # adaLN-Zero starts at the identity: perturb it
@@ -219,7 +228,8 @@ def test_the_network_gives_log_ratios_for_every_token_and_zero_for_staying():
     # scale_by_sigma: the untrained network guesses ratio 1 / (V (e^sigma - 1)) for every token
     fresh = P.SEDD(vocab_size=8, seq_len=8, n_blocks=1, hidden_size=16, n_heads=2, cond_dim=16)
     out = fresh(torch.full((1, 8), 8), torch.tensor([0.4]))
-    assert torch.allclose(out[0, 0, :8], torch.full((8,), -math.log(8 * math.expm1(0.4))), atol=1e-5)
+    uniform = torch.full((8,), -math.log(8 * math.expm1(0.4)))
+    assert torch.allclose(out[0, 0, :8], uniform, atol=1e-5)
 
 
 def ddit_body_shapes(n_tokens, d, blocks, cond):
@@ -234,8 +244,10 @@ def ddit_body_shapes(n_tokens, d, blocks, cond):
                        f'blocks.{i}.mlp.2.weight': (d, 4 * d), f'blocks.{i}.mlp.2.bias': (d,),
                        f'blocks.{i}.adaLN_modulation.weight': (6 * d, cond),
                        f'blocks.{i}.adaLN_modulation.bias': (6 * d,)})
-    shapes.update({'output_layer.norm_final.weight': (d,), 'output_layer.linear.weight': (n_tokens, d),
-                   'output_layer.linear.bias': (n_tokens,), 'output_layer.adaLN_modulation.weight': (2 * d, cond),
+    shapes.update({'output_layer.norm_final.weight': (d,),
+                   'output_layer.linear.weight': (n_tokens, d),
+                   'output_layer.linear.bias': (n_tokens,),
+                   'output_layer.adaLN_modulation.weight': (2 * d, cond),
                    'output_layer.adaLN_modulation.bias': (2 * d,)})
     return shapes
 
@@ -250,7 +262,8 @@ def sedd_small_state_dict(vocab=50257, d=768, blocks=12, cond=128):
 
 def test_a_sedd_small_checkpoint_loads_with_every_key_but_the_position_embedding(tmp_path):
     state = sedd_small_state_dict()
-    torch.save({'model': {'module.' + k: v for k, v in state.items()}, 'step': 1}, tmp_path / 'checkpoint.pth')
+    torch.save({'model': {'module.' + k: v for k, v in state.items()}, 'step': 1},
+               tmp_path / 'checkpoint.pth')
     model = P.SEDD(vocab_size=50257, seq_len=64, **P.PRIOR_MODELS['small'])
     P.load_sedd(model, str(tmp_path / 'checkpoint.pth'))
     loaded = model.state_dict()
@@ -271,41 +284,47 @@ def fork_parameters(L, V, d, blocks, heads, cond, seed):
     shapes = {'pos_embed': (L, d), 'vocab_embed.embedding': (V + 1, d)}
     shapes.update(ddit_body_shapes(V + 1, d, blocks, cond))
     gen = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(shape, generator=gen) * 0.1 + (1.0 if 'norm' in k else 0.0) for k, shape in shapes.items()}
+    return {k: torch.randn(shape, generator=gen) * 0.1 + (1.0 if 'norm' in k else 0.0)
+            for k, shape in shapes.items()}
 
 
 def test_a_checkpoint_of_the_papers_sedd_fork_loads_strictly_with_its_ema_weights(tmp_path):
     L, V, d, heads, cond = 6, 8, 32, 2, 16
-    weights, ema = fork_parameters(L, V, d, 2, heads, cond, 0), fork_parameters(L, V, d, 2, heads, cond, 1)
-    # its state dict: the rotary buffer right after sigma_map (module order); as its run_train saves it
+    weights, ema = (fork_parameters(L, V, d, 2, heads, cond, seed) for seed in (0, 1))
+    # its state dict: the rotary buffer right after sigma_map (module order), as run_train saves it
     model_state = {}
     for k, v in weights.items():
         model_state[k] = v
         if k == 'sigma_map.mlp.2.bias':
-            model_state['rotary_emb.inv_freq'] = 1.0 / 10000 ** (torch.arange(0, d // heads, 2).float() / (d // heads))
+            head = d // heads
+            inv_freq = 1.0 / 10000 ** (torch.arange(0, head, 2).float() / head)
+            model_state['rotary_emb.inv_freq'] = inv_freq
     torch.save({'optimizer': {}, 'model': model_state, 'step': 7,
                 'ema': {'decay': 0.9999, 'num_updates': 7, 'shadow_params': list(ema.values())}},
                tmp_path / 'checkpoint.pth')
-    model = P.SEDD(vocab_size=V, seq_len=L, n_blocks=2, hidden_size=d, n_heads=heads, cond_dim=cond, dropout=0.0).eval()
+    model = P.SEDD(vocab_size=V, seq_len=L, n_blocks=2, hidden_size=d, n_heads=heads, cond_dim=cond,
+                   dropout=0.0).eval()
     P.load_sedd(model, str(tmp_path / 'checkpoint.pth'))
     loaded = model.state_dict()
-    assert set(loaded) == set(model_state)                                  # strictly: no key missing
-    for k, v in ema.items():                                                # the EMA, as the fork samples
+    assert set(loaded) == set(model_state)                          # strictly: no key missing
+    for k, v in ema.items():                                        # the EMA, as the fork samples
         assert torch.equal(loaded[k].reshape(v.shape), v), k
     assert torch.equal(loaded['pos_embed'][0, 3], ema['pos_embed'][3])      # position l is row l
     # the same outputs as a network given those weights by hand
-    by_hand = P.SEDD(vocab_size=V, seq_len=L, n_blocks=2, hidden_size=d, n_heads=heads, cond_dim=cond,
-                     dropout=0.0).eval()
+    by_hand = P.SEDD(vocab_size=V, seq_len=L, n_blocks=2, hidden_size=d, n_heads=heads,
+                     cond_dim=cond, dropout=0.0).eval()
     by_hand.load_state_dict({**model_state, **ema, 'pos_embed': ema['pos_embed'][None]})
     x, sigma = torch.tensor([[0, 8, 3, 8, 7, 8], [8, 8, 8, 1, 2, 8]]), torch.tensor([0.3, 2.0])
     assert torch.equal(model(x, sigma), by_hand(x, sigma))
     # a bare state dict of the fork (the weights alone) loads too; another length is refused
     torch.save(model_state, tmp_path / 'bare.pth')
     P.load_sedd(model, str(tmp_path / 'bare.pth'))
-    assert torch.equal(model.state_dict()['blocks.1.attn_qkv.weight'], weights['blocks.1.attn_qkv.weight'])
+    key = 'blocks.1.attn_qkv.weight'
+    assert torch.equal(model.state_dict()[key], weights[key])
     with pytest.raises(ValueError, match='position embedding'):
-        P.load_sedd(P.SEDD(vocab_size=V, seq_len=L + 2, n_blocks=2, hidden_size=d, n_heads=heads, cond_dim=cond),
-                    str(tmp_path / 'bare.pth'))
+        longer = P.SEDD(vocab_size=V, seq_len=L + 2, n_blocks=2, hidden_size=d, n_heads=heads,
+                        cond_dim=cond)
+        P.load_sedd(longer, str(tmp_path / 'bare.pth'))
 
 
 # -- training --------------------------------------------------------------------------------
@@ -327,24 +346,25 @@ def rules_hold(codes):
 @pytest.fixture(scope='module')
 def toy_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp('toy_codes')
-    torch.save(dict(L=8, V=8), out / 'tokenizer.pt')                     # the contract prior.py reads
+    torch.save(dict(L=8, V=8), out / 'tokenizer.pt')                 # the contract prior.py reads
     np.save(out / 'codes_train.npy', toy_codes(4096, 0))
     np.save(out / 'codes_val.npy', toy_codes(512, 1))
     return str(out)
 
 
 def tiny_cfg(codes_dir, out_dir, **kw):
-    cfg = dict(P.CONFIG, codes_dir=codes_dir, out_dir=str(out_dir), device='cpu', model='tiny', dropout=0.0,
-               batch_size=16, micro_batch_size=8, max_iters=4, learning_rate=1e-3, warmup_iters=2,
-               ema_decay=0.9, eval_interval=0, log_interval=1, ckpt_interval=2, n_eval=64, n_samples=64,
-               sample_batch_size=32, num_steps=16)
+    cfg = dict(P.CONFIG, codes_dir=codes_dir, out_dir=str(out_dir), device='cpu', model='tiny',
+               dropout=0.0, batch_size=16, micro_batch_size=8, max_iters=4, learning_rate=1e-3,
+               warmup_iters=2, ema_decay=0.9, eval_interval=0, log_interval=1, ckpt_interval=2,
+               n_eval=64, n_samples=64, sample_batch_size=32, num_steps=16)
     cfg.update(kw)
     return cfg
 
 
 def test_a_briefly_trained_prior_learns_a_hard_dependency_between_positions(toy_dir, tmp_path):
-    cfg = tiny_cfg(toy_dir, tmp_path, batch_size=64, micro_batch_size=64, max_iters=300, learning_rate=1e-3,
-                   warmup_iters=20, ema_decay=0.98, log_interval=50, eval_interval=300, ckpt_interval=300)
+    cfg = tiny_cfg(toy_dir, tmp_path, batch_size=64, micro_batch_size=64, max_iters=300,
+                   learning_rate=1e-3, warmup_iters=20, ema_decay=0.98, log_interval=50,
+                   eval_interval=300, ckpt_interval=300)
     _, _, history = P.train(cfg)
     codes, report = P.sample_mode(dict(cfg, n_samples=400, num_steps=32, sample_batch_size=200))
     assert codes.shape == (400, 8) and codes.dtype == np.uint16
@@ -352,7 +372,7 @@ def test_a_briefly_trained_prior_learns_a_hard_dependency_between_positions(toy_
     held = rules_hold(codes).mean()
     assert held > 0.8, held                                                # chance: 1/64
     # the ELBO beats coding each position on its own (3 bits), the truth being 2.25 bits
-    scores = P.eval_mode(dict(cfg, n_eval=512, eval_t_per_code=4))
+    scores = P.eval_mode(dict(cfg, n_eval=512))
     assert scores['elbo_bits'] < scores['marginal_cross_entropy_bits'] - 0.3, scores
     assert history[-1]['val_bits'] < history[0]['train_bits']
 
@@ -423,12 +443,13 @@ def test_a_dump_that_does_not_fit_the_tokenizer_is_refused(toy_dir, tmp_path, ba
     assert not (tmp_path / 'out' / 'prior.pt').exists()
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(toy_dir, tmp_path, monkeypatch):
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(toy_dir, tmp_path,
+                                                                     monkeypatch):
     real, calls = P.diffusion_loss, []
     def loss_that_turns_nan(*args):
         calls.append(1)
         loss = real(*args)
-        return loss * float('nan') if len(calls) == 7 else loss            # iteration 3, micro-batch 1
+        return loss * float('nan') if len(calls) == 7 else loss    # iteration 3, micro-batch 1
     monkeypatch.setattr(P, 'diffusion_loss', loss_that_turns_nan)
     with pytest.raises(FloatingPointError, match=r'loss is nan.*at iteration 3.*prior.pt'):
         P.train(tiny_cfg(toy_dir, tmp_path, max_iters=8))
@@ -436,8 +457,9 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(toy_dir, tm
 
 
 def test_bench_reports_prior_throughput():
-    result = subprocess.run([sys.executable, 'bench.py', '--component=prior', '--prior_model=tiny', '--L=16',
-                             '--V=8', '--batch_size=4', '--steps=1', '--warmup=1', '--sample_steps=4'],
+    result = subprocess.run([sys.executable, 'bench.py', '--component=prior', '--prior_model=tiny',
+                             '--L=16', '--V=8', '--batch_size=4', '--steps=1', '--warmup=1',
+                             '--sample_steps=4'],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'tok/s' in result.stdout and 'codes/s' in result.stdout

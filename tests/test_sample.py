@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import ROOT, run_script
 from configurator import configure
@@ -20,14 +21,15 @@ import tokenizer as T
 # -- composition, the pure function ----------------------------------------------------------
 
 def compose_many(logits, n, tau=0.001):
-    return torch.stack([S.compose_code(logits, tau, torch.Generator().manual_seed(s)) for s in range(n)])
+    return torch.stack([S.compose_code(logits, tau, torch.Generator().manual_seed(s))
+                        for s in range(n)])
 
 
 def test_composing_two_codes_takes_each_token_from_either_with_equal_odds():
     torch.manual_seed(0)
     L, V, n = 16, 10, 400
     # two sources whose top logit stands out by more than tau (as a trained SEM's does)
-    logits = 0.3 * torch.randn(2, L, V) + 3 * torch.nn.functional.one_hot(torch.randint(V, (2, L)), V)
+    logits = 0.3 * torch.randn(2, L, V) + 3 * F.one_hot(torch.randint(V, (2, L)), V)
     a, b = logits[0].argmax(-1), logits[1].argmax(-1)
     codes = compose_many(logits, n)                                 # (n, L)
     from_a, from_b = codes == a, codes == b
@@ -43,7 +45,7 @@ def test_composing_two_codes_takes_each_token_from_either_with_equal_odds():
 
 def test_composing_one_code_gives_back_its_argmax_and_a_high_temperature_does_not():
     torch.manual_seed(1)
-    logits = 0.3 * torch.randn(1, 64, 8) + 3 * torch.nn.functional.one_hot(torch.randint(8, (1, 64)), 8)
+    logits = 0.3 * torch.randn(1, 64, 8) + 3 * F.one_hot(torch.randint(8, (1, 64)), 8)
     assert (compose_many(logits, 20) == logits[0].argmax(-1)).all()
     assert not (compose_many(logits, 20, tau=1.0) == logits[0].argmax(-1)).all()
 
@@ -52,30 +54,33 @@ def test_composing_one_code_gives_back_its_argmax_and_a_high_temperature_does_no
 
 @pytest.fixture(scope='module')
 def pipeline(shapes_dir, tmp_path_factory):
-    """A tokenizer (L=4, V=8), a DLC DiT, a class DiT, a prior and a text model, each briefly trained."""
+    """A tokenizer (L=4, V=8), a DLC DiT, a class DiT, a prior and a text model, each briefly
+    trained."""
     root = tmp_path_factory.mktemp('pipeline')
-    tok = dict(T.CONFIG, data_dir=shapes_dir, out_dir=str(root / 'tok'), device='cpu', patch_size=8, embed_dim=32,
-               depth=1, num_heads=2, image_size=32, L=4, V=8, ssl_loss='infonce', n_local_crops=0,
-               layerscale_init=1.0, head_hidden_dim=32, head_bottleneck_dim=16, batch_size=32, max_iters=5,
-               warmup_iters=1, learning_rate=2e-3,
+    tok = dict(T.CONFIG, data_dir=shapes_dir, out_dir=str(root / 'tok'), device='cpu', patch_size=8,
+               embed_dim=32, depth=1, num_heads=2, image_size=32, L=4, V=8, ssl_loss='infonce',
+               n_local_crops=0, layerscale_init=1.0, head_hidden_dim=32, head_bottleneck_dim=16,
+               batch_size=32, max_iters=5, warmup_iters=1, learning_rate=2e-3,
                color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0, 0.0),
                solarize_prob=(0.0, 0.0, 0.0), log_interval=1)
     T.train(tok)
     for split in ['train', 'val']:
         T.dump(dict(tok, dump_split=split))
-    dit = dict(D.CONFIG, data_dir=shapes_dir, codes_dir=tok['out_dir'], device='cpu', model='DiT-Ti/8',
-               image_size=32, objective='flow', flow_output='x0', batch_size=16, micro_batch_size=16, max_iters=3,
-               learning_rate=1e-3, sample_interval=0, log_interval=1, ckpt_interval=3, sampler='euler',
-               num_sampling_steps=4)
+    dit = dict(D.CONFIG, data_dir=shapes_dir, codes_dir=tok['out_dir'], device='cpu',
+               model='DiT-Ti/8', image_size=32, objective='flow', flow_output='x0', batch_size=16,
+               micro_batch_size=16, max_iters=3, learning_rate=1e-3, sample_interval=0,
+               log_interval=1, ckpt_interval=3, sampler='euler', num_sampling_steps=4)
     D.train(dict(dit, out_dir=str(root / 'dit')))
     D.train(dict(dit, out_dir=str(root / 'dit_class'), cond='class', num_classes=18))
-    P.train(dict(P.CONFIG, codes_dir=tok['out_dir'], out_dir=str(root / 'prior'), device='cpu', model='tiny',
-                 dropout=0.0, batch_size=16, micro_batch_size=16, max_iters=3, warmup_iters=1, eval_interval=0,
-                 log_interval=1, ckpt_interval=3))
-    X.train(dict(X.CONFIG, codes_dir=tok['out_dir'], data_dir=shapes_dir, out_dir=str(root / 'text'), device='cpu',
-                 captions_path=os.path.join(shapes_dir, '{split}_captions_varied.txt'), text_encoding='words',
-                 caption_len=16, model='tiny', dropout=0.0, batch_size=16, micro_batch_size=16, max_iters=3,
-                 learning_rate=1e-3, warmup_iters=1, eval_interval=0, log_interval=1, ckpt_interval=3))
+    P.train(dict(P.CONFIG, codes_dir=tok['out_dir'], out_dir=str(root / 'prior'), device='cpu',
+                 model='tiny', dropout=0.0, batch_size=16, micro_batch_size=16, max_iters=3,
+                 warmup_iters=1, eval_interval=0, log_interval=1, ckpt_interval=3))
+    X.train(dict(X.CONFIG, codes_dir=tok['out_dir'], data_dir=shapes_dir, device='cpu',
+                 out_dir=str(root / 'text'), text_encoding='words',
+                 captions_path=os.path.join(shapes_dir, '{split}_captions_varied.txt'),
+                 caption_len=16, model='tiny', dropout=0.0, batch_size=16, micro_batch_size=16,
+                 max_iters=3, learning_rate=1e-3, warmup_iters=1, eval_interval=0, log_interval=1,
+                 ckpt_interval=3))
     return dict(root=root, shapes=shapes_dir, tok=tok['out_dir'], dit=str(root / 'dit'),
                 dit_class=str(root / 'dit_class' / 'diffusion.pt'), prior=str(root / 'prior'),
                 text=str(root / 'text'))
@@ -83,10 +88,11 @@ def pipeline(shapes_dir, tmp_path_factory):
 
 def sample_cfg(p, out_dir, **kw):
     cfg = dict(S.CONFIG, out_dir=str(out_dir), device='cpu', n_samples=6, diffusion_dir=p['dit'],
-               class_dit=p['dit_class'], tokenizer_dir=p['tok'], prior_dir=p['prior'], text2dlc_dir=p['text'],
-               prompts='a red square|a small blue triangle on a white background, top|a shape', data_dir=p['shapes'],
-               split='val', dit_sampler='euler', dit_steps=3, cfg_scale=2.0, clip_denoised=True, prior_steps=4,
-               batch_size=4, n_grid=6)
+               class_dit=p['dit_class'], tokenizer_dir=p['tok'], prior_dir=p['prior'],
+               text2dlc_dir=p['text'], data_dir=p['shapes'],
+               prompts='a red square|a small blue triangle on a white background, top|a shape',
+               split='val', dit_sampler='euler', dit_steps=3, cfg_scale=2.0, clip_denoised=True,
+               prior_steps=4, batch_size=4, n_grid=6)
     cfg.update(kw)
     return cfg
 
@@ -99,8 +105,8 @@ def as_args(cfg):
 def test_two_processes_write_the_same_images_as_one(pipeline, tmp_path):
     modes = 'recon,uncond,compose,class,text'
     for name, nproc in [('one', 1), ('two', 2)]:
-        run_script('sample.py', as_args(sample_cfg(pipeline, tmp_path / name, mode=modes, n_samples=5,
-                                                   batch_size=2)), nproc)
+        cfg = sample_cfg(pipeline, tmp_path / name, mode=modes, n_samples=5, batch_size=2)
+        run_script('sample.py', as_args(cfg), nproc)
     for mode in modes.split(','):
         a = np.load(tmp_path / 'one' / f'{mode}.npz')['arr_0']
         b = np.load(tmp_path / 'two' / f'{mode}.npz')['arr_0']
@@ -113,17 +119,20 @@ def test_two_processes_write_the_same_images_as_one(pipeline, tmp_path):
                                   np.load(tmp_path / 'two' / f'{mode}_codes.npy')), mode
     assert not list((tmp_path / 'two').glob('*partial*'))           # nothing half-written is left
     scores = json.loads((tmp_path / 'one' / 'scores.json').read_text())['text']
-    assert {'valid', 'kept', 'shape_kept', 'color_kept', 'background_kept', 'size_kept'} <= set(scores)
+    assert {'valid', 'kept', 'shape_kept', 'color_kept', 'background_kept', 'size_kept'} \
+        <= set(scores)
 
 
 def test_compose_has_its_own_guidance_which_defaults_to_cfg_scale(pipeline, tmp_path):
     runs = {}
     for name, scale in [('default', -1.0), ('same', 2.0), ('own', 6.0)]:
-        S.main(sample_cfg(pipeline, tmp_path / name, mode='recon,compose', n_samples=2, compose_cfg_scale=scale))
-        runs[name] = {m: np.load(tmp_path / name / f'{m}.npz')['arr_0'] for m in ('recon', 'compose')}
-    assert np.array_equal(runs['default']['compose'], runs['same']['compose'])     # -1: cfg_scale (2.0)
+        S.main(sample_cfg(pipeline, tmp_path / name, mode='recon,compose', n_samples=2,
+                          compose_cfg_scale=scale))
+        runs[name] = {m: np.load(tmp_path / name / f'{m}.npz')['arr_0']
+                      for m in ('recon', 'compose')}
+    assert np.array_equal(runs['default']['compose'], runs['same']['compose'])   # -1: cfg_scale
     assert not np.array_equal(runs['default']['compose'], runs['own']['compose'])
-    assert np.array_equal(runs['default']['recon'], runs['own']['recon'])          # the other modes keep cfg_scale
+    assert np.array_equal(runs['default']['recon'], runs['own']['recon'])        # recon: cfg_scale
 
 
 def test_the_imagenet_configs_are_the_papers_two_fid_runs():
@@ -131,11 +140,14 @@ def test_the_imagenet_configs_are_the_papers_two_fid_runs():
     a, b = (configure(S.CONFIG, [os.path.join(ROOT, 'config', name)])
             for name in ('sample_imagenet.py', 'sample_imagenet_corrector.py'))
     for cfg in (a, b):
-        assert (cfg['dit_sampler'], cfg['dit_steps'], cfg['clip_denoised'], cfg['guidance_interval']) == \
-            ('ddpm', 256, False, (0.0, 1.0))
-        assert (cfg['prior_sampler'], cfg['prior_sample_eps'], cfg['n_samples']) == ('analytic', 1e-5, 50000)
-    assert (a['prior_steps'], a['remask_eta'], a['cfg_scale'], a['compose_cfg_scale']) == (1024, 0.0, 1.7, 4.0)
-    assert (b['prior_steps'], b['prior_corrector'], b['remask_eta'], b['cfg_scale']) == (4096, 'paper', 0.01, 1.0)
+        assert (cfg['dit_sampler'], cfg['dit_steps'], cfg['clip_denoised'],
+                cfg['guidance_interval']) == ('ddpm', 256, False, (0.0, 1.0))
+        assert (cfg['prior_sampler'], cfg['prior_sample_eps'], cfg['n_samples']) == \
+            ('analytic', 1e-5, 50000)
+    assert (a['prior_steps'], a['remask_eta'], a['cfg_scale'], a['compose_cfg_scale']) == \
+        (1024, 0.0, 1.7, 4.0)
+    assert (b['prior_steps'], b['prior_corrector'], b['remask_eta'], b['cfg_scale']) == \
+        (4096, 'paper', 0.01, 1.0)
     assert a['out_dir'] != b['out_dir']
 
 
@@ -149,23 +161,28 @@ def test_text_mode_scores_the_factors_each_prompt_names(pipeline):
     wrong = S.reader_scores(cfg, 'text', val, dict(prompts=captions[1:] + captions[:1]))
     assert wrong['kept'] < 0.5
     # a prompt that names only a color is scored on color alone
-    only = S.reader_scores(cfg, 'text', val[:1], dict(prompts=['something red' if 'red' in captions[0] else 'a red one']))
+    prompt = 'something red' if 'red' in captions[0] else 'a red one'
+    only = S.reader_scores(cfg, 'text', val[:1], dict(prompts=[prompt]))
     assert set(only) == {'n', 'valid', 'color_kept'}
 
 
 def test_compose_with_one_source_is_recon_of_that_source(pipeline, tmp_path):
     sources = '0,3,5,7,11,12'
-    results = S.main(sample_cfg(pipeline, tmp_path, mode='recon,compose', sources=sources, save_pngs=True))
+    results = S.main(sample_cfg(pipeline, tmp_path, mode='recon,compose', sources=sources,
+                                save_pngs=True))
     recon, compose = (np.load(tmp_path / f'{m}_codes.npy') for m in ('recon', 'compose'))
     dump = np.load(os.path.join(pipeline['tok'], 'codes_val.npy'))
     assert np.array_equal(recon, dump[[0, 3, 5, 7, 11, 12]])        # recon encodes as the dump did
-    assert np.array_equal(compose, recon)                           # the same codes, so the same images
-    assert np.array_equal(np.load(tmp_path / 'recon.npz')['arr_0'], np.load(tmp_path / 'compose.npz')['arr_0'])
+    assert np.array_equal(compose, recon)                   # the same codes, so the same images
+    assert np.array_equal(np.load(tmp_path / 'recon.npz')['arr_0'],
+                          np.load(tmp_path / 'compose.npz')['arr_0'])
     assert len(list((tmp_path / 'recon').glob('*.png'))) == 6
     # what eval_fid.py reads: the .npz and the folder of PNGs hold the same images
     import eval_fid as E
-    assert np.array_equal(E.read_images(str(tmp_path / 'recon.npz')), E.read_images(str(tmp_path / 'recon')))
-    assert set(results['recon']) >= {'valid', 'kept'} and set(results['compose']) >= {'novel', 'from_sources'}
+    assert np.array_equal(E.read_images(str(tmp_path / 'recon.npz')),
+                          E.read_images(str(tmp_path / 'recon')))
+    assert set(results['recon']) >= {'valid', 'kept'}
+    assert set(results['compose']) >= {'novel', 'from_sources'}
 
 
 def test_compose_with_two_sources_takes_every_token_from_one_of_them(pipeline, tmp_path):
@@ -193,7 +210,7 @@ def test_the_reader_calls_a_copy_of_a_source_not_novel_and_a_recon_of_the_source
     images = np.load(os.path.join(pipeline['shapes'], 'val_images.npy'))[:40]
     cfg = sample_cfg(pipeline, '/unused')
     pairs = [[2 * i, 2 * i + 1] for i in range(20)]
-    copies = images[0:40:2]                                         # each "composition" is its first source
+    copies = images[0:40:2]                         # each "composition" is its first source
     scores = S.reader_scores(cfg, 'compose', copies, dict(groups=pairs))
     assert scores['from_sources'] == scores['valid'] > 0.9 and scores['novel'] == 0.0
     scores = S.reader_scores(cfg, 'recon', images[:20], dict(groups=[[i] for i in range(20)]))
@@ -215,13 +232,15 @@ def test_models_that_do_not_fit_together_are_refused(pipeline, tmp_path):
     (tmp_path / 'prior').mkdir()
     torch.save(dict(prior_ckpt, V=16), tmp_path / 'prior' / 'prior.pt')
     with pytest.raises(ValueError, match=r'prior.*V=16.*trained on L=4, V=8'):
-        S.main(sample_cfg(pipeline, tmp_path / 'b', mode='uncond', prior_dir=str(tmp_path / 'prior')))
+        S.main(sample_cfg(pipeline, tmp_path / 'b', mode='uncond',
+                          prior_dir=str(tmp_path / 'prior')))
     # a text model of other codes
     text_ckpt = torch.load(os.path.join(pipeline['text'], 'text2dlc.pt'), weights_only=True)
     (tmp_path / 'text').mkdir()
     torch.save(dict(text_ckpt, L=6), tmp_path / 'text' / 'text2dlc.pt')
     with pytest.raises(ValueError, match=r'text model.*L=6, V=8.*trained on L=4, V=8'):
-        S.main(sample_cfg(pipeline, tmp_path / 'b2', mode='text', text2dlc_dir=str(tmp_path / 'text')))
+        S.main(sample_cfg(pipeline, tmp_path / 'b2', mode='text',
+                          text2dlc_dir=str(tmp_path / 'text')))
     # the wrong conditioning for the mode, a sampler of the other objective, a missing VAE
     with pytest.raises(ValueError, match="cond='dlc'"):
         S.main(sample_cfg(pipeline, tmp_path / 'c', mode='class', class_dit=''))
@@ -231,7 +250,8 @@ def test_models_that_do_not_fit_together_are_refused(pipeline, tmp_path):
     (tmp_path / 'latent').mkdir()
     torch.save(dict(dit_ckpt, space='latent'), tmp_path / 'latent' / 'diffusion.pt')
     with pytest.raises(ValueError, match='vae_path'):
-        S.main(sample_cfg(pipeline, tmp_path / 'e', mode='uncond', diffusion_dir=str(tmp_path / 'latent')))
+        S.main(sample_cfg(pipeline, tmp_path / 'e', mode='uncond',
+                          diffusion_dir=str(tmp_path / 'latent')))
     # sources that do not exist
     with pytest.raises(ValueError, match='source index 9999'):
         S.main(sample_cfg(pipeline, tmp_path / 'f', mode='compose', sources='1+9999'))
@@ -241,19 +261,20 @@ def test_models_that_do_not_fit_together_are_refused(pipeline, tmp_path):
         S.main(sample_cfg(pipeline, tmp_path / 'h', mode='recon', sources='1+2'))
 
 
-def test_a_bare_class_conditional_state_dict_is_rebuilt_from_its_shapes_and_samples(pipeline, tmp_path):
+def test_a_bare_class_conditional_state_dict_is_rebuilt_from_its_shapes_and_samples(pipeline,
+                                                                                    tmp_path):
     # the public DiT-XL-2-256x256.pt is a bare state dict; DiT-S/2 has the same layout
-    reference = D.DiT(input_size=32, patch_size=2, in_channels=4, hidden_size=384, depth=12, num_heads=6,
-                      learn_sigma=True, cond='class', num_classes=1000)
-    model, info = D.public_dit_from_weights('DiT-S-2.pt', reference.state_dict())
+    reference = D.DiT(input_size=32, patch_size=2, in_channels=4, hidden_size=384, depth=12,
+                      num_heads=6, learn_sigma=True, cond='class', num_classes=1000)
+    model, info = S.public_dit_from_weights('DiT-S-2.pt', reference.state_dict())
     assert info['space'] == 'latent' and info['image_size'] == 256 and info['objective'] == 'eps'
     assert model.blocks[0].attn.num_heads == 6 and len(model.blocks) == 12 and model.null == 1000
     # a small pixel-space one samples through class mode, labels as given
     small = D.DiT(input_size=32, patch_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2,
                   learn_sigma=True, cond='class', num_classes=5)
     torch.save(small.state_dict(), tmp_path / 'bare.pt')
-    S.main(sample_cfg(pipeline, tmp_path, mode='class', class_dit=str(tmp_path / 'bare.pt'), dit_sampler='ddim',
-                      dit_steps=3, labels='1,4', n_samples=4))
+    S.main(sample_cfg(pipeline, tmp_path, mode='class', class_dit=str(tmp_path / 'bare.pt'),
+                      dit_sampler='ddim', dit_steps=3, labels='1,4', n_samples=4))
     assert np.load(tmp_path / 'class.npz')['arr_0'].shape == (4, 32, 32, 3)
     with pytest.raises(ValueError, match='label 7'):
         S.main(sample_cfg(pipeline, tmp_path, mode='class', class_dit=str(tmp_path / 'bare.pt'),

@@ -1,4 +1,5 @@
-"""Claims about the synthetic shapes dataset (data/shapes/prepare.py) and its attribute reader."""
+"""Claims about the synthetic shapes dataset (data/shapes/prepare.py), its attribute reader, and
+the scores built on it (data/shapes/score.py)."""
 import os
 import re
 import sys
@@ -8,6 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data.shapes.prepare as shapes  # noqa: E402
+import data.shapes.score as score  # noqa: E402
 
 CAPTION = re.compile(r"^a (\w+) (\w+) (\w+) on a (\w+) background, (top left|top right|bottom left|"
                      r"bottom right|top|bottom|left|right|center)$")
@@ -30,7 +32,8 @@ def pairs(factors):
 
 def test_same_seed_same_data_and_other_seed_other_images(tmp_path):
     for name, seed in [('a', 1), ('b', 1), ('c', 2)]:
-        shapes.make_dataset(str(tmp_path / name), image_size=32, n_train=50, n_val=20, n_ood=20, seed=seed)
+        shapes.make_dataset(str(tmp_path / name), image_size=32, n_train=50, n_val=20, n_ood=20,
+                            seed=seed)
     a, b, c = (load_all(str(tmp_path / name)) for name in 'abc')
     for split in shapes.SPLITS:
         for key in ['images', 'factors', 'pos']:
@@ -58,10 +61,12 @@ def test_another_choice_of_held_out_pairs_moves_them_from_train_to_ood(tmp_path)
                         held_out_pairs=pairs_)
     data = load_all(str(tmp_path))
     held_out = {tuple(p) for p in pairs_}
-    assert {tuple(p) for p in data['ood']['meta']['held_out']} == held_out != {tuple(p) for p in shapes.HELD_OUT}
+    assert {tuple(p) for p in data['ood']['meta']['held_out']} == held_out
+    assert held_out != {tuple(p) for p in shapes.HELD_OUT}
     assert pairs(data['ood']['factors']) == held_out
-    assert not pairs(data['train']['factors']) & held_out and not pairs(data['val']['factors']) & held_out
-    assert (0, 2) in pairs(data['train']['factors'])          # the default's blue circle is seen now
+    assert not pairs(data['train']['factors']) & held_out
+    assert not pairs(data['val']['factors']) & held_out
+    assert (0, 2) in pairs(data['train']['factors'])        # the default's blue circle is seen now
     for bad, message in [('circle:pink', 'not shape:color'), ('circle:red,circle:red', 'twice'),
                          (','.join(f'{s}:red' for s in shapes.SHAPES), 'no pair in training')]:
         with pytest.raises(ValueError, match=message):
@@ -85,7 +90,8 @@ def test_captions_name_the_factors_of_their_row(dataset_dir):
             assert match, f"{split}: caption '{caption}' does not parse"
             size_word, color, shape, background, where = match.groups()
             assert [meta['shape'].index(shape), meta['color'].index(color),
-                    meta['background'].index(background), meta['size'].index(size_word)] == row.tolist()
+                    meta['background'].index(background),
+                    meta['size'].index(size_word)] == row.tolist()
             assert where == shapes.position_word(*pos)
 
 
@@ -96,7 +102,8 @@ def check_reader(data, min_accuracy, max_pos_err):
         accuracy = (read[factor] == data['factors'][:, column]).mean()
         assert accuracy >= min_accuracy, f"{factor}: {accuracy:.4f}"
     position_error = np.abs(np.stack([read['x'], read['y']], 1) - data['pos'])[read['valid']]
-    assert np.median(position_error) < max_pos_err / 2 and np.quantile(position_error, 0.99) < max_pos_err
+    assert np.median(position_error) < max_pos_err / 2
+    assert np.quantile(position_error, 0.99) < max_pos_err
 
 
 def test_reader_recovers_factors_of_val(tmp_path):
@@ -133,3 +140,14 @@ def test_load_split_on_missing_dir_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match='prepare.py') as error:
         shapes.load_split(str(tmp_path / 'nowhere'), 'train')
     assert re.search(r'(meta\.json|train_\w+\.(npy|txt))', str(error.value))
+
+
+def test_the_scores_give_the_dataset_itself_full_marks_and_a_shuffle_none(dataset_dir):
+    val = shapes.load_split(dataset_dir, 'val')['images'][:300]
+    assert min(score.reconstruction_scores(dataset_dir, 'val', val).values()) > 0.98
+    shuffled = score.reconstruction_scores(dataset_dir, 'val', val[::-1])
+    assert shuffled['shape_and_color'] < 0.3
+    train = shapes.load_split(dataset_dir, 'train')['images']
+    tvs = score.histogram_scores(dataset_dir, train)
+    assert tvs['valid'] > 0.98 and max(v for k, v in tvs.items() if k.startswith('tv_')) < 0.02
+    assert score.read_builtin(os.path.dirname(dataset_dir), val) == (None, None)   # not the data

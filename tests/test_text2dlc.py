@@ -18,8 +18,8 @@ import text2dlc as X
 
 # -- text encodings ---------------------------------------------------------------------------
 
-TEXTS = ['a small red triangle on a gray background, top left', 'a blue circle', '', 'héllo, wörld! 42',
-         'an unknown wording']
+TEXTS = ['a small red triangle on a gray background, top left', 'a blue circle', '',
+         'héllo, wörld! 42', 'an unknown wording']
 
 
 def roundtrip(spec):
@@ -39,18 +39,19 @@ def test_the_built_in_encodings_round_trip_text_and_words_take_one_token_each(tm
     # the spec is plain data: it travels in a weights_only checkpoint and rebuilds the same encoding
     torch.save(dict(encoding=spec), tmp_path / 'ckpt.pt')
     back = X.encoding_from_spec(torch.load(tmp_path / 'ckpt.pt', weights_only=True)['encoding'])
-    assert back.encode_ordinary(TEXTS[0]) == words.encode_ordinary(TEXTS[0]) and back.n_vocab == words.n_vocab
+    assert back.encode_ordinary(TEXTS[0]) == words.encode_ordinary(TEXTS[0])
+    assert back.n_vocab == words.n_vocab
 
 
 def test_a_local_tiktoken_ranks_file_is_a_byte_level_bpe_that_round_trips(tmp_path):
-    # a small ranks file in the .tiktoken format: every byte, then merges (each from two ranked parts)
+    # a small ranks file in the .tiktoken format: every byte, then merges (of two ranked parts)
     ranks = {bytes([i]): i for i in range(256)}
     for merge in [b'th', b' t', b'he', b' the', b're', b' re', b'ed', b' red', b'in', b'ing']:
         ranks[merge] = len(ranks)
     path = tmp_path / 'tiny.tiktoken'
     path.write_text(''.join(f"{base64.b64encode(b).decode()} {r}\n" for b, r in ranks.items()))
     enc = roundtrip(X.encoding_spec(str(path)))
-    assert enc.n_vocab == len(ranks) + 1 and enc.eot_token == len(ranks)   # <|endoftext|> after the ranks
+    assert enc.n_vocab == len(ranks) + 1 and enc.eot_token == len(ranks)   # <|endoftext|>: last
     assert enc.encode_ordinary(' the red') == [ranks[b' the'], ranks[b' red']]
     broken = tmp_path / 'broken.tiktoken'
     broken.write_text('not a ranks line\n')
@@ -62,7 +63,7 @@ def test_a_local_tiktoken_ranks_file_is_a_byte_level_bpe_that_round_trips(tmp_pa
 
 # -- a pretrained text model, extended --------------------------------------------------------
 
-def test_extending_sedd_small_keeps_every_text_row_and_the_mask_and_adds_codes_and_separator(tmp_path):
+def test_extending_sedd_small_keeps_every_text_row_and_the_mask_and_adds_codes_and_sep(tmp_path):
     n_text, V, L, T = 50257, 16, 8, 8
     state = sedd_small_state_dict()
     torch.save({'model': {'module.' + k: v for k, v in state.items()}}, tmp_path / 'checkpoint.pth')
@@ -70,13 +71,14 @@ def test_extending_sedd_small_keeps_every_text_row_and_the_mask_and_adds_codes_a
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     new = X.extend_pretrained(model, X.read_pretrained(str(tmp_path / 'checkpoint.pth')), n_text, V)
     got = model.state_dict()
-    for key in ['vocab_embed.embedding', 'output_layer.linear.weight', 'output_layer.linear.bias']:
-        assert got[key].shape[0] == state[key].shape[0] + V + 1             # V codes and the separator
-        assert torch.equal(got[key][:n_text], state[key][:n_text])          # text rows, bit for bit
-        assert torch.equal(got[key][-1], state[key][-1])                    # SEDD's mask is still the mask
+    grown = ['vocab_embed.embedding', 'output_layer.linear.weight', 'output_layer.linear.bias']
+    for key in grown:
+        assert got[key].shape[0] == state[key].shape[0] + V + 1         # V codes and the separator
+        assert torch.equal(got[key][:n_text], state[key][:n_text])      # text rows, bit for bit
+        assert torch.equal(got[key][-1], state[key][-1])                # SEDD's mask is the mask
         assert torch.equal(got[key][n_text:n_text + V + 1], fresh[key][n_text:n_text + V + 1])
     for key, value in state.items():
-        if key not in ('vocab_embed.embedding', 'output_layer.linear.weight', 'output_layer.linear.bias'):
+        if key not in grown:
             assert torch.equal(got[key], value), key
     assert torch.equal(got['pos_embed'], fresh['pos_embed']) and any('pos_embed' in n for n in new)
     # the same file as .safetensors (the Hugging Face layout) and as a bare .bin state dict
@@ -84,11 +86,12 @@ def test_extending_sedd_small_keeps_every_text_row_and_the_mask_and_adds_codes_a
     torch.save(state, tmp_path / 'pytorch_model.bin')
     for name in ['model.safetensors', 'pytorch_model.bin']:
         again = X.read_pretrained(str(tmp_path / name))
-        assert set(again) == set(state) and all(torch.equal(again[k], v) for k, v in state.items()), name
+        assert set(again) == set(state), name
+        assert all(torch.equal(again[k], v) for k, v in state.items()), name
     # a checkpoint of another vocabulary is refused, naming both sizes
     with pytest.raises(ValueError, match='50257 text tokens.*has 300'):
-        X.extend_pretrained(P.SEDD(vocab_size=300 + V + 1, seq_len=L + 1 + T, **P.PRIOR_MODELS['small']),
-                            state, 300, V, 'sedd-small')
+        other = P.SEDD(vocab_size=300 + V + 1, seq_len=L + 1 + T, **P.PRIOR_MODELS['small'])
+        X.extend_pretrained(other, state, 300, V, 'sedd-small')
     with pytest.raises(FileNotFoundError, match='nowhere.pth'):
         X.read_pretrained(str(tmp_path / 'nowhere.pth'))
 
@@ -97,8 +100,9 @@ def test_extending_sedd_small_keeps_every_text_row_and_the_mask_and_adds_codes_a
 
 def tiny_model(vocab, seq_len):
     torch.manual_seed(0)
-    model = P.SEDD(vocab_size=vocab, seq_len=seq_len, n_blocks=1, hidden_size=32, n_heads=2, cond_dim=16, dropout=0.0)
-    for p in model.parameters():                                            # away from the zero init
+    model = P.SEDD(vocab_size=vocab, seq_len=seq_len, n_blocks=1, hidden_size=32, n_heads=2,
+                   cond_dim=16, dropout=0.0)
+    for p in model.parameters():                                    # away from the zero init
         p.data.add_(0.1 * torch.randn_like(p))
     return model
 
@@ -113,7 +117,7 @@ def test_the_loss_is_the_masked_cross_entropy_weighted_by_one_over_the_mask_prob
     assert x0[0].tolist() == [10, 13, 11, 14, 5, 6, 9, 9] and pad[1].tolist() == [0] * 5 + [1] * 3
     t = torch.tensor([0.3, 0.8])
     u = torch.rand(x0.shape, generator=torch.Generator().manual_seed(1))
-    u[:, -1] = 0.0                                                          # pads: would be masked if allowed
+    u[:, -1] = 0.0                                          # pads: would be masked if allowed
     got, count = X.masked_cross_entropy(model, x0, ~pad, t, u, mask_id, 1e-3)
     p = 0.999 * t + 1e-3
     masked = (u < p[:, None]) & ~pad
@@ -121,8 +125,8 @@ def test_the_loss_is_the_masked_cross_entropy_weighted_by_one_over_the_mask_prob
     x_t = torch.where(masked, mask_id, x0)
     out = model(x_t, -torch.log1p(-p))
     for b in range(2):
-        want = sum(-torch.log_softmax(out[b, i, :mask_id], -1)[x0[b, i]] / p[b] for i in range(x0.shape[1])
-                   if masked[b, i])
+        want = sum(-torch.log_softmax(out[b, i, :mask_id], -1)[x0[b, i]] / p[b]
+                   for i in range(x0.shape[1]) if masked[b, i])
         torch.testing.assert_close(got[b], want)
     assert count.tolist() == masked.sum(1).tolist()
 
@@ -143,13 +147,15 @@ def test_generation_writes_only_code_tokens_and_never_touches_the_prompt():
     model.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
     for sampler, cfg_scale in [('random_order', 1.0), ('analytic', 3.0), ('euler', 1.0)]:
         seen.clear()
-        codes = X.generate(model, enc, ckpt, prompts, [0, 1, 2], 'cpu', sampler, 4, 0.2, cfg_scale, progress=False)
+        codes = X.generate(model, enc, ckpt, prompts, [0, 1, 2], 'cpu', sampler, 4, 0.2, cfg_scale,
+                           progress=False)
         assert codes.shape == (3, L) and codes.min() >= 0 and codes.max() < V
         conditional = [x for x in seen if (x[:, L + 1:] != enc.eot_token).any()]
         assert conditional and all(torch.equal(x[:, L:], want) for x in conditional)
-        assert all(((x[:, :L] == n_text + V + 1) | ((x[:, :L] >= n_text) & (x[:, :L] < n_text + V))).all()
-                   for x in seen)                                           # code positions: codes or mask
-        if cfg_scale != 1.0:                                                # the unconditional pass: empty
+        is_code = lambda x: (x[:, :L] >= n_text) & (x[:, :L] < n_text + V)
+        assert all(((x[:, :L] == n_text + V + 1) | is_code(x)).all()    # codes or the mask
+                   for x in seen)
+        if cfg_scale != 1.0:                                    # the unconditional pass: empty
             assert any((x[:, L + 1:] == enc.eot_token).all() for x in seen)
 
 
@@ -159,18 +165,19 @@ WORDS = ['red', 'green', 'blue', 'gold']
 
 
 def toy_pairs(n, seed):
-    """L = 4, V = 8: the caption 'red blue' (or 'blue and red' ...) decides the code [a, b, a + b, 7]."""
+    """L = 4, V = 8: the caption 'red blue' (or 'the red one and ...') decides [a, b, a + b, 7]."""
     rng = np.random.default_rng(seed)
     a, b = rng.integers(0, 4, n), rng.integers(0, 4, n)
     codes = np.stack([a, b + 4, (a + b) % 8, np.full(n, 7)], 1).astype(np.uint16)
-    captions = [f"{WORDS[i]} {WORDS[j]}\tthe {WORDS[i]} one and the {WORDS[j]} one" for i, j in zip(a, b)]
+    captions = [f"{WORDS[i]} {WORDS[j]}\tthe {WORDS[i]} one and the {WORDS[j]} one"
+                for i, j in zip(a, b)]
     return codes, captions
 
 
 @pytest.fixture(scope='module')
 def toy_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp('toy_pairs')
-    torch.save(dict(L=4, V=8), out / 'tokenizer.pt')                       # the contract text2dlc reads
+    torch.save(dict(L=4, V=8), out / 'tokenizer.pt')               # the contract text2dlc reads
     for split, n, seed in [('train', 2048, 0), ('val', 256, 1)]:
         codes, captions = toy_pairs(n, seed)
         np.save(out / f'codes_{split}.npy', codes)
@@ -179,17 +186,19 @@ def toy_dir(tmp_path_factory):
 
 
 def tiny_cfg(toy_dir, out_dir, **kw):
-    cfg = dict(X.CONFIG, codes_dir=toy_dir, data_dir=toy_dir, out_dir=str(out_dir), device='cpu', model='tiny',
-               text_encoding='words', caption_len=8, dropout=0.0, batch_size=16, micro_batch_size=8, max_iters=4,
-               learning_rate=1e-3, lr_decay=False, warmup_iters=2, ema_decay=0.9, eval_interval=0, log_interval=1,
-               ckpt_interval=2, n_eval=64, sample_batch_size=64)
+    cfg = dict(X.CONFIG, codes_dir=toy_dir, data_dir=toy_dir, out_dir=str(out_dir), device='cpu',
+               model='tiny', text_encoding='words', caption_len=8, dropout=0.0, batch_size=16,
+               micro_batch_size=8, max_iters=4, learning_rate=1e-3, lr_decay=False, warmup_iters=2,
+               ema_decay=0.9, eval_interval=0, log_interval=1, ckpt_interval=2, n_eval=64,
+               sample_batch_size=64)
     cfg.update(kw)
     return cfg
 
 
 def test_a_briefly_trained_model_draws_the_codes_its_prompts_describe(toy_dir, tmp_path):
-    cfg = tiny_cfg(toy_dir, tmp_path, batch_size=64, micro_batch_size=64, max_iters=250, noise_caption=False,
-                   caption_dropout=0.1, ema_decay=0.98, log_interval=50, eval_interval=250, ckpt_interval=250)
+    cfg = tiny_cfg(toy_dir, tmp_path, batch_size=64, micro_batch_size=64, max_iters=250,
+                   noise_caption=False, caption_dropout=0.1, ema_decay=0.98, log_interval=50,
+                   eval_interval=250, ckpt_interval=250)
     _, _, history = X.train(cfg)
     assert history[-1]['val_code_bits'] < 0.5 * history[0]['train_loss']
     prompts = [f"{WORDS[i]} {WORDS[j]}" for i in range(4) for j in range(4)]
@@ -208,19 +217,22 @@ def as_args(cfg):
 
 def test_two_processes_take_the_same_step_as_one_with_accumulation(toy_dir, tmp_path):
     for name, nproc in [('one', 1), ('two', 2)]:
-        run_script('text2dlc.py', as_args(tiny_cfg(toy_dir, tmp_path / name, max_iters=2, noise_caption=True,
-                                                  caption_dropout=0.3)), nproc)
+        cfg = tiny_cfg(toy_dir, tmp_path / name, max_iters=2, noise_caption=True,
+                       caption_dropout=0.3)
+        run_script('text2dlc.py', as_args(cfg), nproc)
     a = torch.load(tmp_path / 'one' / 'text2dlc.pt', weights_only=True)
     b = torch.load(tmp_path / 'two' / 'text2dlc.pt', weights_only=True)
     for k in a['model']:
         torch.testing.assert_close(a['model'][k], b['model'][k], rtol=1e-5, atol=1e-6, msg=k)
     assert max((a['model'][k] - a['ema'][k]).abs().max().item() for k in a['model']) > 0
-    assert a['encoding'] == b['encoding'] and X.encoding_from_spec(a['encoding']).decode([0x61]) == 'a'
+    assert a['encoding'] == b['encoding']
+    assert X.encoding_from_spec(a['encoding']).decode([0x61]) == 'a'
 
 
 def test_stop_and_resume_equals_an_uninterrupted_run(toy_dir, tmp_path):
     X.train(tiny_cfg(toy_dir, tmp_path / 'a', max_iters=6, dropout=0.1, caption_dropout=0.2))
-    split = tiny_cfg(toy_dir, tmp_path / 'b', max_iters=6, run_iters=3, dropout=0.1, caption_dropout=0.2)
+    split = tiny_cfg(toy_dir, tmp_path / 'b', max_iters=6, run_iters=3, dropout=0.1,
+                     caption_dropout=0.2)
     X.train(split)
     X.train(dict(split, init_from='resume', run_iters=-1))
     a = torch.load(tmp_path / 'a' / 'text2dlc.pt', weights_only=True)
@@ -240,7 +252,8 @@ def test_captions_or_codes_that_do_not_fit_are_refused_with_the_file_named(toy_d
     codes, captions = toy_pairs(64, 0)
     np.save(bad / 'codes_train.npy', codes)
     (bad / 'train_captions.txt').write_text('\n'.join(captions[:60]) + '\n')
-    with pytest.raises(ValueError, match=r'train_captions.txt.*60 lines.*codes_train.npy.*64 codes'):
+    with pytest.raises(ValueError,
+                       match=r'train_captions.txt.*60 lines.*codes_train.npy.*64 codes'):
         X.train(tiny_cfg(str(bad), tmp_path / 'out'))
     (bad / 'train_captions.txt').write_text('\n\n')
     with pytest.raises(ValueError, match=r'train_captions.txt.*is empty'):
@@ -250,16 +263,18 @@ def test_captions_or_codes_that_do_not_fit_are_refused_with_the_file_named(toy_d
     with pytest.raises(ValueError, match=r'codes_train.npy.*L=4'):
         X.train(tiny_cfg(str(bad), tmp_path / 'out'))
     with pytest.raises(FileNotFoundError, match=r'nowhere_train.txt'):
-        X.train(tiny_cfg(toy_dir, tmp_path / 'out', captions_path=str(tmp_path / 'nowhere_{split}.txt')))
+        missing = str(tmp_path / 'nowhere_{split}.txt')
+        X.train(tiny_cfg(toy_dir, tmp_path / 'out', captions_path=missing))
     assert not (tmp_path / 'out' / 'text2dlc.pt').exists()
 
 
 def test_bench_reports_text2dlc_throughput():
     import subprocess
     import sys
-    result = subprocess.run([sys.executable, 'bench.py', '--component=text2dlc', '--prior_model=tiny', '--L=8', '--V=8',
-                             '--n_text=300', '--caption_len=8', '--batch_size=4', '--steps=1', '--warmup=1'],
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
-                            text=True)
+    result = subprocess.run([sys.executable, 'bench.py', '--component=text2dlc',
+                             '--prior_model=tiny', '--L=8', '--V=8', '--n_text=300',
+                             '--caption_len=8', '--batch_size=4', '--steps=1', '--warmup=1'],
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'text2dlc tiny batch 4' in result.stdout and 'tok/s' in result.stdout

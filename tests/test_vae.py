@@ -6,7 +6,7 @@ import struct
 import pytest
 import torch
 
-from diffusion import AutoencoderKL, load_vae, read_safetensors, sd_vae_key_shapes, VAE_SCALE
+from diffusion import AutoencoderKL, load_vae, read_safetensors, VAE_SCALE
 
 SMALL = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
 
@@ -55,6 +55,13 @@ UPSTREAM = {
     "decoder.conv_norm_out.weight": (128,),
     "decoder.conv_out.weight": (3, 128, 3, 3),
 }
+
+
+def sd_vae_key_shapes():
+    """Full-size sd-vae-ft-ema state_dict key -> shape, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        m = AutoencoderKL()
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
 
 
 def test_full_size_layout_matches_sd_vae_ft_ema_keys_and_shapes():

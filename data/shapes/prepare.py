@@ -1,6 +1,6 @@
 """
 A built-in synthetic compositional image dataset ("shapes"), and a reader that recovers its
-factors from any image, generated ones included.
+factors from any image, generated ones included (score.py turns its readings into scores).
 
 Every image shows one flat-colored shape on a flat background. Its factors:
     shape       circle, square, triangle (axis aligned, upright triangle)
@@ -53,12 +53,14 @@ out_dir = 'data/shapes'
 # shape) and no color twice (so every color keeps at least two shapes in train), 4 of the 18
 held_out = 'circle:blue,square:yellow,triangle:red,triangle:cyan'
 # -----------------------------------------------------------------------------
-CONFIG = {k: globals()[k] for k in ['size', 'n_train', 'n_val', 'n_ood', 'seed', 'out_dir', 'held_out']}
+CONFIG = {k: globals()[k]
+          for k in ['size', 'n_train', 'n_val', 'n_ood', 'seed', 'out_dir', 'held_out']}
 
 FACTORS = ['shape', 'color', 'background', 'size']
 SHAPES = ['circle', 'square', 'triangle']
 COLORS = ['red', 'green', 'blue', 'yellow', 'magenta', 'cyan']
-COLOR_RGB = [[230, 30, 30], [30, 190, 30], [30, 60, 230], [240, 220, 30], [220, 30, 220], [30, 210, 220]]
+COLOR_RGB = [[230, 30, 30], [30, 190, 30], [30, 60, 230], [240, 220, 30], [220, 30, 220],
+             [30, 210, 220]]
 BACKGROUNDS = ['black', 'white', 'gray']
 BACKGROUND_RGB = [[0, 0, 0], [255, 255, 255], [128, 128, 128]]
 SIZES = ['small', 'large']
@@ -86,7 +88,8 @@ def parse_held_out(text):
     if len({tuple(p) for p in pairs}) != len(pairs):
         raise ValueError(f"held_out: '{text}' names a pair twice")
     seen = [(s, c) for s in range(len(SHAPES)) for c in range(len(COLORS)) if [s, c] not in pairs]
-    if {s for s, _ in seen} != set(range(len(SHAPES))) or {c for _, c in seen} != set(range(len(COLORS))):
+    if {s for s, _ in seen} != set(range(len(SHAPES))) or \
+            {c for _, c in seen} != set(range(len(COLORS))):
         raise ValueError(f"held_out: '{text}' leaves a shape or a color with no pair in training")
     return pairs
 
@@ -114,7 +117,8 @@ def describe(factors_row, pos_row, meta, parts=CAPTION_PARTS):
     """The caption of one image: 'a small red triangle on a gray background, top left', naming
     only the factors in `parts` ('a red triangle'; 'a small shape, top left' without the shape)."""
     shape, color, background, size_idx = (int(v) for v in factors_row)
-    words = ['a'] + [meta['size'][size_idx]] * ('size' in parts) + [meta['color'][color]] * ('color' in parts)
+    words = ['a'] + [meta['size'][size_idx]] * ('size' in parts) \
+        + [meta['color'][color]] * ('color' in parts)
     words.append(meta['shape'][shape] if 'shape' in parts else 'shape')
     if 'background' in parts:
         words += ['on', 'a', meta['background'][background], 'background']
@@ -141,7 +145,7 @@ def parse_caption(caption, meta):
                 continue
             at = words.index(name)
             is_background = at + 1 < len(words) and words[at + 1] == 'background'
-            if (factor == 'background') == is_background:     # 'a white square on a black background'
+            if (factor == 'background') == is_background:   # 'a white square on a black background'
                 named[factor] = j
     return named
 
@@ -181,13 +185,15 @@ def sample_factors(rng, n, pairs, image_size):
     return factors, pos.astype(np.float32)
 
 
-def make_dataset(out_dir, image_size=32, n_train=30000, n_val=2000, n_ood=2000, seed=0, held_out_pairs=HELD_OUT):
+def make_dataset(out_dir, image_size=32, n_train=30000, n_val=2000, n_ood=2000, seed=0,
+                 held_out_pairs=HELD_OUT):
     """Generate all splits into out_dir (relative paths are taken from the repo root); the ood
     split holds held_out_pairs, [[shape, color], ...], and train and val the others."""
     out_dir = os.path.join(REPO_ROOT, out_dir)
     os.makedirs(out_dir, exist_ok=True)
     held_out = {tuple(p) for p in held_out_pairs}
-    seen_pairs = [[s, c] for s in range(len(SHAPES)) for c in range(len(COLORS)) if (s, c) not in held_out]
+    seen_pairs = [[s, c] for s in range(len(SHAPES)) for c in range(len(COLORS))
+                  if (s, c) not in held_out]
     counts = {'train': n_train, 'val': n_val, 'ood': n_ood}
     meta = make_meta(image_size, seed, counts, [list(p) for p in held_out_pairs])
     for split_id, split in enumerate(SPLITS):
@@ -201,7 +207,8 @@ def make_dataset(out_dir, image_size=32, n_train=30000, n_val=2000, n_ood=2000, 
         captions = [describe(f, p, meta) for f, p in zip(factors, pos)]
         # their own stream, so that the images and full captions do not depend on them
         caption_rng = np.random.default_rng([seed, split_id, 1])
-        varied = ['\t'.join([c] + [describe(f, p, meta, partial_parts(caption_rng)) for _ in range(N_PARTIAL)])
+        varied = ['\t'.join([c] + [describe(f, p, meta, partial_parts(caption_rng))
+                                   for _ in range(N_PARTIAL)])
                   for c, f, p in zip(captions, factors, pos)]
         np.save(os.path.join(out_dir, f'{split}_images.npy'), images)
         np.save(os.path.join(out_dir, f'{split}_factors.npy'), factors)
@@ -210,8 +217,8 @@ def make_dataset(out_dir, image_size=32, n_train=30000, n_val=2000, n_ood=2000, 
             f.write('\n'.join(captions) + '\n' if captions else '')
         with open(os.path.join(out_dir, f'{split}_captions_varied.txt'), 'w') as f:
             f.write('\n'.join(varied) + '\n' if varied else '')
-        print(f"{split}: {len(images)} images {image_size}x{image_size}, {len(pairs)} (shape, color) "
-              f"pairs, {images.nbytes / 1e6:.1f} MB -> {out_dir}")
+        print(f"{split}: {len(images)} images {image_size}x{image_size}, {len(pairs)} "
+              f"(shape, color) pairs, {images.nbytes / 1e6:.1f} MB -> {out_dir}")
     with open(os.path.join(out_dir, 'meta.json'), 'w') as f:
         json.dump(meta, f, indent=1)
     return meta
@@ -220,8 +227,9 @@ def make_dataset(out_dir, image_size=32, n_train=30000, n_val=2000, n_ood=2000, 
 def load_split(data_dir, split):
     """Load one split as a dict: images, factors, pos, captions (list of str), meta."""
     data_dir = os.path.join(REPO_ROOT, data_dir)
-    names = {'meta': 'meta.json', 'images': f'{split}_images.npy', 'factors': f'{split}_factors.npy',
-             'pos': f'{split}_pos.npy', 'captions': f'{split}_captions.txt'}
+    names = {'meta': 'meta.json', 'images': f'{split}_images.npy',
+             'factors': f'{split}_factors.npy', 'pos': f'{split}_pos.npy',
+             'captions': f'{split}_captions.txt'}
     paths = {key: os.path.join(data_dir, name) for key, name in names.items()}
     for path in paths.values():
         if not os.path.exists(path):
@@ -238,23 +246,6 @@ def load_split(data_dir, split):
         raise ValueError(f"{data_dir} split '{split}' is inconsistent, rows per file: {lengths}; "
                          f"regenerate it with python data/shapes/prepare.py")
     return data
-
-
-def named_factors_kept(read, prompts, meta):
-    """For factors read from images or codes ({factor: (N,) ints}) and the prompts they were made
-    from: per factor, the share kept among the prompts that name it, and 'shape_and_color' among
-    those that name both."""
-    named = [parse_caption(p, meta) for p in prompts]
-    scores = {}
-    for factor in ['shape', 'color', 'background', 'size']:
-        rows = [i for i, f in enumerate(named) if factor in f]
-        if rows and factor in read:
-            scores[factor] = float(np.mean([read[factor][i] == named[i][factor] for i in rows]))
-    both = [i for i, f in enumerate(named) if 'shape' in f and 'color' in f]
-    if both:
-        scores['shape_and_color'] = float(np.mean([read['shape'][i] == named[i]['shape'] and
-                                                   read['color'][i] == named[i]['color'] for i in both]))
-    return scores
 
 
 # -----------------------------------------------------------------------------
@@ -306,7 +297,8 @@ def read_attributes(images, meta):
     out['valid'] = np.zeros(n, dtype=bool)
 
     # background: the palette entry nearest the median border color, if the border is clean
-    border = np.concatenate([pixels[:, 0], pixels[:, -1], pixels[:, 1:-1, 0], pixels[:, 1:-1, -1]], axis=1)
+    border = np.concatenate([pixels[:, 0], pixels[:, -1], pixels[:, 1:-1, 0], pixels[:, 1:-1, -1]],
+                            axis=1)
     background, background_dist = nearest(np.median(border, axis=1), background_rgb)
     bg_rgb = background_rgb[background]  # (N, 3)
     clean = (np.linalg.norm(border - bg_rgb[:, None], axis=-1) < BACKGROUND_TOL).mean(1)
@@ -344,7 +336,8 @@ def read_attributes(images, meta):
         side = np.sqrt(box_width * box_height) / np.sqrt(height * width)
         if not (FILL_RANGE[0] <= fill <= FILL_RANGE[1] and SIDE_RANGE[0] <= side <= SIDE_RANGE[1]):
             continue
-        shape = 'triangle' if fill < TRIANGLE_MAX_FILL else 'circle' if fill < CIRCLE_MAX_FILL else 'square'
+        shape = 'triangle' if fill < TRIANGLE_MAX_FILL else \
+            'circle' if fill < CIRCLE_MAX_FILL else 'square'
         out['shape'][i] = meta['shape'].index(shape)
         out['color'][i] = color
         out['size'][i] = int(side >= size_cut)
@@ -358,5 +351,5 @@ if __name__ == '__main__':
     sys.path.insert(0, REPO_ROOT)
     from configurator import configure
     cfg = configure(CONFIG, sys.argv[1:])
-    make_dataset(cfg['out_dir'], cfg['size'], cfg['n_train'], cfg['n_val'], cfg['n_ood'], cfg['seed'],
-                 parse_held_out(cfg['held_out']))
+    make_dataset(cfg['out_dir'], cfg['size'], cfg['n_train'], cfg['n_val'], cfg['n_ood'],
+                 cfg['seed'], parse_held_out(cfg['held_out']))

@@ -1,0 +1,177 @@
+"""
+Scores of generated images and codes on the built-in data, shared by diffusion.py, prior.py,
+text2dlc.py and sample.py so that they all measure the same thing the same way.
+
+Images are judged by the attribute reader of prepare.py (read_attributes): valid (one clean
+shape), then the factors it reads against those the image should have. Codes are judged by the
+tokenizer's linear probe (probe.pt, written by tokenizer.py --mode=probe), which reads factors
+(or, on ImageNet, classes) from codes alone, before any DiT draws them.
+
+    reconstruction_scores   recon: the share of images that keep their source's factors
+    factors_kept            recon and class in sample.py: shape and color kept
+    composition_scores      compose: factors taken from the sources, novel, a held-out pair
+    named_factors_kept      text: each factor the prompt names, kept
+    histogram_scores        unconditional images: per factor, total variation to the training set
+    code_histograms         sampled codes: the probe's factor histograms against training codes
+    print_table             the table of every sample.py mode's scores
+"""
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.shapes.prepare import FACTORS, parse_caption, read_attributes
+
+
+def load_meta(data_dir):
+    """The built-in dataset's meta.json (names, palettes, held-out pairs), or None elsewhere."""
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_builtin(data_dir, images):
+    """The reader's factors of uint8 images (N, H, W, 3) and the dataset's meta, or (None, None)
+    when data_dir is not the built-in dataset."""
+    meta = load_meta(data_dir)
+    return (None, None) if meta is None else (read_attributes(images, meta), meta)
+
+
+def histogram_tv(a, b, n_bins):
+    """Total variation between the histograms of two integer arrays over n_bins values."""
+    pa = np.bincount(a, minlength=n_bins) / max(len(a), 1)
+    pb = np.bincount(b, minlength=n_bins) / max(len(b), 1)
+    return 0.5 * float(np.abs(pa - pb).sum())
+
+
+def factors_kept(read, shape, color):
+    """The share of images read as the given shape and color (N,) together."""
+    return float(((read['shape'] == shape) & (read['color'] == color)).mean())
+
+
+def reconstruction_scores(data_dir, split, images):
+    """Items 0..n-1 of a split, reconstructed: per factor the share that keeps its source's."""
+    read, _ = read_builtin(data_dir, images)
+    if read is None:
+        return {}
+    factors = np.load(os.path.join(data_dir, f'{split}_factors.npy'))[:len(images)]
+    same = {name: read[name] == factors[:, j] for j, name in enumerate(FACTORS)}
+    scores = dict(valid=float(read['valid'].mean()), shape=float(same['shape'].mean()),
+                  color=float(same['color'].mean()),
+                  shape_and_color=factors_kept(read, factors[:, 0], factors[:, 1]),
+                  background=float(same['background'].mean()), size=float(same['size'].mean()))
+    print('attribute reader on the reconstructions (fraction of items whose source factor is '
+          'kept):')
+    for k, v in scores.items():
+        print(f"  {k:<16} {v:.3f}")
+    return scores
+
+
+def histogram_scores(data_dir, images):
+    """The reader's valid fraction and, per factor, the total variation between the histogram
+    of the valid images and that of the training set (background: every clean border)."""
+    read, meta = read_builtin(data_dir, images)
+    if read is None:
+        return {}
+    factors = np.load(os.path.join(data_dir, 'train_factors.npy'))
+    scores = dict(valid=float(read['valid'].mean()))
+    print(f"attribute reader on {len(images)} images: valid {scores['valid']:.3f}; per factor, the "
+          "share of each value among the valid images vs the training set:")
+    for j, name in enumerate(FACTORS):
+        values = meta[name]
+        got = read[name][read['valid'] if name != 'background' else read['background'] >= 0]
+        p = np.bincount(got, minlength=len(values)) / max(len(got), 1)
+        q = np.bincount(factors[:, j], minlength=len(values)) / len(factors)
+        scores[f'tv_{name}'] = histogram_tv(got, factors[:, j], len(values))
+        shares = ' '.join(f'{v}:{a:.2f}/{b:.2f}' for v, a, b in zip(values, p, q))
+        print(f"  {name:<11} TV {scores[f'tv_{name}']:.3f}   {shares}")
+    return scores
+
+
+def composition_scores(read, factors, groups, meta):
+    """Images composed from groups of dataset items (factors: the split's (N, 4)): the share
+    that is valid with every one of shape, color, background taken from some source; of those,
+    the share equal to no single source (novel); and the share showing a held-out pair."""
+    got = np.stack([read['shape'], read['color'], read['background']], axis=1)         # (N, 3)
+    from_sources = np.array([all(got[i, j] in factors[g, j] for j in range(3))
+                             for i, g in enumerate(groups)])
+    novel = np.array([not any((got[i] == factors[m, :3]).all() for m in g)
+                      for i, g in enumerate(groups)])
+    held_out = {tuple(p) for p in meta['held_out']}
+    unseen = np.array([(int(s), int(c)) in held_out for s, c in got[:, :2]])
+    valid = read['valid']
+    return dict(from_sources=float(np.mean(valid & from_sources)),
+                novel=float(np.mean(valid & from_sources & novel)),
+                unseen_pair=float(np.mean(valid & unseen)))
+
+
+def named_factors_kept(read, prompts, meta):
+    """For factors read from images or codes ({factor: (N,) ints}) and the prompts they were made
+    from: per factor, the share kept among the prompts that name it, and 'shape_and_color' among
+    those that name both."""
+    named = [parse_caption(p, meta) for p in prompts]
+    scores = {}
+    for factor in FACTORS:
+        rows = [i for i, f in enumerate(named) if factor in f]
+        if rows and factor in read:
+            scores[factor] = float(np.mean([read[factor][i] == named[i][factor] for i in rows]))
+    both = [i for i, f in enumerate(named) if 'shape' in f and 'color' in f]
+    if both:
+        scores['shape_and_color'] = float(np.mean([read['shape'][i] == named[i]['shape'] and
+                                                   read['color'][i] == named[i]['color']
+                                                   for i in both]))
+    return scores
+
+
+def probe_predict(probe, codes):
+    """The tokenizer's linear probe (probe.pt: per label a weight (L*V, C) and a bias) on codes
+    (N, L): {label: (N,) the argmax class}."""
+    V = probe['V']
+    flat = torch.as_tensor(codes.astype(np.int64)) + torch.arange(codes.shape[1]) * V
+    return {name: (F.embedding_bag(flat, p['weight'], mode='sum') + p['bias']).argmax(1).numpy()
+            for name, p in probe['labels'].items()}
+
+
+def code_histograms(probe, reference, sets):
+    """The probe's reading of each set of codes ({column: (N, L)}) against its reading of the
+    reference codes: per label and for shape x color x background jointly, the total variation
+    between the histograms. Prints one column per set; returns {row name: {set: tv}}."""
+    want = probe_predict(probe, reference)
+    got = {s: probe_predict(probe, codes) for s, codes in sets.items()}
+    n_classes = {k: probe['labels'][k]['bias'].numel() for k in want}
+    rows = {k: {s: histogram_tv(g[k], want[k], n_classes[k]) for s, g in got.items()} for k in want}
+    joint = [k for k in ('shape', 'color', 'background') if k in want]
+    if joint:
+        sizes = [n_classes[k] for k in joint]
+        index = lambda d: np.ravel_multi_index([d[k] for k in joint], sizes)
+        rows[' x '.join(joint)] = {s: histogram_tv(index(g), index(want), int(np.prod(sizes)))
+                                   for s, g in got.items()}
+    print(f"total variation between the probe's factor histograms and those of {len(reference)} "
+          "training codes:")
+    print(f"  {'':<28}" + ''.join(f"{s:>14}" for s in sets))
+    for name, tvs in rows.items():
+        print(f"  {name:<28}" + ''.join(f"{tvs[s]:>14.3f}" for s in sets))
+    return rows
+
+
+def print_table(results):
+    """One row per sample.py mode ({mode: scores, with 'seconds'}): what `make demo` ends with."""
+    columns = [('n', 'images'), ('valid', 'valid'), ('kept', 'shape+color kept'),
+               ('from_sources', 'from sources'), ('novel', 'novel'), ('unseen_pair', 'unseen pair'),
+               ('tv', 'TV shape/color/bg/size'), ('time', 'time')]
+    rows = []
+    for mode, s in results.items():
+        row = dict(s, time=f"{s['seconds']:.0f} s")
+        if 'tv_shape' in s:
+            row['tv'] = '/'.join(f"{s['tv_' + k]:.2f}" for k in FACTORS)
+        cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+        rows.append([mode] + [cell(row.get(k, '-')) for k, _ in columns])
+    header = ['mode'] + [title for _, title in columns]
+    widths = [max(len(r[j]) for r in rows + [header]) for j in range(len(header))]
+    print()
+    for r in [header] + rows:
+        print('  '.join(v.ljust(w) for v, w in zip(r, widths)))
