@@ -3,8 +3,10 @@ bench.py: training throughput of the components, and MFU on CUDA.
 
     python bench.py --component=dit --model=DiT-XL/2 --image_size=256 --batch_size=32
     python bench.py --component=tokenizer --batch_size=64
-    python bench.py --component=prior --prior_model=medium --L=512 --V=256 --batch_size=64 --sample_steps=1024
-    python bench.py --component=text2dlc --prior_model=small --L=512 --V=256 --caption_len=128 --batch_size=16
+    python bench.py --component=prior --prior_model=medium --L=512 --V=256 --batch_size=64 \
+        --sample_steps=1024
+    python bench.py --component=text2dlc --prior_model=small --L=512 --V=256 --caption_len=128 \
+        --batch_size=16
 
 The DiT runs on latents (image_size / 8, 4 channels) when image_size >= 64, else on pixels.
 The prior reports training tok/s (tokens = codes x L) and sampling codes/s at sample_steps; the
@@ -35,18 +37,18 @@ warmup = 3
 compile = False
 peak_tflops = 989.0
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-CONFIG = {k: globals()[k] for k in ['component', 'model', 'prior_model', 'sample_steps', 'image_size', 'L', 'V',
-                                    'n_text', 'caption_len', 'batch_size', 'steps', 'warmup', 'compile',
-                                    'peak_tflops', 'device']}
+CONFIG = {k: globals()[k] for k in ['component', 'model', 'prior_model', 'sample_steps',
+                                    'image_size', 'L', 'V', 'n_text', 'caption_len', 'batch_size',
+                                    'steps', 'warmup', 'compile', 'peak_tflops', 'device']}
 
 
 def dit_step_fn(c):
     import diffusion as D
     latent = c['image_size'] >= 64
     size, channels = (c['image_size'] // 8, 4) if latent else (c['image_size'], 3)
-    net = D.DiT(input_size=size, in_channels=channels, cond='dlc', L=c['L'], V=c['V'], learn_sigma=True,
-                **D.DiT_models[c['model']]).to(c['device'])
     arch = D.DiT_models[c['model']]
+    net = D.DiT(input_size=size, in_channels=channels, cond='dlc', L=c['L'], V=c['V'],
+                learn_sigma=True, **arch).to(c['device'])
     tokens = (size // arch['patch_size']) ** 2
     d, depth = arch['hidden_size'], arch['depth']
     # per image, forward: per block 24 d^2 tokens (qkv, proj, mlp) + 4 tokens^2 d (attention)
@@ -77,7 +79,7 @@ def tokenizer_step_fn(c):
     fwd = torch.compile(net) if c['compile'] else net
     x = torch.randn(2 * c['batch_size'], 3, 224, 224, device=c['device'])
     tokens, d, depth = (224 // 14) ** 2 + 5, cfg['embed_dim'], cfg['depth']
-    flops = 2 * 2 * depth * (12 * d * d * tokens + 2 * tokens * tokens * d)     # two views per image
+    flops = 2 * 2 * depth * (12 * d * d * tokens + 2 * tokens * tokens * d)     # 2 views per image
 
     def step():
         with autocast(c):
@@ -92,12 +94,13 @@ def tokenizer_step_fn(c):
 def prior_step_fn(c):
     import prior as P
     arch = P.PRIOR_MODELS[c['prior_model']]
-    net = P.SEDD(vocab_size=c['V'], seq_len=c['L'], cond_dim=128, dropout=0.0, **arch).to(c['device'])
+    net = P.SEDD(vocab_size=c['V'], seq_len=c['L'], cond_dim=128, dropout=0.0,
+                 **arch).to(c['device'])
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=c['device'].startswith('cuda'))
     fwd = torch.compile(net) if c['compile'] else net
     codes = torch.randint(0, c['V'], (c['batch_size'], c['L']), device=c['device'])
     d, depth, T = arch['hidden_size'], arch['n_blocks'], c['L']
-    # per token, forward: per block 24 d^2 (qkv, out, mlp) + 4 T d (attention), then the output layer
+    # per token, forward: per block 24 d^2 (qkv, out, mlp) + 4 T d (attention), then the output
     flops = 2 * depth * (12 * d * d + 2 * T * d) + 2 * d * (c['V'] + 1)
 
     def step():
@@ -111,9 +114,9 @@ def prior_step_fn(c):
 
     def sampling():
         net.eval()
-        draw = lambda steps: P.sample(P.model_score_fn(fwd, autocast(c)), c['batch_size'], c['L'], c['V'], steps,
-                                      range(c['batch_size']), device=c['device'])
-        draw(2)                                     # warm-up: a compiled model recompiles for inference
+        draw = lambda steps: P.sample(P.model_score_fn(fwd, autocast(c)), c['batch_size'], c['L'],
+                                      c['V'], steps, range(c['batch_size']), device=c['device'])
+        draw(2)                             # warm-up: a compiled model recompiles for inference
         sync(c)
         t0 = time.time()
         draw(c['sample_steps'])
@@ -134,7 +137,8 @@ def text2dlc_step_fn(c):
     fwd = torch.compile(net) if c['compile'] else net
     codes = torch.randint(0, c['V'], (c['batch_size'], c['L']))
     captions = torch.randint(0, c['n_text'], (c['batch_size'], c['caption_len']))
-    x0, pad = X.sequences(codes, captions, torch.full((c['batch_size'],), c['caption_len']), c['n_text'], c['V'])
+    lengths = torch.full((c['batch_size'],), c['caption_len'])
+    x0, pad = X.sequences(codes, captions, lengths, c['n_text'], c['V'])
     x0, noisable = x0.to(c['device']), (~pad).to(c['device'])
     d, depth = arch['hidden_size'], arch['n_blocks']
     flops = 2 * depth * (12 * d * d + 2 * S * d) + 2 * d * (mask_id + 1)
@@ -152,7 +156,8 @@ def text2dlc_step_fn(c):
 
 
 def autocast(c):
-    return torch.autocast('cuda', dtype=torch.bfloat16) if c['device'].startswith('cuda') else nullcontext()
+    return (torch.autocast('cuda', dtype=torch.bfloat16) if c['device'].startswith('cuda')
+            else nullcontext())
 
 
 def sync(c):
@@ -163,8 +168,9 @@ def sync(c):
 if __name__ == '__main__':
     c = configure(CONFIG, sys.argv[1:])
     torch.backends.cuda.matmul.allow_tf32 = True
-    step, flops_per_item, unit, per_item = {'dit': dit_step_fn, 'tokenizer': tokenizer_step_fn,
-                                            'prior': prior_step_fn, 'text2dlc': text2dlc_step_fn}[c['component']](c)
+    step_fns = {'dit': dit_step_fn, 'tokenizer': tokenizer_step_fn, 'prior': prior_step_fn,
+                'text2dlc': text2dlc_step_fn}
+    step, flops_per_item, unit, per_item = step_fns[c['component']](c)
     for _ in range(c['warmup']):
         step()
     sync(c)
@@ -174,12 +180,13 @@ if __name__ == '__main__':
     sync(c)
     dt = (time.time() - t0) / c['steps']
     rate = c['batch_size'] * per_item / dt
-    name = {'dit': c['model'], 'prior': c['prior_model'], 'text2dlc': c['prior_model']}.get(c['component'], '')
+    names = {'dit': c['model'], 'prior': c['prior_model'], 'text2dlc': c['prior_model']}
+    name = names.get(c['component'], '')
     line = f"{c['component']} {name} batch {c['batch_size']}: " \
            f"{dt * 1000:.1f} ms/step, {rate:.1f} {unit}, {rate * flops_per_item / 1e12:.3f} TFLOP/s"
     if c['device'].startswith('cuda'):
         line += f", MFU {rate * flops_per_item / (c['peak_tflops'] * 1e12) * 100:.1f}%"
     print(line)
     if hasattr(step, 'sampling'):
-        print(f"{c['component']} {name} sampling, {c['sample_steps']} steps, batch {c['batch_size']}: "
-              f"{step.sampling():.2f} codes/s")
+        print(f"{c['component']} {name} sampling, {c['sample_steps']} steps, "
+              f"batch {c['batch_size']}: {step.sampling():.2f} codes/s")

@@ -20,23 +20,20 @@ the EMA of the student, sees two global crops; the student sees those and severa
 crops. With K prototypes, P_t = softmax((g_t(s) - center) / T_t), P_s = softmax(g_s(s) / T_s):
 
     L_DINO  = mean over (teacher global crop, different student crop) of  -sum_k P_t log P_s
-    L_iBOT  = the same cross-entropy on the patch tokens the student saw masked (teacher unmasked),
-              averaged within each masked crop, summed over them, divided by all 2B global crops
+    L_iBOT  = the same cross-entropy on the patch tokens the student saw masked (teacher unmasked)
     L_KoLeo = sum over the 2 global crops of -mean_i log min_{j != i} || s_i/|s_i| - s_j/|s_j| ||
     L = L_DINO + w_iBOT L_iBOT + w_KoLeo L_KoLeo
 
-At CPU scale from scratch, DINO learns slowly; ssl_loss = 'infonce' trains the same encoder
-with a SimCLR loss on the SEM output instead: two views, projections q = normalize(mlp(s)),
-and cross-entropy of each view picking its partner among all 2B - 1 others at temperature
-T. The SEM head, the codes and everything downstream are identical.
+At CPU scale from scratch DINO learns slowly; ssl_loss = 'infonce' trains the same encoder with
+SimCLR's loss on s instead: projections q = normalize(mlp(s)) of two views, each picking its
+partner among the 2B - 1 others at temperature T. The SEM, codes and all downstream are the same.
 
 Modes:  python tokenizer.py [config.py] [--key=value ...]
     --mode=train   self-supervised training (torchrun for DDP), writes out_dir/tokenizer.pt
-    --mode=dump    writes out_dir/codes_<split>.npy, uint16 (N, L), row i = dataset item i; folder
-                   images in the paper's view (ADM's center_crop_arr at image_size)
+    --mode=dump    writes out_dir/codes_<split>.npy, uint16 (N, L), row i = dataset item i;
+                   folder images in the paper's view (ADM's center_crop_arr at image_size)
     --mode=probe   linear probe on one-hot codes (L*V features): accuracy per label on a
-                   held-out split, codebook usage; saves out_dir/probe.pt. Folder images in
-                   DINOv2's evaluation view (short side 256/224 of image_size, central crop)
+                   held-out split, codebook usage; saves out_dir/probe.pt
     --mode=import  writes out_dir/tokenizer.pt from the paper's encoder (init_from = its DINOv2
                    fork's teacher_checkpoint.pth), for dump, probe and sample.py
 """
@@ -61,8 +58,8 @@ from configurator import configure
 # config: the defaults are the paper's ImageNet recipe (DINOv2 ViT-L/14 reg4, DLC512 = 512 x 256)
 mode = 'train'                  # 'train' | 'dump' | 'probe' | 'import'
 out_dir = 'out-tokenizer'
-init_from = 'scratch'           # 'scratch' | 'resume' | path to dinov2_vit{s,b,l}14_reg4_pretrain.pth (import: the fork's file)
-data_dir = 'data/imagenet'      # <data_dir>/<split>_images.npy, or an image folder <data_dir>/<split>/<class>/*
+init_from = 'scratch'           # 'scratch' | 'resume' | dinov2_vit{s,b,l}14_reg4_pretrain.pth path
+data_dir = 'data/imagenet'      # <data_dir>/<split>_images.npy or <data_dir>/<split>/<class>/*
 train_split = 'train'
 seed = 0
 # model
@@ -87,7 +84,7 @@ student_temp = 0.1
 teacher_temp = 0.07
 warmup_teacher_temp = 0.04
 warmup_teacher_temp_frac = 0.3  # teacher temperature goes 0.04 -> 0.07 over this fraction
-centering = 'center'            # 'center' (EMA mean, DINO) | 'sinkhorn' (Sinkhorn-Knopp, DINOv2's ViT-L runs)
+centering = 'center'            # 'center' (EMA mean, DINO) | 'sinkhorn' (DINOv2's ViT-L runs)
 center_momentum = 0.9
 ibot_weight = 1.0
 mask_prob = 0.5                 # fraction of global crops that get a patch mask
@@ -108,7 +105,7 @@ solarize_prob = (0.0, 0.2, 0.0)
 # optimization
 batch_size = 256                # global, across all processes
 max_iters = 125000
-run_iters = -1                  # stop this run after so many iterations (schedules still span max_iters); -1: no limit
+run_iters = -1                  # stop this run after so many iterations (schedules span max_iters)
 learning_rate = 1e-4            # at batch 1024; scaled by sqrt(batch_size / 1024)
 min_lr = 1e-6
 warmup_iters = 12500
@@ -117,7 +114,7 @@ weight_decay_end = 0.4
 layer_decay = 0.9
 patch_embed_lr_mult = 0.2       # the patch embedding learns at 0.2 x its layer's lr (DINOv2)
 grad_clip = 3.0
-freeze_last_layer_iters = 1250  # the prototypes stay fixed at first (DINO's trick against early collapse)
+freeze_last_layer_iters = 1250  # prototypes stay fixed at first (DINO's trick against collapse)
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 compile = False
@@ -130,7 +127,7 @@ dump_split = 'val'
 probe_train_split = 'train'
 probe_eval_split = 'val'
 probe_iters = 300
-probe_ood_split = 'ood'         # also report how the codes of this split (held-out factor combinations) read; '' = skip
+probe_ood_split = 'ood'         # also read the codes of held-out factor combinations; '' = skip
 dump_batch_size = 256
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
@@ -164,7 +161,7 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(q, k, v)         # (B, heads, N, D/heads)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
@@ -213,9 +210,8 @@ class Block(nn.Module):
 
 
 def interpolate_pos_embed(pos_embed, grid_h, grid_w):
-    """(1, 1 + n*n, D) position embeddings -> (1, 1 + grid_h*grid_w, D), as DINOv2's register
-    models resize them (interpolate_antialias=True, interpolate_offset=0): the n x n grid,
-    bicubic to the target size, antialiased whether it shrinks or grows, in float32; CLS kept."""
+    """(1, 1 + n*n, D) -> (1, 1 + grid_h*grid_w, D) as DINOv2's register models resize them
+    (interpolate_antialias=True, interpolate_offset=0): bicubic, antialiased, float32; CLS kept."""
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     n, D = int(math.sqrt(patch_pos.shape[1])), pos_embed.shape[-1]
     if (grid_h, grid_w) == (n, n):
@@ -251,10 +247,6 @@ class DinoVisionTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def pos_embed_for(self, grid_h, grid_w):
-        """Position embeddings for a grid_h x grid_w patch grid."""
-        return interpolate_pos_embed(self.pos_embed, grid_h, grid_w)
-
     def forward(self, x, masks=None):
         """x: (B, 3, H, W) normalized images; masks: (B, N) bool, patches replaced by mask_token.
         Returns the final block's pre-norm tokens (B, 1 + R + N, D): [CLS, registers, patches]."""
@@ -263,7 +255,7 @@ class DinoVisionTransformer(nn.Module):
         if masks is not None:
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
-        x = x + self.pos_embed_for(H // self.patch_size, W // self.patch_size)
+        x = x + interpolate_pos_embed(self.pos_embed, H // self.patch_size, W // self.patch_size)
         x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
         for block in self.blocks:
             if self.grad_checkpoint and self.training:
@@ -306,7 +298,8 @@ class DINOHead(nn.Module):
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         # infonce stops at the projection and needs no prototypes
-        self.last_layer = nn.Linear(bottleneck_dim, n_prototypes, bias=False) if n_prototypes else None
+        self.last_layer = (nn.Linear(bottleneck_dim, n_prototypes, bias=False) if n_prototypes
+                           else None)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -329,11 +322,11 @@ class SEMEncoder(nn.Module):
                                               n_registers, drop_path_rate, layerscale_init,
                                               grad_checkpoint)
         self.sem = SimplicialEmbedding(1 + n_registers, embed_dim, L, V)
-        self.head = DINOHead(embed_dim, n_prototypes, head_hidden_dim, head_bottleneck_dim, head_layers)
+        self.head = DINOHead(embed_dim, n_prototypes, head_hidden_dim, head_bottleneck_dim,
+                             head_layers)
 
     def forward(self, x, tau=1.0, masks=None):
-        """Returns SEM logits (B, L, V), the SEM output after the final norm (B, D) and the
-        normed patch tokens (B, N, D)."""
+        """SEM logits (B, L, V), normed SEM output (B, D) and normed patch tokens (B, N, D)."""
         h = self.backbone(x, masks)
         n_special = 1 + self.backbone.n_registers
         z, s = self.sem(h[:, :n_special], tau)
@@ -351,13 +344,13 @@ class SEMEncoder(nn.Module):
 
 
 def model_args_from(cfg):
-    return dict(image_size=cfg['image_size'], patch_size=cfg['patch_size'], embed_dim=cfg['embed_dim'],
-                depth=cfg['depth'], num_heads=cfg['num_heads'], n_registers=cfg['n_registers'],
-                drop_path_rate=cfg['drop_path_rate'], layerscale_init=cfg['layerscale_init'],
-                L=cfg['L'], V=cfg['V'],
+    return dict(image_size=cfg['image_size'], patch_size=cfg['patch_size'],
+                embed_dim=cfg['embed_dim'], depth=cfg['depth'], num_heads=cfg['num_heads'],
+                n_registers=cfg['n_registers'], drop_path_rate=cfg['drop_path_rate'],
+                layerscale_init=cfg['layerscale_init'], L=cfg['L'], V=cfg['V'],
                 n_prototypes=cfg['n_prototypes'] if cfg['ssl_loss'] == 'dino' else 0,
-                head_hidden_dim=cfg['head_hidden_dim'], head_bottleneck_dim=cfg['head_bottleneck_dim'],
-                head_layers=cfg['head_layers'])
+                head_hidden_dim=cfg['head_hidden_dim'],
+                head_bottleneck_dim=cfg['head_bottleneck_dim'], head_layers=cfg['head_layers'])
 
 
 def load_dinov2_backbone(backbone, path):
@@ -368,13 +361,13 @@ def load_dinov2_backbone(backbone, path):
             f"DINOv2 weights '{path}' not found. Download dinov2_vitl14_reg4_pretrain.pth from "
             "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/ and pass --init_from=<path>.")
     state = torch.load(path, map_location='cpu', weights_only=True)
-    dim = backbone.pos_embed.shape[-1]
-    if state['pos_embed'].shape[-1] != dim or len(backbone.blocks) != sum(
-            k.endswith('.ls1.gamma') for k in state):
-        found = next((n for n, (d, _, _) in DINOV2_SIZES.items() if d == state['pos_embed'].shape[-1]), '?')
+    dim = state['pos_embed'].shape[-1]
+    depth = sum(k.endswith('.ls1.gamma') for k in state)
+    if dim != backbone.pos_embed.shape[-1] or depth != len(backbone.blocks):
+        found = next((n for n, (d, _, _) in DINOV2_SIZES.items() if d == dim), '?')
         e, d, h = DINOV2_SIZES.get(found, (0, 0, 0))
-        raise ValueError(f"'{path}' holds a DINOv2 {found} backbone; set --embed_dim={e} --depth={d} "
-                         f"--num_heads={h} --patch_size=14 to load it")
+        raise ValueError(f"'{path}' holds a DINOv2 {found} backbone; set --embed_dim={e} "
+                         f"--depth={d} --num_heads={h} --patch_size=14 to load it")
     n = int(math.sqrt(backbone.pos_embed.shape[1] - 1))
     state['pos_embed'] = interpolate_pos_embed(state['pos_embed'], n, n)
     backbone.load_state_dict(state, strict=True)
@@ -386,12 +379,10 @@ FORK_SEM_NAMES = {'sem_embed.weight': 'sem.proj_in.weight', 'sem_norm.weight': '
 
 
 def load_fork_checkpoint(model, path):
-    """Load the paper's encoder into model's backbone and SEM, every key checked. The file is
-    what the fork's training writes for evaluation, eval/<iteration>/teacher_checkpoint.pth =
-    {'teacher': {'backbone.*', 'dino_head.*'}}, or the backbone's keys alone. Its 37 x 37
-    position grid (img_size 518) is resized once to the model's, as the fork resizes it at each
-    forward. Left out by name: the DINO head (it starts afresh, as from DINOv2 weights) and
-    sem_cls_norm, which the fork defines but never applies."""
+    """Load the paper's encoder into model's backbone and SEM, every key checked, from the
+    fork's eval/<iteration>/teacher_checkpoint.pth = {'teacher': {'backbone.*', 'dino_head.*'}}
+    or the backbone's keys alone, its 37 x 37 position grid resized. Left out: the DINO head
+    (it starts afresh) and sem_cls_norm, which the fork defines but never applies."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"the paper's encoder checkpoint '{path}' not found")
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
@@ -407,9 +398,10 @@ def load_fork_checkpoint(model, path):
     missing = sorted(to_fork.get(k, k.removeprefix('backbone.')) for k in expected - set(state))
     unexpected = sorted(source[k] for k in set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"'{path}' does not fit this model (the fork's vit_*_sem with n_registers="
-                         f"{model.backbone.n_registers}, depth={len(model.backbone.blocks)}): it lacks "
-                         f"{missing} and has unexpected {unexpected}")
+        raise ValueError(f"'{path}' does not fit this model (the fork's vit_*_sem with "
+                         f"n_registers={model.backbone.n_registers}, depth="
+                         f"{len(model.backbone.blocks)}): it lacks {missing} and has unexpected "
+                         f"{unexpected}")
     n = int(math.sqrt(model.backbone.pos_embed.shape[1] - 1))
     state['backbone.pos_embed'] = interpolate_pos_embed(state['backbone.pos_embed'], n, n)
     state.update({k: v for k, v in model.state_dict().items() if k.startswith('head.')})
@@ -422,7 +414,6 @@ def load_fork_checkpoint(model, path):
 class ImageArray(torch.utils.data.Dataset):
     """<data_dir>/<split>_images.npy: uint8 (N, H, W, 3), as data/shapes/prepare.py writes."""
     def __init__(self, path):
-        self.path = path
         self.images = np.load(path, mmap_mode='r')
         if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
             raise ValueError(f"{path}: expected uint8 (N, H, W, 3) images, got {self.images.dtype} "
@@ -461,10 +452,8 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 def load_image(path, size):
-    """One image file -> uint8 (size, size, 3) by ADM's center_crop_arr, the view in which the
-    paper encodes images (at 224) for the DiT's codes and for composition: halved with a box
-    filter while the short side is at least 2 * size, short side resized to size (bicubic),
-    central square."""
+    """One image file -> uint8 (size, size, 3) by ADM's center_crop_arr, the paper's view for
+    the DiT's codes: box-halved while the short side is >= 2 * size, bicubic, central square."""
     try:
         with Image.open(path) as im:
             im = im.convert('RGB')
@@ -506,9 +495,8 @@ def split_labels(data_dir, split, dataset):
 
 
 class BatchSampler:
-    """Dataset indices of this process's part of each global batch, from iteration `start` on.
-    Epochs are seeded permutations, so the data position is a function of the iteration alone:
-    resume is exact and the global batch does not depend on the number of processes."""
+    """This process's dataset indices of each global batch from iteration `start` on. Epochs are
+    seeded permutations: resume is exact and batches do not depend on the number of processes."""
     def __init__(self, n, batch_size, start, stop, seed, rank, world):
         self.n, self.batch_size, self.start, self.stop, self.seed = n, batch_size, start, stop, seed
         self.part = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
@@ -528,10 +516,10 @@ class BatchSampler:
 
 
 # -----------------------------------------------------------------------------
-# Augmentation on the device: random resized crops, flips and color changes of a whole batch
-# at once. The random numbers of iteration `it` come from a CPU generator seeded by (seed, it)
-# and are drawn for the whole global batch, of which each process uses its own rows: the
-# views do not depend on the number of processes. `part` = (global batch size, this slice).
+# Augmentation on the device, a whole batch at once. The random numbers of iteration `it` come
+# from a CPU generator seeded by (seed, it), drawn for the whole global batch, of which each
+# process uses its rows: the views do not depend on the number of processes.
+# `part` = (global batch size, this process's slice).
 
 def uniform(gen, n_crops, part, lo=0.0, hi=1.0):
     """(n_crops * local batch,) uniforms in [lo, hi), crop-major, this process's rows."""
@@ -560,9 +548,8 @@ def random_resized_crops(x, n_crops, out_size, scale, flip, gen, part):
 
 
 def color_augment(x, n_crops, jitter_prob, gray_prob, blur_prob, solarize_prob, gen, part):
-    """DINOv2's photometric augmentations, batched: color jitter (brightness 0.4, contrast 0.4,
-    saturation 0.2, hue 0.1) with probability jitter_prob, grayscale, Gaussian blur (sigma
-    0.1-2 px at 224 px), solarization. x: (n, 3, S, S) in [0, 1]."""
+    """DINOv2's photometric augmentations of x (n, 3, S, S) in [0, 1], batched: color jitter,
+    grayscale, Gaussian blur (sigma 0.1-2 px at 224 px), solarization."""
     S = x.shape[-1]
     def per_image(lo=0.0, hi=1.0):
         return uniform(gen, n_crops, part, lo, hi).to(x.device).view(-1, 1, 1, 1)
@@ -605,9 +592,10 @@ def gaussian_blur(x, sigma):
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-offsets[None] ** 2 / (2 * sigma[:, None].to(x.dtype) ** 2))
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)   # (n*c, 2r+1)
-    y = x.reshape(1, n * c, S, S)
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode='reflect'), k[:, None, None, :], groups=n * c)
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode='reflect'), k[:, None, :, None], groups=n * c)
+    nc = n * c
+    y = x.reshape(1, nc, S, S)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode='reflect'), k[:, None, None, :], groups=nc)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode='reflect'), k[:, None, :, None], groups=nc)
     return y.view(n, c, S, S)
 
 
@@ -622,11 +610,11 @@ def to_float_images(batch, device):
     return batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255
 
 
-def make_views(x, cfg, gen, part):
+def make_views(x, c, gen, part):
     """The multi-crop views of a batch x (B, 3, H, W) in [0, 1], normalized:
     global (2B, 3, S, S) and local (n_local * B, 3, s, s) or None, crop-major."""
-    c = cfg
-    jitter, gray, blur, solar = c['color_jitter_prob'], c['grayscale_prob'], c['blur_prob'], c['solarize_prob']
+    jitter, gray = c['color_jitter_prob'], c['grayscale_prob']
+    blur, solar = c['blur_prob'], c['solarize_prob']
     B = x.shape[0]
     g = random_resized_crops(x, 2, c['image_size'], c['global_crop_scale'], c['hflip'], gen, part)
     g = torch.cat([color_augment(g[:B], 1, jitter, gray, blur[0], solar[0], gen, part),
@@ -634,20 +622,20 @@ def make_views(x, cfg, gen, part):
     local = None
     if c['n_local_crops'] > 0:
         n = c['n_local_crops']
-        local = random_resized_crops(x, n, c['local_crop_size'], c['local_crop_scale'], c['hflip'], gen, part)
+        local = random_resized_crops(x, n, c['local_crop_size'], c['local_crop_scale'], c['hflip'],
+                                     gen, part)
         local = normalize(color_augment(local, n, jitter, gray, blur[2], solar[2], gen, part))
     return normalize(g), local
 
 
 def patch_masks(n_patches, prob, ratio, gen, part):
-    """iBOT masks for the 2 global crops, (2B, n_patches) bool. A fraction `prob` of the images,
-    spread evenly over the batch so every process holds as many, get a random set of patches
-    masked, the ratio drawn uniformly in `ratio`; the others are unmasked."""
+    """iBOT masks of the 2 global crops, (2B, n_patches) bool: a fraction `prob` of the images,
+    spread evenly so every process holds as many, get a share in `ratio` of patches masked."""
     total, rows = part
     i = torch.arange(total)
     masked = torch.floor((i + 1) * prob) > torch.floor(i * prob)           # (total,)
     ratios = torch.empty(2, total).uniform_(ratio[0], ratio[1], generator=gen)
-    k = torch.where(masked, (ratios * n_patches).long().clamp(min=1), 0)   # (2, total) patches to mask
+    k = torch.where(masked, (ratios * n_patches).long().clamp(min=1), 0)   # (2, total) to mask
     order = torch.rand(2, total, n_patches, generator=gen).argsort(-1).argsort(-1)
     masks = order < k.unsqueeze(-1)
     return masks[:, rows].reshape(-1, n_patches)
@@ -674,9 +662,8 @@ def global_mean(x):
 
 
 def teacher_probs(logits, center, temp, method):
-    """Teacher targets (n, K). 'center': softmax((t - center) / temp); 'sinkhorn': three
-    Sinkhorn-Knopp iterations that make the global batch use every prototype equally. Rows may
-    differ in number per process (masked patches); sums and the row count are all-reduced."""
+    """Teacher targets (n, K): softmax((t - center) / temp), or three Sinkhorn-Knopp iterations
+    that make the global batch use every prototype equally (sums and row counts all-reduced)."""
     if method == 'center':
         return F.softmax((logits - center) / temp, dim=-1)
     # No max is subtracted (as DINOv2): the logits are cosines in [-1, 1], so exp stays finite
@@ -705,9 +692,8 @@ def dino_loss(student_logits, teacher_p, B, temp):
 
 
 def ibot_loss(student_patch_logits, teacher_patch_p, masks, temp):
-    """Cross-entropy on masked patches, averaged within each crop, summed over the masked crops
-    and divided by all n global crops, masked or not (DINOv2's forward_masked).
-    Logits and targets are (M, K) rows of the masked patches in masks' (n, N) order."""
+    """Cross-entropy on the (M, K) rows of masked patches (masks' (n, N) order), averaged within
+    each crop, summed over crops and divided by all n global crops (DINOv2's forward_masked)."""
     ce = torch.sum(-teacher_patch_p * F.log_softmax(student_patch_logits / temp, dim=-1), dim=-1)
     per_crop = masks.sum(1)[masks.any(1)]                    # masked patches of each masked crop
     weights = (1.0 / per_crop).repeat_interleave(per_crop)   # so each crop weighs the same
@@ -741,248 +727,6 @@ def infonce_loss(q, temp):
     sim = sim.masked_fill(local[:, None] == torch.arange(n, device=q.device)[None], float('-inf'))
     partner = (local + n // 2) % n
     return F.cross_entropy(sim, partner)
-
-
-# -----------------------------------------------------------------------------
-# Schedules, precomputed as arrays indexed by the iteration (as DINOv2 does)
-
-def cosine_schedule(start, end, n, warmup=0, warmup_start=0.0):
-    warm = np.linspace(warmup_start, start, warmup, endpoint=False)
-    t = np.arange(n - warmup) / max(1, n - warmup)
-    return np.concatenate([warm, end + 0.5 * (start - end) * (1 + np.cos(np.pi * t))])
-
-
-def schedules(cfg):
-    n = cfg['max_iters']
-    lr = cfg['learning_rate'] * math.sqrt(cfg['batch_size'] / 1024)
-    warm_temp = min(n, int(cfg['warmup_teacher_temp_frac'] * n))
-    return dict(
-        lr=cosine_schedule(lr, cfg['min_lr'], n, min(n, cfg['warmup_iters'])),
-        wd=cosine_schedule(cfg['weight_decay'], cfg['weight_decay_end'], n),
-        momentum=cosine_schedule(cfg['momentum_teacher'], 1.0, n),
-        teacher_temp=np.concatenate([np.linspace(cfg['warmup_teacher_temp'], cfg['teacher_temp'], warm_temp),
-                                     np.full(n - warm_temp, cfg['teacher_temp'])]))
-
-
-def param_groups(model, layer_decay, patch_embed_lr_mult):
-    """AdamW groups by parameter name, as DINOv2's get_params_groups_with_decay: layer-wise lr
-    decay (layer 0 = patch and position embeddings and the learned tokens, i+1 = block i, top =
-    final norm, SEM and head), the patch embedding's lr times patch_embed_lr_mult, no weight
-    decay on biases, norms and LayerScale gammas (the tokens and position embeddings decay),
-    and the prototypes apart so that they can stay frozen at first."""
-    depth = len(model.backbone.blocks)
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.startswith('backbone.blocks.'):
-            layer = int(name.split('.')[2]) + 1
-        elif name.startswith('backbone.') and not name.startswith('backbone.norm'):
-            layer = 0
-        else:
-            layer = depth + 1
-        lr_scale = layer_decay ** (depth + 1 - layer) * (patch_embed_lr_mult if 'patch_embed' in name else 1.0)
-        wd_scale = 0.0 if name.endswith('.bias') or 'norm' in name or 'gamma' in name else 1.0
-        prototypes = name.startswith('head.last_layer')
-        group = groups.setdefault((lr_scale, wd_scale, prototypes), dict(
-            params=[], lr_scale=lr_scale, wd_scale=wd_scale, prototypes=prototypes))
-        group['params'].append(p)
-    return list(groups.values())
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints and code dumps
-
-def save_atomic(obj, path):
-    """Write to a temporary file in the same folder, then rename: a crash leaves the old file."""
-    tmp = f'{path}.tmp.{os.getpid()}'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"tokenizer checkpoint '{path}' not found: train one first "
-                                f"(python tokenizer.py <config> --out_dir={os.path.dirname(path) or '.'})")
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def encoder_from_checkpoint(ckpt):
-    """The model whose codes are the DLCs: the teacher for DINO (DINOv2 evaluates the teacher),
-    the student for InfoNCE (which has no teacher)."""
-    model = SEMEncoder(**ckpt['model_args'])
-    model.load_state_dict(ckpt['teacher'] if ckpt.get('teacher') is not None else ckpt['model'])
-    return model.eval()
-
-
-def check_codes(codes, L, V, path, n_expected=None):
-    """Refuse a code dump that does not fit the tokenizer it claims to come from."""
-    fix = "re-run `python tokenizer.py --mode=dump` with the tokenizer checkpoint you train against"
-    if codes.ndim != 2 or codes.shape[1] != L:
-        raise ValueError(f"code dump '{path}' has shape {codes.shape}, but the tokenizer has L={L} "
-                         f"tokens per code (expected (N, {L})); {fix}")
-    if not np.issubdtype(codes.dtype, np.unsignedinteger):
-        raise ValueError(f"code dump '{path}' has dtype {codes.dtype}; expected unsigned integers; {fix}")
-    if codes.size and int(codes.max()) >= V:
-        raise ValueError(f"code dump '{path}' holds token {int(codes.max())} >= V={V}, the tokenizer's "
-                         f"vocabulary size; {fix}")
-    if n_expected is not None and len(codes) != n_expected:
-        raise ValueError(f"code dump '{path}' has {len(codes)} rows but its dataset split has "
-                         f"{n_expected} items; {fix}")
-    return codes
-
-
-def load_codes(path, L, V, n_expected=None):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"code dump '{path}' not found; write it with python tokenizer.py --mode=dump")
-    return check_codes(np.load(path), L, V, path, n_expected)
-
-
-# -----------------------------------------------------------------------------
-# Training
-
-def setup_distributed(device):
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is a single process."""
-    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
-        local_rank = int(os.environ['LOCAL_RANK'])
-        if device.startswith('cuda'):
-            device = f'cuda:{local_rank}'
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, device
-
-
-def train(cfg):
-    rank, world, device = setup_distributed(cfg['device'])
-    master = rank == 0
-    c = cfg
-    if c['batch_size'] % world:
-        raise ValueError(f"batch_size={c['batch_size']} must be divisible by the {world} processes")
-    B = c['batch_size'] // world
-    if c['ssl_loss'] == 'dino' and c['ibot_weight'] > 0 and c['mask_prob'] * B < 1:
-        raise ValueError(f"mask_prob={c['mask_prob']} of a per-process batch of {B} masks no image; "
-                         "raise batch_size or mask_prob, or set --ibot_weight=0")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    device_type = 'cuda' if 'cuda' in device else 'cpu'
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device_type == 'cuda' else nullcontext()
-    os.makedirs(c['out_dir'], exist_ok=True)
-    ckpt_path = os.path.join(c['out_dir'], 'tokenizer.pt')
-
-    dataset = open_split(c['data_dir'], c['train_split'], load_size(c['image_size'], c['data_dir'], c['train_split']))
-    if len(dataset) < c['batch_size']:
-        raise ValueError(f"split '{c['train_split']}' has {len(dataset)} images, fewer than batch_size={c['batch_size']}")
-
-    model_args = model_args_from(c)
-    torch.manual_seed(c['seed'])
-    model = SEMEncoder(**model_args, grad_checkpoint=c['grad_checkpoint'])
-    if c['init_from'] not in ('scratch', 'resume'):
-        load_dinov2_backbone(model.backbone, c['init_from'])
-    use_teacher = c['ssl_loss'] == 'dino'
-    model.backbone.mask_token.requires_grad_(use_teacher and c['ibot_weight'] > 0)
-    model.to(device)
-    teacher = None
-    if use_teacher:
-        teacher = SEMEncoder(**{**model_args, 'drop_path_rate': 0.0}).to(device)
-        teacher.load_state_dict(model.state_dict())
-        teacher.requires_grad_(False)
-    groups = param_groups(model, c['layer_decay'], c['patch_embed_lr_mult'])
-    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999),
-                                  fused=device_type == 'cuda')
-    centers = {'cls': torch.zeros(1, c['n_prototypes'], device=device),
-               'patch': torch.zeros(1, c['n_prototypes'], device=device)} if use_teacher else {}
-    iter_num = 0
-    if c['init_from'] == 'resume':
-        ckpt = load_checkpoint(ckpt_path)
-        if 'optimizer' not in ckpt:
-            raise ValueError(f"{ckpt_path} was written by --mode=import and holds no training state to resume")
-        model.load_state_dict(ckpt['model'])
-        if teacher is not None:
-            teacher.load_state_dict(ckpt['teacher'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        centers = {k: v.to(device) for k, v in ckpt['centers'].items()}
-        iter_num = ckpt['iter_num']
-        if master:
-            print(f"resuming from {ckpt_path} at iteration {iter_num}")
-
-    raw_model = model
-    if c['compile']:
-        model = torch.compile(model)
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == 'cuda' else None)
-    sched = schedules(c)
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    if master:
-        print(f"SEM encoder: {n_params / 1e6:.2f}M parameters, L={c['L']} V={c['V']}, "
-              f"{c['ssl_loss']} loss, {world} process(es), batch {c['batch_size']}")
-
-    def save():
-        save_atomic(dict(model=raw_model.state_dict(),
-                         teacher=teacher.state_dict() if teacher is not None else None,
-                         optimizer=optimizer.state_dict(), centers={k: v.cpu() for k, v in centers.items()},
-                         model_args=model_args_from(c), config=dict(c), iter_num=iter_num,
-                         L=c['L'], V=c['V'], image_size=c['image_size']), ckpt_path)
-
-    stop = c['max_iters'] if c['run_iters'] < 0 else min(c['max_iters'], iter_num + c['run_iters'])
-    sampler = BatchSampler(len(dataset), c['batch_size'], iter_num, stop, c['seed'], rank, world)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, pin_memory=device_type == 'cuda',
-                                         num_workers=c['num_workers'] if isinstance(dataset, ImageFolder) else 0)
-    part = (c['batch_size'], slice(rank * B, (rank + 1) * B))
-    grid = (c['image_size'] // c['patch_size']) ** 2
-    bar = tqdm(total=stop, initial=iter_num, disable=not master, desc='tokenizer', dynamic_ncols=True)
-    t0, seen, history = time.time(), 0, []
-    model.train()
-    for images in loader:
-        it = iter_num
-        for g in optimizer.param_groups:
-            frozen = g['prototypes'] and it < c['freeze_last_layer_iters']
-            g['lr'] = 0.0 if frozen else float(sched['lr'][it]) * g['lr_scale']
-            g['weight_decay'] = float(sched['wd'][it]) * g['wd_scale']
-        gen = torch.Generator().manual_seed(c['seed'] * 1_000_003 + it)
-        torch.manual_seed(c['seed'] * 1_000_003 + it * 1009 + rank)   # drop-path: per rank, per step
-        global_views, local_views = make_views(to_float_images(images, device), c, gen, part)
-        with autocast:
-            if c['ssl_loss'] == 'infonce':
-                _, s, _ = model(global_views, c['tau'])
-                loss = infonce_loss(raw_model.head.project(s), c['infonce_temp'])
-                parts = {'loss': loss.detach()}
-            else:
-                masks = patch_masks(grid, c['mask_prob'], c['mask_ratio'], gen, part).to(device)
-                loss, parts = dino_step(model, raw_model, teacher, centers, global_views, local_views,
-                                        masks, c, float(sched['teacher_temp'][it]), B)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c['grad_clip'] if c['grad_clip'] > 0 else float('inf'))
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):   # stop before the bad update
-            raise FloatingPointError(
-                f"loss is {loss.item()} (gradient norm {grad_norm.item()}) at iteration {it}; {ckpt_path} "
-                f"keeps the last good state (saved every {c['ckpt_interval']} iterations). Lower "
-                f"learning_rate or raise warmup_iters, then continue with --init_from=resume")
-        optimizer.step()
-        if teacher is not None:
-            m = float(sched['momentum'][it])
-            with torch.no_grad():
-                for pt, ps in zip(teacher.parameters(), raw_model.parameters()):
-                    pt.lerp_(ps, 1 - m)
-        iter_num += 1
-        seen += c['batch_size']
-        bar.update(1)
-        if iter_num % c['log_interval'] == 0 or iter_num == stop:
-            logged = {k: all_reduce_mean(v.float()).item() for k, v in parts.items()}
-            history.append(dict(iter=iter_num, **logged))
-            if master:
-                text = ' '.join(f'{k} {v:.4f}' for k, v in logged.items())
-                tqdm.write(f"iter {iter_num}: {text} lr {sched['lr'][it]:.2e} "
-                           f"{seen / (time.time() - t0):.1f} img/s")
-            t0, seen = time.time(), 0
-        if master and (iter_num % c['ckpt_interval'] == 0 or iter_num == stop):
-            save()
-    bar.close()
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return raw_model, history
 
 
 def dino_step(model, raw_model, teacher, centers, global_views, local_views, masks, c, t_temp, B):
@@ -1019,21 +763,276 @@ def dino_step(model, raw_model, teacher, centers, global_views, local_views, mas
 
 
 # -----------------------------------------------------------------------------
+# Schedules, precomputed as arrays indexed by the iteration (as DINOv2 does)
+
+def cosine_schedule(start, end, n, warmup=0, warmup_start=0.0):
+    warm = np.linspace(warmup_start, start, warmup, endpoint=False)
+    t = np.arange(n - warmup) / max(1, n - warmup)
+    return np.concatenate([warm, end + 0.5 * (start - end) * (1 + np.cos(np.pi * t))])
+
+
+def schedules(cfg):
+    n = cfg['max_iters']
+    lr = cfg['learning_rate'] * math.sqrt(cfg['batch_size'] / 1024)
+    warm_temp = min(n, int(cfg['warmup_teacher_temp_frac'] * n))
+    return dict(
+        lr=cosine_schedule(lr, cfg['min_lr'], n, min(n, cfg['warmup_iters'])),
+        wd=cosine_schedule(cfg['weight_decay'], cfg['weight_decay_end'], n),
+        momentum=cosine_schedule(cfg['momentum_teacher'], 1.0, n),
+        teacher_temp=np.concatenate([
+            np.linspace(cfg['warmup_teacher_temp'], cfg['teacher_temp'], warm_temp),
+            np.full(n - warm_temp, cfg['teacher_temp'])]))
+
+
+def param_groups(model, layer_decay, patch_embed_lr_mult):
+    """AdamW groups as DINOv2's get_params_groups_with_decay: layer-wise lr decay (layer 0 =
+    embeddings and tokens, i+1 = block i, top = norm, SEM, head), no weight decay on biases,
+    norms and gammas, and the prototypes apart so that they can stay frozen at first."""
+    depth = len(model.backbone.blocks)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith('backbone.blocks.'):
+            layer = int(name.split('.')[2]) + 1
+        elif name.startswith('backbone.') and not name.startswith('backbone.norm'):
+            layer = 0
+        else:
+            layer = depth + 1
+        lr_scale = layer_decay ** (depth + 1 - layer)
+        lr_scale *= patch_embed_lr_mult if 'patch_embed' in name else 1.0
+        wd_scale = 0.0 if name.endswith('.bias') or 'norm' in name or 'gamma' in name else 1.0
+        prototypes = name.startswith('head.last_layer')
+        group = groups.setdefault((lr_scale, wd_scale, prototypes), dict(
+            params=[], lr_scale=lr_scale, wd_scale=wd_scale, prototypes=prototypes))
+        group['params'].append(p)
+    return list(groups.values())
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and code dumps
+
+def save_atomic(obj, path):
+    """Write to a temporary file in the same folder, then rename: a crash leaves the old file."""
+    tmp = f'{path}.tmp.{os.getpid()}.npy'        # np.save would append .npy to any other name
+    if isinstance(obj, np.ndarray):
+        np.save(tmp, obj)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer checkpoint '{path}' not found: train one first (python "
+                                f"tokenizer.py <config> --out_dir={os.path.dirname(path) or '.'})")
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def encoder_from_checkpoint(ckpt):
+    """The model whose codes are the DLCs: DINO's teacher (DINOv2 evaluates it) or the student."""
+    model = SEMEncoder(**ckpt['model_args'])
+    model.load_state_dict(ckpt['teacher'] if ckpt.get('teacher') is not None else ckpt['model'])
+    return model.eval()
+
+
+def check_codes(codes, L, V, path, n_expected=None):
+    """Refuse a code dump that does not fit the tokenizer it claims to come from."""
+    fix = "re-run `python tokenizer.py --mode=dump` with the tokenizer checkpoint you train against"
+    if codes.ndim != 2 or codes.shape[1] != L:
+        raise ValueError(f"code dump '{path}' has shape {codes.shape}, but the tokenizer has L={L} "
+                         f"tokens per code (expected (N, {L})); {fix}")
+    if not np.issubdtype(codes.dtype, np.unsignedinteger):
+        raise ValueError(f"code dump '{path}' has dtype {codes.dtype}; expected unsigned "
+                         f"integers; {fix}")
+    if codes.size and int(codes.max()) >= V:
+        raise ValueError(f"code dump '{path}' holds token {int(codes.max())} >= V={V}, the "
+                         f"tokenizer's vocabulary size; {fix}")
+    if n_expected is not None and len(codes) != n_expected:
+        raise ValueError(f"code dump '{path}' has {len(codes)} rows but its dataset split has "
+                         f"{n_expected} items; {fix}")
+    return codes
+
+
+def load_codes(path, L, V, n_expected=None):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"code dump '{path}' not found; write it with "
+                                "python tokenizer.py --mode=dump")
+    return check_codes(np.load(path), L, V, path, n_expected)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+def setup_distributed(device):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is a single process."""
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
+        local_rank = int(os.environ['LOCAL_RANK'])
+        if device.startswith('cuda'):
+            device = f'cuda:{local_rank}'
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def train(cfg):
+    rank, world, device = setup_distributed(cfg['device'])
+    master = rank == 0
+    c = cfg
+    if c['batch_size'] % world:
+        raise ValueError(f"batch_size={c['batch_size']} must be divisible by the {world} processes")
+    B = c['batch_size'] // world
+    if c['ssl_loss'] == 'dino' and c['ibot_weight'] > 0 and c['mask_prob'] * B < 1:
+        raise ValueError(f"mask_prob={c['mask_prob']} of a per-process batch of {B} masks no "
+                         "image; raise batch_size or mask_prob, or set --ibot_weight=0")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    device_type = 'cuda' if 'cuda' in device else 'cpu'
+    autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if device_type == 'cuda'
+                else nullcontext())
+    os.makedirs(c['out_dir'], exist_ok=True)
+    ckpt_path = os.path.join(c['out_dir'], 'tokenizer.pt')
+
+    split = c['train_split']
+    dataset = open_split(c['data_dir'], split, load_size(c['image_size'], c['data_dir'], split))
+    if len(dataset) < c['batch_size']:
+        raise ValueError(f"split '{split}' has {len(dataset)} images, fewer than "
+                         f"batch_size={c['batch_size']}")
+
+    model_args = model_args_from(c)
+    torch.manual_seed(c['seed'])
+    model = SEMEncoder(**model_args, grad_checkpoint=c['grad_checkpoint'])
+    if c['init_from'] not in ('scratch', 'resume'):
+        load_dinov2_backbone(model.backbone, c['init_from'])
+    use_teacher = c['ssl_loss'] == 'dino'
+    model.backbone.mask_token.requires_grad_(use_teacher and c['ibot_weight'] > 0)
+    model.to(device)
+    teacher = None
+    if use_teacher:
+        teacher = SEMEncoder(**{**model_args, 'drop_path_rate': 0.0}).to(device)
+        teacher.load_state_dict(model.state_dict())
+        teacher.requires_grad_(False)
+    groups = param_groups(model, c['layer_decay'], c['patch_embed_lr_mult'])
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), fused=device_type == 'cuda')
+    centers = {'cls': torch.zeros(1, c['n_prototypes'], device=device),
+               'patch': torch.zeros(1, c['n_prototypes'], device=device)} if use_teacher else {}
+    iter_num = 0
+    if c['init_from'] == 'resume':
+        ckpt = load_checkpoint(ckpt_path)
+        if 'optimizer' not in ckpt:
+            raise ValueError(f"{ckpt_path} was written by --mode=import and holds no training "
+                             "state to resume")
+        model.load_state_dict(ckpt['model'])
+        if teacher is not None:
+            teacher.load_state_dict(ckpt['teacher'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        centers = {k: v.to(device) for k, v in ckpt['centers'].items()}
+        iter_num = ckpt['iter_num']
+        if master:
+            print(f"resuming from {ckpt_path} at iteration {iter_num}")
+
+    raw_model = model
+    if c['compile']:
+        model = torch.compile(model)
+    if world > 1:
+        device_ids = [device] if device_type == 'cuda' else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    sched = schedules(c)
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    if master:
+        print(f"SEM encoder: {n_params / 1e6:.2f}M parameters, L={c['L']} V={c['V']}, "
+              f"{c['ssl_loss']} loss, {world} process(es), batch {c['batch_size']}")
+
+    def save():
+        save_atomic(dict(model=raw_model.state_dict(),
+                         teacher=teacher.state_dict() if teacher is not None else None,
+                         optimizer=optimizer.state_dict(),
+                         centers={k: v.cpu() for k, v in centers.items()},
+                         model_args=model_args_from(c), config=dict(c), iter_num=iter_num,
+                         L=c['L'], V=c['V'], image_size=c['image_size']), ckpt_path)
+
+    stop = c['max_iters'] if c['run_iters'] < 0 else min(c['max_iters'], iter_num + c['run_iters'])
+    sampler = BatchSampler(len(dataset), c['batch_size'], iter_num, stop, c['seed'], rank, world)
+    workers = c['num_workers'] if isinstance(dataset, ImageFolder) else 0
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                         pin_memory=device_type == 'cuda')
+    part = (c['batch_size'], slice(rank * B, (rank + 1) * B))
+    grid = (c['image_size'] // c['patch_size']) ** 2
+    bar = tqdm(total=stop, initial=iter_num, disable=not master, desc='tokenizer',
+               dynamic_ncols=True)
+    t0, seen, history = time.time(), 0, []
+    model.train()
+    for images in loader:
+        it = iter_num
+        for g in optimizer.param_groups:
+            frozen = g['prototypes'] and it < c['freeze_last_layer_iters']
+            g['lr'] = 0.0 if frozen else float(sched['lr'][it]) * g['lr_scale']
+            g['weight_decay'] = float(sched['wd'][it]) * g['wd_scale']
+        gen = torch.Generator().manual_seed(c['seed'] * 1_000_003 + it)
+        torch.manual_seed(c['seed'] * 1_000_003 + it * 1009 + rank)   # drop-path, per rank
+        global_views, local_views = make_views(to_float_images(images, device), c, gen, part)
+        with autocast:
+            if c['ssl_loss'] == 'infonce':
+                _, s, _ = model(global_views, c['tau'])
+                loss = infonce_loss(raw_model.head.project(s), c['infonce_temp'])
+                parts = {'loss': loss.detach()}
+            else:
+                masks = patch_masks(grid, c['mask_prob'], c['mask_ratio'], gen, part).to(device)
+                loss, parts = dino_step(model, raw_model, teacher, centers, global_views,
+                                        local_views, masks, c, float(sched['teacher_temp'][it]), B)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = c['grad_clip'] if c['grad_clip'] > 0 else float('inf')
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):   # stop before the bad update
+            raise FloatingPointError(
+                f"loss is {loss.item()} (gradient norm {grad_norm.item()}) at iteration {it}; "
+                f"{ckpt_path} keeps the last good state (saved every {c['ckpt_interval']} "
+                f"iterations). Lower learning_rate or raise warmup_iters, then continue with "
+                f"--init_from=resume")
+        optimizer.step()
+        if teacher is not None:
+            m = float(sched['momentum'][it])
+            with torch.no_grad():
+                for pt, ps in zip(teacher.parameters(), raw_model.parameters()):
+                    pt.lerp_(ps, 1 - m)
+        iter_num += 1
+        seen += c['batch_size']
+        bar.update(1)
+        if iter_num % c['log_interval'] == 0 or iter_num == stop:
+            logged = {k: all_reduce_mean(v.float()).item() for k, v in parts.items()}
+            history.append(dict(iter=iter_num, **logged))
+            if master:
+                text = ' '.join(f'{k} {v:.4f}' for k, v in logged.items())
+                tqdm.write(f"iter {iter_num}: {text} lr {sched['lr'][it]:.2e} "
+                           f"{seen / (time.time() - t0):.1f} img/s")
+            t0, seen = time.time(), 0
+        if master and (iter_num % c['ckpt_interval'] == 0 or iter_num == stop):
+            save()
+    bar.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return raw_model, history
+
+
+# -----------------------------------------------------------------------------
 # Dump: the DLC of every item of a split, in dataset order
 
 @torch.no_grad()
 def compute_codes(model, dataset, image_size, batch_size, device, desc='codes'):
-    """(N, L) uint16 codes of a dataset, in its order. Images are center-cropped (folders loaded
-    larger than image_size) or resized (arrays of another size) to image_size."""
+    """(N, L) uint16 codes of a dataset, in its order, each image seen by encoder_input."""
+    folder = isinstance(dataset, ImageFolder)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=min(8, os.cpu_count() or 1) if isinstance(dataset, ImageFolder) else 0)
+                                         num_workers=min(8, os.cpu_count() or 1) if folder else 0)
     model = model.to(device).eval()
-    device_type = 'cuda' if 'cuda' in device else 'cpu'
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device_type == 'cuda' else nullcontext()
+    autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if 'cuda' in device
+                else nullcontext())
     out = []
     for images in tqdm(loader, desc=desc, dynamic_ncols=True):
         with autocast:
-            out.append(model.encode(encoder_input(images, image_size, isinstance(dataset, ImageFolder), device)).cpu())
+            out.append(model.encode(encoder_input(images, image_size, folder, device)).cpu())
     dtype = np.uint16 if model.sem.V <= 65536 else np.uint32
     return torch.cat(out).numpy().astype(dtype)
 
@@ -1051,32 +1050,28 @@ def encoder_input(images, image_size, crop, device):
     return normalize(x)
 
 
-def save_npy_atomic(array, path):
-    tmp = f'{path}.tmp.{os.getpid()}.npy'
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
 def codes_for_split(ckpt, ckpt_path, model, cfg, split):
-    """The probe's codes of a split, written now unless a file newer than the checkpoint exists:
-    for arrays the dump itself; for folders probe_codes_<split>.npy, in DINOv2's evaluation view
-    (the dump's codes see ADM's view)."""
-    dataset = open_split(cfg['data_dir'], split, load_size(ckpt['image_size'], cfg['data_dir'], split))
+    """The probe's codes of a split, computed unless a file newer than the checkpoint exists: for
+    arrays the dump itself; for folders probe_codes_<split>.npy, in DINOv2's evaluation view."""
+    size = load_size(ckpt['image_size'], cfg['data_dir'], split)
+    dataset = open_split(cfg['data_dir'], split, size)
     name = f'codes_{split}.npy' if isinstance(dataset, ImageArray) else f'probe_codes_{split}.npy'
     path = os.path.join(cfg['out_dir'], name)
     if os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(ckpt_path):
         return load_codes(path, ckpt['L'], ckpt['V'], len(dataset)), dataset
-    codes = compute_codes(model, dataset, ckpt['image_size'], cfg['dump_batch_size'], cfg['device'], f'codes {split}')
-    save_npy_atomic(codes, path)
+    codes = compute_codes(model, dataset, ckpt['image_size'], cfg['dump_batch_size'],
+                          cfg['device'], f'codes {split}')
+    save_atomic(codes, path)
     print(f"wrote {path}: {codes.shape} {codes.dtype}")
     return codes, dataset
 
 
 def load_size(image_size, data_dir, split):
-    """Folder images for training and the probe are decoded at 256/224 of the code resolution:
-    training cuts its crops from them, the probe takes the central image_size square (DINOv2's
-    evaluation view). Dumps read them at image_size itself."""
-    return image_size if os.path.exists(os.path.join(data_dir, f'{split}_images.npy')) else round(image_size * 256 / 224)
+    """Training and the probe decode folder images at 256/224 of image_size (crops are cut from
+    them; the probe's is DINOv2's central square); dumps read them at image_size itself."""
+    if os.path.exists(os.path.join(data_dir, f'{split}_images.npy')):
+        return image_size
+    return round(image_size * 256 / 224)
 
 
 def dump(cfg):
@@ -1087,19 +1082,19 @@ def dump(cfg):
     codes = compute_codes(model, dataset, ckpt['image_size'], cfg['dump_batch_size'], cfg['device'],
                           f"codes {cfg['dump_split']}")
     path = os.path.join(cfg['out_dir'], f"codes_{cfg['dump_split']}.npy")
-    save_npy_atomic(codes, path)
+    save_atomic(codes, path)
     print(f"wrote {path}: {codes.shape} {codes.dtype}, L={ckpt['L']} V={ckpt['V']}")
 
 
 def import_fork(cfg):
-    """out_dir/tokenizer.pt holding the paper's encoder (init_from: its fork's checkpoint, for
-    the model the config describes), so that dump, probe and sample.py read the paper's codes."""
+    """out_dir/tokenizer.pt holding the paper's encoder (init_from), for dump, probe, sample.py."""
     model = SEMEncoder(**model_args_from(cfg))
     load_fork_checkpoint(model, cfg['init_from'])
     os.makedirs(cfg['out_dir'], exist_ok=True)
     path = os.path.join(cfg['out_dir'], 'tokenizer.pt')
     save_atomic(dict(model=model.state_dict(), teacher=None, model_args=model_args_from(cfg),
-                     config=dict(cfg), iter_num=0, L=cfg['L'], V=cfg['V'], image_size=cfg['image_size']), path)
+                     config=dict(cfg), iter_num=0, L=cfg['L'], V=cfg['V'],
+                     image_size=cfg['image_size']), path)
     print(f"wrote {path}: the paper's encoder from {cfg['init_from']}, L={cfg['L']} V={cfg['V']}")
 
 
@@ -1115,7 +1110,8 @@ def probe_logits(weight, bias, codes, V):
 
 def fit_probe(codes, labels, V, n_classes, iters, weight_decay=1e-4, batch_size=8192, seed=0):
     """Multinomial logistic regression on one-hot codes by Adam; returns (weight, bias)."""
-    codes, labels = torch.as_tensor(codes.astype(np.int64)), torch.as_tensor(labels.astype(np.int64))
+    codes = torch.as_tensor(codes.astype(np.int64))
+    labels = torch.as_tensor(labels.astype(np.int64))
     gen = torch.Generator().manual_seed(seed)
     weight = torch.zeros(codes.shape[1] * V, n_classes, requires_grad=True)
     bias = torch.zeros(n_classes, requires_grad=True)
@@ -1133,8 +1129,9 @@ def fit_probe(codes, labels, V, n_classes, iters, weight_decay=1e-4, batch_size=
 def probe_predict(probe, codes):
     """Read the factors (or class) of any codes with a saved probe: {label: (N,) int array}."""
     codes = np.asarray(codes).astype(np.int64)
-    if codes.ndim != 2 or codes.shape[1] != probe['L'] or codes.min() < 0 or codes.max() >= probe['V']:
-        raise ValueError(f"the probe reads codes of shape (N, {probe['L']}) with tokens in [0, {probe['V']}); "
+    L_, V_ = probe['L'], probe['V']
+    if codes.ndim != 2 or codes.shape[1] != L_ or codes.min() < 0 or codes.max() >= V_:
+        raise ValueError(f"the probe reads codes of shape (N, {L_}) with tokens in [0, {V_}); "
                          f"got shape {codes.shape}, tokens in [{codes.min()}, {codes.max()}]")
     codes = torch.as_tensor(codes)
     return {name: probe_logits(p['weight'], p['bias'], codes, probe['V']).argmax(1).numpy()
@@ -1169,8 +1166,7 @@ def mutual_information(codes, labels, V):
 
 def nearest_codes(codes, labels, ref_codes, ref_labels, chunk=128):
     """Each code's Hamming distance to its nearest reference code, and per label the share of
-    those nearest reference codes (all of them, when several tie) that carry the code's label:
-    does the code sit next to codes of images like it?"""
+    those nearest codes (all, when several tie) that carry the code's label."""
     ref = torch.as_tensor(ref_codes.astype(np.int64))
     dist, same = [], {name: [] for name in labels}
     for start in range(0, len(codes), chunk):
@@ -1179,37 +1175,38 @@ def nearest_codes(codes, labels, ref_codes, ref_labels, chunk=128):
         nearest = (d == d.min(1, keepdim=True).values).float()            # ties all count
         dist.append(d.min(1).values.numpy())
         for name, y in labels.items():
-            match = torch.as_tensor(y[start:start + chunk])[:, None] == torch.as_tensor(ref_labels[name])[None]
+            match = torch.as_tensor(y[start:start + chunk, None] == ref_labels[name][None])
             same[name].append(((nearest * match).sum(1) / nearest.sum(1)).numpy())
     return np.concatenate(dist), {name: np.concatenate(v) for name, v in same.items()}
 
 
 def compositionality(cfg, V, result, train_codes, train_labels, splits):
-    """How the codes of held-out factor combinations read: the probe (fit on train codes) on
-    each split, each code's nearest training code, and, per position, how much the train
-    codes' tokens tell about each factor. A compositional code keeps reading right on the ood
-    split, whose (shape, color) pairs no training image shows."""
+    """How codes of held-out factor combinations read: the probe on each split, each code's
+    nearest training code, and per position the tokens' information about each factor. A
+    compositional code keeps reading right on ood, whose (shape, color) pairs training lacks."""
     report = {}
     for split, (codes, labels) in splits.items():
-        read = {name: probe_logits(p['weight'], p['bias'], torch.as_tensor(codes.astype(np.int64)),
-                                   V).argmax(1).numpy() for name, p in result['labels'].items()}
+        read = probe_predict(result, codes)
         dist, same = nearest_codes(codes, labels, train_codes, train_labels)
         report[split] = dict(probe={n: float((read[n] == labels[n]).mean()) for n in labels},
                              nearest_hamming_median=float(np.median(dist)),
                              nearest_same={n: float(v.mean()) for n, v in same.items()})
     mi = {name: mutual_information(train_codes, y, V) for name, y in train_labels.items()}
-    names = list(train_labels)
     print(f"compositionality: probe fit on {cfg['probe_train_split']} codes; nearest = the nearest "
           f"{cfg['probe_train_split']} code(s) by Hamming distance")
-    print(f"{'':<34}" + ''.join(f"{s:>8}" for s in splits))
-    for name in names:
-        print(f"{'probe ' + name:<34}" + ''.join(f"{report[s]['probe'][name]:>8.3f}" for s in splits))
-    print(f"{'nearest: median Hamming distance':<34}" + ''.join(f"{report[s]['nearest_hamming_median']:>8.0f}" for s in splits))
-    for name in names:
-        print(f"{'nearest: same ' + name:<34}" + ''.join(f"{report[s]['nearest_same'][name]:>8.3f}" for s in splits))
-    print(f"mutual information of each position's token with each factor ({cfg['probe_train_split']} codes, "
-          f"nats, min / mean / max over the {train_codes.shape[1]} positions):")
-    for name in names:
+    def row(label, values, fmt):
+        print(f"{label:<34}" + ''.join(f"{v:>8{fmt}}" for v in values))
+    row('', splits, '')
+    for name in train_labels:
+        row('probe ' + name, [report[s]['probe'][name] for s in splits], '.3f')
+    row('nearest: median Hamming distance', [report[s]['nearest_hamming_median'] for s in splits],
+        '.0f')
+    for name in train_labels:
+        row('nearest: same ' + name, [report[s]['nearest_same'][name] for s in splits], '.3f')
+    print(f"mutual information of each position's token with each factor "
+          f"({cfg['probe_train_split']} codes, nats, min / mean / max over the "
+          f"{train_codes.shape[1]} positions):")
+    for name in train_labels:
         print(f"  {name:<12} {mi[name].min():.3f} / {mi[name].mean():.3f} / {mi[name].max():.3f}")
     report['mutual_information'] = {n: v.tolist() for n, v in mi.items()}
     return report
@@ -1226,21 +1223,24 @@ def probe(cfg):
     eval_labels = split_labels(cfg['data_dir'], cfg['probe_eval_split'], eval_set)
     result = dict(L=L_, V=V_, tokenizer=ckpt_path, labels={}, accuracy={})
     print(f"linear probe on one-hot codes ({L_} x {V_} = {L_ * V_} features), "
-          f"fit on {cfg['probe_train_split']} ({len(train_codes)}), scored on {cfg['probe_eval_split']} ({len(eval_codes)})")
+          f"fit on {cfg['probe_train_split']} ({len(train_codes)}), "
+          f"scored on {cfg['probe_eval_split']} ({len(eval_codes)})")
     print(f"{'label':<12} {'classes':>7} {'chance':>7} {'accuracy':>9}")
+    eval_t = torch.as_tensor(eval_codes.astype(np.int64))
     for name, y in train_labels.items():
         n_classes = int(max(y.max(), eval_labels[name].max())) + 1
-        weight, bias = fit_probe(train_codes, y, V_, n_classes, cfg['probe_iters'], seed=cfg['seed'])
+        weight, bias = fit_probe(train_codes, y, V_, n_classes, cfg['probe_iters'],
+                                 seed=cfg['seed'])
         result['labels'][name] = dict(weight=weight, bias=bias)
-        pred = probe_logits(weight, bias, torch.as_tensor(eval_codes.astype(np.int64)), V_).argmax(1).numpy()
+        pred = probe_logits(weight, bias, eval_t, V_).argmax(1).numpy()
         acc = float((pred == eval_labels[name]).mean())
         chance = float(np.bincount(eval_labels[name]).max() / len(eval_labels[name]))
         result['accuracy'][name] = acc
         print(f"{name:<12} {n_classes:>7d} {chance:>7.3f} {acc:>9.4f}")
-    usage = codebook_usage(eval_codes, V_)
-    result['usage'] = usage
-    print(f"codebook on {cfg['probe_eval_split']}: distinct tokens per position min {min(usage['distinct'])} "
-          f"mean {np.mean(usage['distinct']):.1f} max {max(usage['distinct'])} (of V={V_}); "
+    usage = result['usage'] = codebook_usage(eval_codes, V_)
+    print(f"codebook on {cfg['probe_eval_split']}: distinct tokens per position "
+          f"min {min(usage['distinct'])} mean {np.mean(usage['distinct']):.1f} "
+          f"max {max(usage['distinct'])} (of V={V_}); "
           f"perplexity per position mean {np.mean(usage['perplexity']):.2f}; "
           f"distinct codes {usage['unique_codes']:.3f} of items")
     collapsed = [l for l, d in enumerate(usage['distinct']) if d == 1]

@@ -5,13 +5,14 @@
 #   python tokenizer.py config/tokenizer_imagenet.py --mode=dump --dump_split=train
 #   python tokenizer.py config/tokenizer_imagenet.py --mode=probe
 #   # or the paper's own encoder, from its DINOv2 fork's eval/<iteration>/teacher_checkpoint.pth:
-#   python tokenizer.py config/tokenizer_imagenet.py --mode=import --init_from=<teacher_checkpoint.pth>
+#   python tokenizer.py config/tokenizer_imagenet.py --mode=import \
+#       --init_from=<teacher_checkpoint.pth>
 #
 # The other shapes of the paper (L * V = 2^17): --L=32 --V=4096 (DLC32), --L=128 --V=1024.
 # Everything not set here is the recipe, from the defaults at the top of tokenizer.py.
 out_dir = 'out-imagenet-tokenizer'
 init_from = 'weights/dinov2_vitl14_reg4_pretrain.pth'
-data_dir = 'data/imagenet'          # data/imagenet/train/<wnid>/*.JPEG, data/imagenet/val/<wnid>/*.JPEG
+data_dir = 'data/imagenet'          # data/imagenet/{train,val}/<wnid>/*.JPEG
 patch_size = 14
 embed_dim = 1024
 depth = 24

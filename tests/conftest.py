@@ -13,8 +13,9 @@ import data.shapes.prepare as shapes  # noqa: E402
 
 def run_script(script, args, nproc=1, check=True):
     """python script args, or torchrun with nproc processes (gloo on the CPU), in the repo root."""
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
-        if nproc > 1 else [sys.executable]
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
     cmd = launcher + [script] + args
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if check and result.returncode:

@@ -17,7 +17,8 @@ def test_file_then_overrides_apply_in_order(tmp_path):
     path.write_text("import math\nbatch_size = 64\nlr = 3e-4\n")
     cfg = configure(DEFAULTS, [str(path), '--lr=1e-3', '--out_dir=runs/a', '--compile=True',
                                '--crop_scale=(0.6, 1.0)'])
-    assert cfg == dict(lr=1e-3, batch_size=64, out_dir='runs/a', compile=True, crop_scale=(0.6, 1.0))
+    assert cfg == dict(lr=1e-3, batch_size=64, out_dir='runs/a', compile=True,
+                       crop_scale=(0.6, 1.0))
     assert DEFAULTS['lr'] == 1e-4   # the defaults are not modified
 
 

@@ -83,7 +83,8 @@ def dinov2_vits14_reg4_state_dict():
     """The exact key names and shapes of dinov2_vits14_reg4_pretrain.pth (518 px, 37 x 37 grid)."""
     D, depth = 384, 12
     sd = {'cls_token': (1, 1, D), 'pos_embed': (1, 1 + 37 * 37, D), 'register_tokens': (1, 4, D),
-          'mask_token': (1, D), 'patch_embed.proj.weight': (D, 3, 14, 14), 'patch_embed.proj.bias': (D,)}
+          'mask_token': (1, D), 'patch_embed.proj.weight': (D, 3, 14, 14),
+          'patch_embed.proj.bias': (D,)}
     for i in range(depth):
         b = f'blocks.{i}.'
         sd.update({b + 'norm1.weight': (D,), b + 'norm1.bias': (D,),
@@ -91,7 +92,8 @@ def dinov2_vits14_reg4_state_dict():
                    b + 'attn.proj.weight': (D, D), b + 'attn.proj.bias': (D,),
                    b + 'ls1.gamma': (D,), b + 'norm2.weight': (D,), b + 'norm2.bias': (D,),
                    b + 'mlp.fc1.weight': (4 * D, D), b + 'mlp.fc1.bias': (4 * D,),
-                   b + 'mlp.fc2.weight': (D, 4 * D), b + 'mlp.fc2.bias': (D,), b + 'ls2.gamma': (D,)})
+                   b + 'mlp.fc2.weight': (D, 4 * D), b + 'mlp.fc2.bias': (D,),
+                   b + 'ls2.gamma': (D,)})
     sd.update({'norm.weight': (D,), 'norm.bias': (D,)})
     gen = torch.Generator().manual_seed(0)
     return {k: torch.randn(shape, generator=gen) for k, shape in sd.items()}
@@ -126,8 +128,8 @@ def test_dinov2_vits14_reg4_checkpoint_loads_strictly(tmp_path, image_size):
     torch.testing.assert_close(loaded['pos_embed'][:, 1:], dinov2_resize(sd['pos_embed'], grid))
     # and at a forward at another resolution (a local crop, a larger image) the same way
     for other in [7, grid + 5]:
-        torch.testing.assert_close(backbone.pos_embed_for(other, other)[:, 1:],
-                                   dinov2_resize(loaded['pos_embed'], other))
+        resized = T.interpolate_pos_embed(backbone.pos_embed, other, other)
+        torch.testing.assert_close(resized[:, 1:], dinov2_resize(loaded['pos_embed'], other))
     if image_size == 224:
         out = backbone(torch.randn(1, 3, 224, 224))
         assert out.shape == (1, 1 + 4 + 256, 384)
@@ -153,18 +155,22 @@ def fork_teacher_state_dict():
     block_chunks 0; DINOHead with weight-normed prototypes) as its teacher_checkpoint.pth holds."""
     D, L, V, K = FORK['D'], FORK['L'], FORK['V'], FORK['K']
     vit = {'cls_token': (1, 1, D), 'pos_embed': (1, 1 + 37 * 37, D), 'register_tokens': (1, 4, D),
-           'mask_token': (1, D), 'patch_embed.proj.weight': (D, 3, 14, 14), 'patch_embed.proj.bias': (D,),
+           'mask_token': (1, D), 'patch_embed.proj.weight': (D, 3, 14, 14),
+           'patch_embed.proj.bias': (D,),
            'norm.weight': (D,), 'norm.bias': (D,), 'sem_embed.weight': (L * V, 5 * D),
            'sem_norm.weight': (L * V,), 'sem_norm.bias': (L * V,), 'sem_out.weight': (D, L * V),
            'sem_cls_norm.weight': (D,), 'sem_cls_norm.bias': (D,)}
     for i in range(FORK['depth']):
         b = f'blocks.{i}.'
-        vit.update({b + 'norm1.weight': (D,), b + 'norm1.bias': (D,), b + 'attn.qkv.weight': (3 * D, D),
-                    b + 'attn.qkv.bias': (3 * D,), b + 'attn.proj.weight': (D, D), b + 'attn.proj.bias': (D,),
+        vit.update({b + 'norm1.weight': (D,), b + 'norm1.bias': (D,),
+                    b + 'attn.qkv.weight': (3 * D, D), b + 'attn.qkv.bias': (3 * D,),
+                    b + 'attn.proj.weight': (D, D), b + 'attn.proj.bias': (D,),
                     b + 'ls1.gamma': (D,), b + 'norm2.weight': (D,), b + 'norm2.bias': (D,),
                     b + 'mlp.fc1.weight': (4 * D, D), b + 'mlp.fc1.bias': (4 * D,),
-                    b + 'mlp.fc2.weight': (D, 4 * D), b + 'mlp.fc2.bias': (D,), b + 'ls2.gamma': (D,)})
-    head = {'mlp.0.weight': (64, D), 'mlp.0.bias': (64,), 'mlp.2.weight': (64, 64), 'mlp.2.bias': (64,),
+                    b + 'mlp.fc2.weight': (D, 4 * D), b + 'mlp.fc2.bias': (D,),
+                    b + 'ls2.gamma': (D,)})
+    head = {'mlp.0.weight': (64, D), 'mlp.0.bias': (64,), 'mlp.2.weight': (64, 64),
+            'mlp.2.bias': (64,),
             'mlp.4.weight': (16, 64), 'mlp.4.bias': (16,), 'last_layer.weight_g': (K, 1),
             'last_layer.weight_v': (K, 16)}
     gen = torch.Generator().manual_seed(0)
@@ -177,26 +183,33 @@ def fork_teacher_state_dict():
 
 def fork_code_logits(sd, x):
     """The fork's SEM logits of normalized images x, written from its vision_transformer.py
-    (prepare_tokens_with_masks, blocks, sem): position grid resized at the forward to the image's
-    grid (size, bicubic, antialias), pre-norm CLS + registers -> sem_embed -> sem_norm (eps 1e-6)."""
+    (prepare_tokens_with_masks, blocks, sem): position grid resized at the forward to the
+    image's grid (size, bicubic, antialias), pre-norm CLS + registers -> sem_embed -> sem_norm
+    (eps 1e-6)."""
     p = {k.removeprefix('backbone.'): v for k, v in sd.items() if k.startswith('backbone.')}
     D, heads, LV = FORK['D'], FORK['heads'], FORK['L'] * FORK['V']
     B, g = len(x), x.shape[-1] // 14
-    t = F.conv2d(x, p['patch_embed.proj.weight'], p['patch_embed.proj.bias'], stride=14).flatten(2).transpose(1, 2)
+    t = F.conv2d(x, p['patch_embed.proj.weight'], p['patch_embed.proj.bias'], stride=14)
+    t = t.flatten(2).transpose(1, 2)
     grid = p['pos_embed'][:, 1:].reshape(1, 37, 37, D).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(g, g), mode='bicubic', antialias=True).permute(0, 2, 3, 1).reshape(1, g * g, D)
-    t = torch.cat([p['cls_token'].expand(B, -1, -1), t], 1) + torch.cat([p['pos_embed'][:, :1], grid], 1)
+    grid = F.interpolate(grid, size=(g, g), mode='bicubic', antialias=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, g * g, D)
+    t = torch.cat([p['cls_token'].expand(B, -1, -1), t], 1)
+    t = t + torch.cat([p['pos_embed'][:, :1], grid], 1)
     t = torch.cat([t[:, :1], p['register_tokens'].expand(B, -1, -1), t[:, 1:]], 1)
     N = t.shape[1]
     for i in range(FORK['depth']):
-        w = {k.removeprefix(f'blocks.{i}.'): v for k, v in p.items() if k.startswith(f'blocks.{i}.')}
+        prefix = f'blocks.{i}.'
+        w = {k.removeprefix(prefix): v for k, v in p.items() if k.startswith(prefix)}
         h = F.layer_norm(t, (D,), w['norm1.weight'], w['norm1.bias'], eps=1e-6)
-        q, k, v = F.linear(h, w['attn.qkv.weight'], w['attn.qkv.bias']).view(B, N, 3, heads, -1).unbind(2)
+        qkv = F.linear(h, w['attn.qkv.weight'], w['attn.qkv.bias'])
+        q, k, v = qkv.view(B, N, 3, heads, -1).unbind(2)
         att = torch.softmax(torch.einsum('bqhd,bkhd->bhqk', q, k) / (D // heads) ** 0.5, dim=-1)
         a = torch.einsum('bhqk,bkhd->bqhd', att, v).reshape(B, N, D)
         t = t + w['ls1.gamma'] * F.linear(a, w['attn.proj.weight'], w['attn.proj.bias'])
         h = F.layer_norm(t, (D,), w['norm2.weight'], w['norm2.bias'], eps=1e-6)
-        h = F.linear(F.gelu(F.linear(h, w['mlp.fc1.weight'], w['mlp.fc1.bias'])), w['mlp.fc2.weight'], w['mlp.fc2.bias'])
+        h = F.gelu(F.linear(h, w['mlp.fc1.weight'], w['mlp.fc1.bias']))
+        h = F.linear(h, w['mlp.fc2.weight'], w['mlp.fc2.bias'])
         t = t + w['ls2.gamma'] * h
     z = F.linear(t[:, :5].reshape(B, -1), p['sem_embed.weight'])
     z = F.layer_norm(z, (LV,), p['sem_norm.weight'], p['sem_norm.bias'], eps=1e-6)
@@ -206,8 +219,8 @@ def fork_code_logits(sd, x):
 def fork_cfg(tmp_path, path):
     return dict(T.CONFIG, out_dir=str(tmp_path / 'imported'), init_from=str(path), device='cpu',
                 patch_size=14, embed_dim=FORK['D'], depth=FORK['depth'], num_heads=FORK['heads'],
-                image_size=224, L=FORK['L'], V=FORK['V'], n_prototypes=FORK['K'], head_hidden_dim=64,
-                head_bottleneck_dim=16)
+                image_size=224, L=FORK['L'], V=FORK['V'], n_prototypes=FORK['K'],
+                head_hidden_dim=64, head_bottleneck_dim=16)
 
 
 def test_the_papers_encoder_loads_from_its_fork_checkpoint_and_gives_its_codes(tmp_path):
@@ -234,7 +247,8 @@ def test_a_fork_checkpoint_that_does_not_fit_is_refused_naming_the_keys(tmp_path
     path = tmp_path / 'teacher_checkpoint.pth'
     torch.save({'teacher': sd}, path)
     model = T.SEMEncoder(**T.model_args_from(fork_cfg(tmp_path, path)))
-    with pytest.raises(ValueError, match=r"lacks \['sem_norm.bias'\] and has unexpected \['backbone.blocks.2.ls1.gamma'\]"):
+    with pytest.raises(ValueError, match=r"lacks \['sem_norm.bias'\] and has unexpected "
+                                         r"\['backbone.blocks.2.ls1.gamma'\]"):
         T.load_fork_checkpoint(model, str(path))
 
 
@@ -262,7 +276,8 @@ def test_the_loss_adds_koleo_of_each_global_crop_without_averaging_them(shapes_d
     global_views, local_views = T.make_views(x, cfg, gen, (B, slice(0, B)))
     masks = T.patch_masks(16, 0.5, (0.1, 0.5), gen, (B, slice(0, B)))
     centers = {'cls': torch.zeros(1, 64), 'patch': torch.zeros(1, 64)}
-    loss, parts = T.dino_step(model, model, teacher, centers, global_views, local_views, masks, cfg, 0.04, B)
+    loss, parts = T.dino_step(model, model, teacher, centers, global_views, local_views, masks,
+                              cfg, 0.04, B)
     _, s, _ = model(global_views, masks=masks)             # the student's masked global crops
     koleo = T.koleo_loss(s[:B]) + T.koleo_loss(s[B:])
     torch.testing.assert_close(parts['koleo'], koleo.detach())
@@ -280,11 +295,13 @@ def test_optimizer_groups_follow_dinov2(shapes_dir, tmp_path):
         'backbone.patch_embed.proj.bias': (0.125 * 0.2, 0.0),
         'backbone.pos_embed': (0.125, 1.0), 'backbone.cls_token': (0.125, 1.0),
         'backbone.register_tokens': (0.125, 1.0), 'backbone.mask_token': (0.125, 1.0),
-        'backbone.blocks.0.attn.qkv.weight': (0.25, 1.0), 'backbone.blocks.0.attn.qkv.bias': (0.25, 0.0),
+        'backbone.blocks.0.attn.qkv.weight': (0.25, 1.0),
+        'backbone.blocks.0.attn.qkv.bias': (0.25, 0.0),
         'backbone.blocks.0.norm1.weight': (0.25, 0.0), 'backbone.blocks.0.ls1.gamma': (0.25, 0.0),
         'backbone.blocks.1.mlp.fc1.weight': (0.5, 1.0), 'backbone.blocks.1.ls2.gamma': (0.5, 0.0),
         'backbone.norm.weight': (1.0, 0.0), 'backbone.norm.bias': (1.0, 0.0),
-        'sem.proj_in.weight': (1.0, 1.0), 'sem.norm.weight': (1.0, 0.0), 'sem.proj_out.weight': (1.0, 1.0),
+        'sem.proj_in.weight': (1.0, 1.0), 'sem.norm.weight': (1.0, 0.0),
+        'sem.proj_out.weight': (1.0, 1.0),
         'head.mlp.0.weight': (1.0, 1.0), 'head.mlp.0.bias': (1.0, 0.0)}
     for name, (lr, wd) in want.items():
         assert got[name] == (pytest.approx(lr), wd, False), name
@@ -312,22 +329,26 @@ def params_of(path):
     return ckpt
 
 
-@pytest.mark.parametrize('ssl_loss, centering', [('infonce', 'center'), ('dino', 'center'), ('dino', 'sinkhorn')])
+@pytest.mark.parametrize('ssl_loss, centering',
+                         [('infonce', 'center'), ('dino', 'center'), ('dino', 'sinkhorn')])
 def test_two_processes_take_the_same_step_as_one(shapes_dir, tmp_path, ssl_loss, centering):
     # KoLeo searches neighbours within each process's batch (as DINOv2), so it is off here.
     # Three steps: the first has lr 0 (warm-up), the third sees the centers the second set.
     # Sinkhorn-Knopp normalizes over the global batch, whose processes hold different numbers
     # of masked patches.
-    common = dict(ssl_loss=ssl_loss, centering=centering, max_iters=3, koleo_weight=0.0, batch_size=16)
+    common = dict(ssl_loss=ssl_loss, centering=centering, max_iters=3, koleo_weight=0.0,
+                  batch_size=16)
     one = tiny(shapes_dir, tmp_path / 'one', **common)
     two = tiny(shapes_dir, tmp_path / 'two', **common)
     run_script(as_args(one))
     run_script(as_args(two), nproc=2)
-    a, b = params_of(tmp_path / 'one' / 'tokenizer.pt'), params_of(tmp_path / 'two' / 'tokenizer.pt')
+    a = params_of(tmp_path / 'one' / 'tokenizer.pt')
+    b = params_of(tmp_path / 'two' / 'tokenizer.pt')
     assert a['iter_num'] == b['iter_num'] == 3
     for k in a['model']:
         torch.testing.assert_close(a['model'][k], b['model'][k], rtol=1e-5, atol=1e-6, msg=k)
-    moved = max((a['model'][k] - model_of(one).state_dict()[k]).abs().max().item() for k in a['model'])
+    start = model_of(one).state_dict()
+    moved = max((a['model'][k] - start[k]).abs().max().item() for k in a['model'])
     assert moved > 1e-4   # the step did something
 
 
@@ -339,7 +360,8 @@ def test_stop_and_resume_equals_an_uninterrupted_run(shapes_dir, tmp_path, ssl_l
     T.train(split)
     assert params_of(tmp_path / 'split' / 'tokenizer.pt')['iter_num'] == 3
     T.train(dict(split, init_from='resume', run_iters=-1))
-    a, b = params_of(tmp_path / 'straight' / 'tokenizer.pt'), params_of(tmp_path / 'split' / 'tokenizer.pt')
+    a = params_of(tmp_path / 'straight' / 'tokenizer.pt')
+    b = params_of(tmp_path / 'split' / 'tokenizer.pt')
     assert a['iter_num'] == b['iter_num'] == 6
     for part in ['model', 'teacher'] if ssl_loss == 'dino' else ['model']:
         for k in a[part]:
@@ -367,7 +389,8 @@ def test_sigkill_at_a_random_moment_leaves_a_loadable_checkpoint_that_resumes(sh
     assert params_of(ckpt)['iter_num'] == killed_at + 2
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shapes_dir, tmp_path, monkeypatch):
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shapes_dir, tmp_path,
+                                                                     monkeypatch):
     cfg = tiny(shapes_dir, tmp_path, max_iters=6, ckpt_interval=2)
     calls = []
     def loss_that_turns_nan(q, temp):
@@ -395,7 +418,8 @@ def trained(shapes_dir, tmp_path_factory):
 
 def test_dump_writes_one_code_per_item_in_dataset_order(trained):
     ckpt = T.load_checkpoint(os.path.join(trained['out_dir'], 'tokenizer.pt'))
-    codes = T.load_codes(os.path.join(trained['out_dir'], 'codes_val.npy'), ckpt['L'], ckpt['V'], 256)
+    codes = T.load_codes(os.path.join(trained['out_dir'], 'codes_val.npy'), ckpt['L'], ckpt['V'],
+                         256)
     assert codes.dtype == np.uint16 and codes.shape == (256, 4)
     model = T.encoder_from_checkpoint(ckpt)
     images = np.load(os.path.join(trained['data_dir'], 'val_images.npy'))[[0, 7, 200]]
@@ -449,7 +473,8 @@ def test_probe_mode_reports_every_factor_and_saves_the_probe(trained, capsys):
     assert ood_codes.shape == (len(ood_factors), 4)
     ood_pred = T.probe_predict(saved, ood_codes)
     for i, name in enumerate(['shape', 'color']):
-        assert report['ood']['probe'][name] == pytest.approx((ood_pred[name] == ood_factors[:, i]).mean())
+        read_right = (ood_pred[name] == ood_factors[:, i]).mean()
+        assert report['ood']['probe'][name] == pytest.approx(read_right)
     assert report['val']['probe']['color'] == pytest.approx(result['accuracy']['color'])
     assert len(report['mutual_information']['shape']) == 4
 
@@ -479,7 +504,8 @@ def test_image_folders_are_read_in_sorted_order_and_a_corrupt_image_is_named(tra
     for c in ['b_class', 'a_class']:
         (root / c).mkdir(parents=True)
         for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(root / c / f'{i}.png')
+            image = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / c / f'{i}.png')
     out = tmp_path / 'out'
     out.mkdir()
     shutil.copy(os.path.join(trained['out_dir'], 'tokenizer.pt'), out / 'tokenizer.pt')
@@ -513,14 +539,16 @@ def adm_center_crop(path, size):
 def test_load_image_is_adms_center_crop_at_224(tmp_path):
     from PIL import Image
     rng = np.random.default_rng(0)
-    for h, w in [(460, 700), (375, 500), (300, 200), (1000, 900)]:   # halved once, never, never, twice
+    # halved once, never, never, twice
+    for h, w in [(460, 700), (375, 500), (300, 200), (1000, 900)]:
         path = tmp_path / f'{h}x{w}.png'
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-        np.testing.assert_array_equal(T.load_image(str(path), 224).numpy(), adm_center_crop(path, 224),
-                                      err_msg=f'{h} x {w}')
+        np.testing.assert_array_equal(T.load_image(str(path), 224).numpy(),
+                                      adm_center_crop(path, 224), err_msg=f'{h} x {w}')
 
 
-def test_dumps_see_adms_view_of_folder_images_and_the_probe_dinov2s_eval_view(trained, tmp_path, monkeypatch):
+def test_dumps_see_adms_view_of_folder_images_and_the_probe_dinov2s_eval_view(trained, tmp_path,
+                                                                             monkeypatch):
     from PIL import Image
     rng = np.random.default_rng(0)
     paths = []
@@ -547,5 +575,6 @@ def test_dumps_see_adms_view_of_folder_images_and_the_probe_dinov2s_eval_view(tr
     big = round(S * 256 / 224)
     for x, path in zip(seen[0], paths):
         top = (big - S) // 2
-        torch.testing.assert_close(x, as_input(adm_center_crop(path, big)[top:top + S, top:top + S]))
+        central = adm_center_crop(path, big)[top:top + S, top:top + S]
+        torch.testing.assert_close(x, as_input(central))
     assert os.path.exists(out / 'probe_codes_val.npy')
