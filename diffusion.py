@@ -28,13 +28,9 @@ network predicts the velocity u = eps - x_0, loss ||u - u_hat||^2, sampled by an
 Heun ODE solver from t = 1 to 0, with the same guidance. With flow_output = 'x0' the network
 predicts the clean image instead and u_hat = (x_t - x0_hat) / t (as JiT, Li & He 2025): the
 same loss on u, which weights the error of x0_hat by 1 / t^2 (t floored at 0.05). Training t
-is uniform, or logit-normal, sigmoid(N(m, flow_t_std)), where m = flow_t_mean over the first
-half of training and then moves linearly to flow_t_mean + flow_t_shift (a curriculum: the
-layout at high noise first, the outlines at low noise last).
+is uniform, or logit-normal, sigmoid(N(flow_t_mean, flow_t_std)).
 
-The file reads in that order: config, the DiT, Gaussian diffusion, rectified flow, sampling
-and guidance, data, training, checkpoints, the modes, and last the frozen SD-VAE that maps
-ImageNet images to latents and back.
+The file reads in that order, then the data, training, the modes, and last the frozen SD-VAE.
 
 Modes:  python diffusion.py [config.py] [--key=value ...]
     --mode=train     (torchrun for DDP) writes out_dir/diffusion.pt and sample grids
@@ -48,7 +44,6 @@ import copy
 import json
 import math
 import os
-import struct
 import sys
 import time
 from contextlib import nullcontext
@@ -63,6 +58,7 @@ from tqdm import tqdm
 
 from configurator import configure
 from data.shapes.score import histogram_scores, reconstruction_scores
+from vae import VAE_SCALE, load_vae, read_safetensors   # the frozen SD-VAE (ImageNet latents)
 
 # -----------------------------------------------------------------------------
 # config: the defaults are the paper's ImageNet 256 recipe (DiT-XL/2 on SD-VAE latents, DLC512),
@@ -90,8 +86,6 @@ objective = 'eps'               # 'eps' (Gaussian diffusion, learned variance) |
 flow_output = 'velocity'        # flow: the network outputs 'velocity' (SiT) or 'x0' (clean image)
 flow_t_mean = 0.0               # flow: t = sigmoid(N(mean, std)) in training; std 0 = uniform t
 flow_t_std = 0.0
-flow_t_shift = 0.0              # flow: added to that mean linearly over the second half of
-                                # training (< 0: toward low noise)
 hflip = True                    # random horizontal flips (latents: the flipped extraction)
 # optimization
 batch_size = 256                # global, across processes and accumulation steps
@@ -100,9 +94,7 @@ max_iters = 500400              # the paper's 100 epochs of ImageNet's 1,281,167
 run_iters = -1                  # stop this run after so many iterations (resume later); -1: none
 learning_rate = 1e-4
 weight_decay = 0.0
-warmup_iters = 0
-lr_decay = False                # cosine decay from learning_rate to min_lr over max_iters
-min_lr = 1e-5
+warmup_iters = 0                # linear warm-up, then a constant learning rate (DiT's)
 grad_clip = 1.0                 # max gradient norm; 0 = no clipping (the paper's DiT)
 ema_decay = 0.9999
 ema_warmup = True               # decay min(ema_decay, (1 + it) / (10 + it)); False: ema_decay
@@ -169,7 +161,6 @@ class LabelEmbedder(nn.Module):
     """Class labels (N,) in [0, num_classes]; index num_classes is the null label."""
     def __init__(self, num_classes, hidden_size):
         super().__init__()
-        self.null = num_classes
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
 
     def forward(self, y):
@@ -184,7 +175,7 @@ class SEMEmbedder(nn.Module):
     mean of L independent rows starts at norm ~1/sqrt(L)."""
     def __init__(self, L, V, hidden_size):
         super().__init__()
-        self.L, self.V, self.null = L, V, V
+        self.L, self.V = L, V
         rows = torch.randn(L, V, hidden_size) / math.sqrt(hidden_size)
         null = torch.randn(1, 1, hidden_size) / math.sqrt(hidden_size)
         self.embedding_table = nn.Parameter(torch.cat([rows, null.expand(L, 1, hidden_size)], 1))
@@ -308,13 +299,11 @@ class DiT(nn.Module):
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:                       # adaLN-Zero
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        final = self.final_layer
+        for m in [b.adaLN_modulation[-1] for b in self.blocks] + \
+                [final.adaLN_modulation[-1], final.linear]:            # adaLN-Zero
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
 
     def unpatchify(self, x):                            # (N, T, p*p*C) -> (N, C, H, W)
         c, p = self.out_channels, self.patch_size
@@ -349,15 +338,10 @@ class DiT(nn.Module):
         return torch.cat([torch.cat([guided, guided]), rest], dim=1)
 
 
-def _sizes(depth, hidden_size, num_heads):
-    return dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads)
-
-
-DiT_models = {f'DiT-{name}/{p}': dict(**size, patch_size=p)
-              for name, size in [('XL', _sizes(28, 1152, 16)), ('L', _sizes(24, 1024, 16)),
-                                 ('B', _sizes(12, 768, 12)), ('S', _sizes(12, 384, 6)),
-                                 ('Ti', _sizes(4, 128, 4))]   # Ti: the built-in data's CPU size
-              for p in (2, 4, 8)}
+_SIZES = [('XL', 28, 1152, 16), ('L', 24, 1024, 16), ('B', 12, 768, 12), ('S', 12, 384, 6),
+          ('Ti', 4, 128, 4)]           # name, depth, width, heads; Ti: the built-in data's CPU size
+DiT_models = {f'DiT-{name}/{p}': dict(depth=d, hidden_size=w, num_heads=h, patch_size=p)
+              for name, d, w, h in _SIZES for p in (2, 4, 8)}
 
 
 # -----------------------------------------------------------------------------
@@ -390,10 +374,9 @@ class GaussianDiffusion:
         abar_{i-1}. The timesteps are DiT's (space_timesteps): a stride of (T - 1) / (steps - 1)
         summed in floating point and rounded, so 21 steps keep 499 where exact halves give 500."""
         T = self.num_timesteps
-        if not 2 <= steps <= T:     # one step would keep t = 0 alone: it returns the noise
+        if not 2 <= steps <= T:     # one step would keep t = 0 alone (as DiT does)
             raise ValueError(f"num_sampling_steps={steps}: a respaced sampler needs 2 to {T} "
-                             f"steps of the {T}-step process (one step would keep only t = 0, "
-                             "as DiT does)")
+                             f"steps of the {T}-step process")
         stride, position, keep = (T - 1) / (steps - 1), 0.0, []
         for _ in range(steps):
             keep.append(round(position))
@@ -403,8 +386,7 @@ class GaussianDiffusion:
         return GaussianDiffusion(betas, self.timesteps[keep])
 
     @staticmethod
-    def _at(array, t, x):
-        """array[t] shaped to broadcast against x."""
+    def _at(array, t, x):                       # array[t], shaped to broadcast against x
         return torch.as_tensor(array, device=x.device)[t].float().view(-1, *([1] * (x.ndim - 1)))
 
     def q_sample(self, x0, t, noise):
@@ -483,8 +465,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 
 
 def eps_loss(model, x0, y, t, noise, diffusion):
-    """Gaussian diffusion's per-sample loss at integer timesteps t (N,): noise x0 by q, then
-    score the network's eps and variance."""
+    """Gaussian diffusion's per-sample loss at integer timesteps t (N,)."""
     x_t = diffusion.q_sample(x0, t, noise)
     return diffusion.training_losses(model(x_t, t, y).float(), x0, x_t, t, noise)
 
@@ -515,28 +496,12 @@ def flow_loss(model, x0, y, t, noise, flow_output='velocity'):
     return (u - (noise - x0)).pow(2).mean(dim=(1, 2, 3))
 
 
-def flow_t_mean_at(it, c):
-    """The mean of the logit-normal training t: flow_t_mean, then over the second half of
-    max_iters a linear move to flow_t_mean + flow_t_shift."""
-    progress = min(1.0, max(0.0, 2 * it / c['max_iters'] - 1))
-    return c['flow_t_mean'] + progress * c['flow_t_shift']
-
-
-def flow_training_t(it, c, n, generator):
-    """n training times of iteration it: uniform, or sigmoid(N(flow_t_mean_at(it), flow_t_std))."""
-    if c['flow_t_std'] > 0:
-        z = c['flow_t_std'] * torch.randn(n, generator=generator)
-        return torch.sigmoid(flow_t_mean_at(it, c) + z)
-    return torch.rand(n, generator=generator)
-
-
 # -----------------------------------------------------------------------------
 # Sampling: one function for both objectives. `model_fn(x, t) -> output` is the network with
 # the condition (and guidance) already bound; noise comes from per-sample generators, so a
 # sample depends on its seed only, not on the batch it was drawn in.
 
-def sample_noise(shape, seeds, device):
-    """(N, *shape) standard normal noise, row i from a generator seeded by seeds[i]."""
+def sample_noise(shape, seeds, device):           # row i from a generator seeded by seeds[i]
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
                         for s in seeds]).to(device)
 
@@ -610,8 +575,7 @@ def read_images(data_dir, split, image_size):
     array = os.path.join(data_dir, f'{split}_images.npy')
     if os.path.exists(array):
         images = np.load(array, mmap_mode='r')
-        if images.dtype != np.uint8 or images.ndim != 4 or \
-                images.shape[1:] != (image_size, image_size, 3):
+        if images.dtype != np.uint8 or images.shape[1:] != (image_size, image_size, 3):
             raise ValueError(f"{array}: expected uint8 (N, {image_size}, {image_size}, 3), got "
                              f"{images.dtype} {images.shape}; set --image_size to the data's size")
         return images
@@ -668,9 +632,20 @@ def read_conditions(cfg, split, n_items):
         tok = torch.load(ckpt_path, map_location='cpu', weights_only=True)
         path = os.path.join(cfg['codes_dir'], f'codes_{split}.npy')
         return check_codes(path, tok['L'], tok['V'], n_items), dict(L=tok['L'], V=tok['V'])
-    if cfg['cond'] == 'class':
-        return class_labels(cfg['data_dir'], split, cfg['image_size'], cfg['num_classes']), {}
-    return None, {}
+    if cfg['cond'] == 'none':
+        return None, {}
+    # classes: the folders', or on the built-in data the (shape, color) pair
+    data_dir, factors = cfg['data_dir'], os.path.join(cfg['data_dir'], f'{split}_factors.npy')
+    if os.path.exists(factors):
+        f = np.load(factors)
+        with open(os.path.join(data_dir, 'meta.json')) as fh:
+            labels = f[:, 0] * len(json.load(fh)['color']) + f[:, 1]
+    else:
+        labels = np.array(ImageFolder(os.path.join(data_dir, split), cfg['image_size']).labels)
+    if labels.max() >= cfg['num_classes']:
+        raise ValueError(f"split '{split}' of '{data_dir}' has labels up to {labels.max()}; "
+                         "set --num_classes")
+    return labels, {}
 
 
 def check_codes(path, L, V, n_items=None):
@@ -692,21 +667,6 @@ def check_codes(path, L, V, n_items=None):
     return codes
 
 
-def class_labels(data_dir, split, image_size, num_classes):
-    """Folder classes, or on the built-in data the (shape, color) pair, shape * n_colors + color."""
-    factors = os.path.join(data_dir, f'{split}_factors.npy')
-    if os.path.exists(factors):
-        f = np.load(factors)
-        with open(os.path.join(data_dir, 'meta.json')) as fh:
-            labels = f[:, 0] * len(json.load(fh)['color']) + f[:, 1]
-    else:
-        labels = np.array(ImageFolder(os.path.join(data_dir, split), image_size).labels)
-    if labels.max() >= num_classes:
-        raise ValueError(f"split '{split}' of '{data_dir}' has labels up to {labels.max()}; "
-                         "set --num_classes")
-    return labels
-
-
 class TrainingSet(torch.utils.data.Dataset):
     """Item i: (image as float in [-1, 1] (C, H, W) or its latent, condition). Flips are chosen
     by the caller (a per-item flag) so they are the same on any number of processes."""
@@ -721,10 +681,10 @@ class TrainingSet(torch.utils.data.Dataset):
                                         f"--out_dir={cfg['latents_dir']}")
             self.images = np.load(path, mmap_mode='r')
             flip_path = path.replace('.npy', '_flip.npy')
-            if cfg['hflip'] and not os.path.exists(flip_path):
-                raise FileNotFoundError(f"hflip=True needs '{flip_path}' (--mode=extract "
-                                        "--extract_flip=True), or set --hflip=False")
             if cfg['hflip']:
+                if not os.path.exists(flip_path):
+                    raise FileNotFoundError(f"hflip=True needs '{flip_path}' (--mode=extract "
+                                            "--extract_flip=True), or set --hflip=False")
                 self.flipped = np.load(flip_path, mmap_mode='r')
         else:
             self.images = read_images(cfg['data_dir'], split, cfg['image_size'])
@@ -789,27 +749,10 @@ def setup_distributed(device):
     return 0, 1, device
 
 
-def all_reduce_mean(x):
-    if dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return x
-
-
-def model_args_from(cfg, contract, in_channels, input_size):
-    arch = DiT_models[cfg['model']]
-    return dict(input_size=input_size, in_channels=in_channels, mlp_ratio=4.0, cond=cfg['cond'],
-                learn_sigma=cfg['learn_sigma'] and cfg['objective'] == 'eps',
-                num_classes=cfg['num_classes'], L=contract.get('L', 0), V=contract.get('V', 0),
-                head_hidden=cfg['head_hidden'], **arch)
-
-
 def load_public_dit(model, path):
-    """DiT weights from a bare state dict, strictly: the public class-conditional
-    DiT-XL-2-256x256.pt, or a DLC DiT of the paper's fork, whose DiTSEM has our key names
-    (cond='dlc'). The fork trains a torch.compile'd model, so its model.safetensors and its EMA
-    (custom_checkpoint_0.pkl) prefix every key with '_orig_mod.', which its samplers strip too."""
+    """DiT weights from a bare state dict, strictly: the public DiT-XL-2-256x256.pt, or the
+    paper's fork's DiTSEM (cond='dlc'; it trains a torch.compile'd model, so its
+    model.safetensors and EMA custom_checkpoint_0.pkl prefix every key with '_orig_mod.')."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"DiT weights '{path}' not found; download DiT-XL-2-256x256.pt "
                                 "from https://dl.fbaipublicfiles.com/DiT/models/ and set "
@@ -820,19 +763,12 @@ def load_public_dit(model, path):
     model.load_state_dict(state, strict=True)
 
 
-def configure_optimizer(model, c):
-    """AdamW; weight decay (when any) on the matrices only, not on gains and biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=c['weight_decay']),
-              dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=c['learning_rate'], betas=(0.9, 0.999), fused=True)
-
-
 def learning_rate_at(it, c):
-    """Linear warm-up, then constant (the DiT recipe) or a cosine decay to min_lr at max_iters."""
+    """Linear warm-up, then constant (DiT's schedule). text2dlc.py shares this function and
+    its config may set lr_decay: then a cosine decay to min_lr at max_iters."""
     if it < c['warmup_iters']:
         return c['learning_rate'] * (it + 1) / c['warmup_iters']
-    if not c['lr_decay']:
+    if not c.get('lr_decay', False):
         return c['learning_rate']
     progress = (it - c['warmup_iters']) / max(1, c['max_iters'] - c['warmup_iters'])
     cosine = 1 + math.cos(math.pi * min(1.0, progress))
@@ -840,10 +776,9 @@ def learning_rate_at(it, c):
 
 
 def ema_decay_at(it, c):
-    """The EMA decay of iteration it. The warm-up (1 + it) / (10 + it) matters in short runs,
-    where a plain 0.999 would keep much of the initial network in the average. From iteration
-    89,990 on (0.9999) both averages follow one recursion, their gap shrinking by 0.9999 a step:
-    2e-18 of it at 500,400. The ImageNet config turns it off only to be exactly the paper's."""
+    """The warm-up (1 + it) / (10 + it) matters in short runs, where a plain 0.999 would keep
+    much of the initial network in the average. From iteration 89,990 on (0.9999) both averages
+    follow one recursion, their gap shrinking by 0.9999 a step: 2e-18 of it at 500,400."""
     return min(c['ema_decay'], (1 + it) / (10 + it)) if c['ema_warmup'] else c['ema_decay']
 
 
@@ -853,10 +788,12 @@ def draw_global_batch(it, c, x_shape):
     the same on any number of processes, and a resumed run draws them again."""
     gen = torch.Generator().manual_seed(c['seed'] * 1_000_003 + it)
     B = c['batch_size']
-    if c['objective'] == 'flow':
-        t = flow_training_t(it, c, B, gen)
-    else:
+    if c['objective'] == 'eps':
         t = torch.randint(0, 1000, (B,), generator=gen)
+    elif c['flow_t_std'] > 0:                       # flow: logit-normal t
+        t = torch.sigmoid(c['flow_t_mean'] + c['flow_t_std'] * torch.randn(B, generator=gen))
+    else:                                           # flow: uniform t
+        t = torch.rand(B, generator=gen)
     noise = torch.randn(B, *x_shape, generator=gen)
     drop = torch.rand(B, generator=gen) < c['class_dropout_prob']
     return t, noise, drop
@@ -868,13 +805,6 @@ def drop_condition(y, drop, cond, null):
     if cond == 'none':
         return None
     return torch.where(drop[:, None] if cond == 'dlc' else drop, null, y)
-
-
-def training_loss(model, x0, y, t, noise, c, diffusion):
-    """The per-sample loss of the configured objective."""
-    if c['objective'] == 'flow':
-        return flow_loss(model, x0, y, t, noise, c['flow_output'])
-    return eps_loss(model, x0, y, t, noise, diffusion)
 
 
 def train(cfg):
@@ -889,22 +819,29 @@ def train(cfg):
     accum = c['batch_size'] // (world * micro)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    autocast = nullcontext()
-    if device_type == 'cuda':   # bf16: half the memory traffic of fp32, and no loss scaling needed
-        autocast = torch.autocast('cuda', dtype=torch.bfloat16)
+    # bf16 on GPUs: half the memory traffic of fp32, and no loss scaling needed
+    autocast = torch.autocast('cuda', torch.bfloat16) if device_type == 'cuda' else nullcontext()
     os.makedirs(c['out_dir'], exist_ok=True)
     ckpt_path = os.path.join(c['out_dir'], 'diffusion.pt')
 
     data = TrainingSet(c, c['train_split'])
     x_shape = tuple(data[(0, False)][0].shape)           # (C, H, W) in the training space
-    model_args = model_args_from(c, data.contract, x_shape[0], x_shape[1])
+    model_args = dict(input_size=x_shape[1], in_channels=x_shape[0], mlp_ratio=4.0,
+                      cond=c['cond'], learn_sigma=c['learn_sigma'] and c['objective'] == 'eps',
+                      num_classes=c['num_classes'], L=data.contract.get('L', 0),
+                      V=data.contract.get('V', 0), head_hidden=c['head_hidden'],
+                      **DiT_models[c['model']])
     torch.manual_seed(c['seed'])
     model = DiT(**model_args, grad_checkpoint=c['grad_checkpoint'])
     if c['init_from'] not in ('scratch', 'resume'):
         load_public_dit(model, c['init_from'])
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = configure_optimizer(model, c)
+    params = [p for p in model.parameters() if p.requires_grad]   # decay (if any): matrices only
+    optimizer = torch.optim.AdamW(
+        [dict(params=[p for p in params if p.ndim >= 2], weight_decay=c['weight_decay']),
+         dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)],
+        lr=c['learning_rate'], betas=(0.9, 0.999), fused=True)
     iter_num = 0
     if c['init_from'] == 'resume':
         ckpt = load_checkpoint(ckpt_path)
@@ -928,12 +865,14 @@ def train(cfg):
               f"objective={c['objective']}, {'latents' if data.latent else 'pixels'} {x_shape}, "
               f"{world} process(es) x {accum} micro-batches of {micro} = batch {c['batch_size']}")
 
-    def save():
-        save_atomic(dict(model=raw_model.state_dict(), ema=ema.state_dict(),
-                         optimizer=optimizer.state_dict(), model_args=model_args, config=dict(c),
-                         iter_num=iter_num, image_size=c['image_size'],
-                         space='latent' if data.latent else 'pixel', cond=c['cond'],
-                         objective=c['objective'], **data.contract), ckpt_path)
+    def save():     # to a temporary file, then renamed: a crash leaves the old checkpoint
+        tmp = f'{ckpt_path}.tmp.{os.getpid()}'
+        torch.save(dict(model=raw_model.state_dict(), ema=ema.state_dict(),
+                        optimizer=optimizer.state_dict(), model_args=model_args, config=dict(c),
+                        iter_num=iter_num, image_size=c['image_size'],
+                        space='latent' if data.latent else 'pixel', cond=c['cond'],
+                        objective=c['objective'], **data.contract), tmp)
+        os.replace(tmp, ckpt_path)
 
     stop = c['max_iters'] if c['run_iters'] < 0 else min(c['max_iters'], iter_num + c['run_iters'])
     sampler = BatchSampler(len(data), c['batch_size'], iter_num, stop, c['seed'], rank, world,
@@ -961,7 +900,10 @@ def train(cfg):
             if world > 1:
                 model.require_backward_grad_sync = k == accum - 1
             with autocast:
-                loss = training_loss(model, x, y, t, noise, c, diffusion).mean()
+                if c['objective'] == 'flow':
+                    loss = flow_loss(model, x, y, t, noise, c['flow_output']).mean()
+                else:
+                    loss = eps_loss(model, x, y, t, noise, diffusion).mean()
             (loss / accum).backward()
             loss_sum += loss.detach() / accum
         max_norm = c['grad_clip'] if c['grad_clip'] > 0 else float('inf')
@@ -969,9 +911,8 @@ def train(cfg):
         if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):   # before the bad update
             raise FloatingPointError(
                 f"loss is {loss_sum.item()} (gradient norm {grad_norm.item()}) at iteration {it}; "
-                f"{ckpt_path} keeps the last good state (saved every {c['ckpt_interval']} "
-                "iterations). Lower learning_rate or add warmup_iters, then continue with "
-                "--init_from=resume")
+                f"{ckpt_path} keeps the last good state. Lower learning_rate or add warmup_iters, "
+                "then continue with --init_from=resume")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -979,7 +920,11 @@ def train(cfg):
         iter_num += 1
         bar.update(1)
         if iter_num % c['log_interval'] == 0 or iter_num == stop:
-            logged = all_reduce_mean(loss_sum).item()
+            logged = loss_sum.clone()
+            if world > 1:
+                dist.all_reduce(logged)
+                logged /= world
+            logged = logged.item()
             history.append(dict(iter=iter_num, loss=logged))
             if master:
                 n_iters = iter_num % c['log_interval'] or c['log_interval']
@@ -1017,20 +962,12 @@ def write_sample_grid(ema, c, data, x_shape, device, path):
 # -----------------------------------------------------------------------------
 # Checkpoints, images
 
-def save_atomic(obj, path):
-    """Write to a temporary file in the same folder, then rename: a crash leaves the old file."""
-    tmp = f'{path}.tmp.{os.getpid()}'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"diffusion checkpoint '{path}' not found: train one first "
-                                f"(python diffusion.py <config> "
-                                f"--out_dir={os.path.dirname(path) or '.'}), or for the "
-                                "class-conditional baseline download DiT-XL-2-256x256.pt from "
-                                "https://dl.fbaipublicfiles.com/DiT/models/")
+                                f"(python diffusion.py <config> --out_dir="
+                                f"{os.path.dirname(path) or '.'}), or for the class-conditional "
+                                "baseline download DiT-XL-2-256x256.pt (dl.fbaipublicfiles.com)")
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
@@ -1038,12 +975,6 @@ def model_from_checkpoint(ckpt, weights='ema'):
     model = DiT(**ckpt['model_args'])
     model.load_state_dict(ckpt[weights])
     return model.eval()
-
-
-def to_uint8(x):
-    """(N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_grid(images, path, ncol):
@@ -1058,10 +989,12 @@ def save_grid(images, path, ncol):
 
 
 def decode_to_uint8(x, vae):
-    """Samples in the training space to uint8 images: pixels directly, latents via the VAE."""
+    """Samples in the training space (pixels, or latents when a VAE is given) to uint8
+    (N, H, W, 3) images."""
     if vae is not None:
         x = vae.decode(x / VAE_SCALE)
-    return to_uint8(x)
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 # -----------------------------------------------------------------------------
@@ -1115,32 +1048,32 @@ def extract(cfg):
 # reader of data/shapes (recon: does the result keep the source's factors?)
 
 @torch.no_grad()
-def images_from_codes(model, ckpt, conditions, seeds, cfg, vae=None, desc='images'):
-    """The DiT's images (N, H, W, 3) uint8 for conditions (N, L) codes or (N,) classes, image i
-    from seeds[i], with the sampler and guidance of cfg."""
-    device = cfg['device']
+def images_from_codes(cfg, ckpt, conditions, n, desc):
+    """The EMA DiT's first n images, uint8 (n, H, W, 3), for conditions ((N, L) codes, (N,)
+    classes or None), image i from the seed seed * 1_000_003 + i, with cfg's sampler and
+    guidance."""
+    device, objective = cfg['device'], ckpt['objective']
+    check_sampler(objective, cfg['sampler'])
+    model = model_from_checkpoint(ckpt).to(device)
+    vae = load_vae(cfg['vae_path']).to(device) if ckpt['space'] == 'latent' else None
     size = int(math.sqrt(model.pos_embed.shape[1])) * model.patch_size
-    x_shape = (model.in_channels, size, size)
-    check_sampler(ckpt['objective'], cfg['sampler'])
-    flow_output = ckpt['config'].get('flow_output', 'velocity')
     out, bs = [], cfg['micro_batch_size']
-    for start in tqdm(range(0, len(seeds), bs), desc=desc, dynamic_ncols=True):
-        idx = list(range(start, min(len(seeds), start + bs)))
+    for start in tqdm(range(0, n, bs), desc=desc, dynamic_ncols=True):
+        idx = list(range(start, min(n, start + bs)))
         y = None
         if conditions is not None:
             y = torch.as_tensor(conditions[idx].astype(np.int64)).to(device)
-        model_fn = guided(model, y, cfg['cfg_scale'], ckpt['objective'], cfg['guidance_interval'])
-        x = sample(model_fn, x_shape, [seeds[i] for i in idx], ckpt['objective'], cfg['sampler'],
+        model_fn = guided(model, y, cfg['cfg_scale'], objective, cfg['guidance_interval'])
+        x = sample(model_fn, (model.in_channels, size, size),
+                   [cfg['seed'] * 1_000_003 + i for i in idx], objective, cfg['sampler'],
                    cfg['num_sampling_steps'], device, clip=cfg['clip_denoised'],
-                   flow_output=flow_output)
+                   flow_output=ckpt['config'].get('flow_output', 'velocity'))
         out.append(decode_to_uint8(x, vae))
     return np.concatenate(out)
 
 
 def recon(cfg):
     ckpt = load_checkpoint(os.path.join(cfg['out_dir'], 'diffusion.pt'))
-    device = cfg['device']
-    model = model_from_checkpoint(ckpt).to(device)
     images = read_images(cfg['data_dir'], cfg['split'], ckpt['image_size'])
     n = min(cfg['n_recon'], len(images))
     conditions, contract = read_conditions(dict(cfg, cond=ckpt['cond']), cfg['split'],
@@ -1150,11 +1083,9 @@ def recon(cfg):
                          f"V={contract['V']}, but the DiT in {cfg['out_dir']} was trained on "
                          f"L={ckpt['L']}, V={ckpt['V']}; point --codes_dir at the tokenizer the "
                          "DiT was trained with")
-    vae = load_vae(cfg['vae_path']).to(device) if ckpt['space'] == 'latent' else None
-    sources = np.stack([np.array(images[i]) for i in range(n)])
-    seeds = [cfg['seed'] * 1_000_003 + i for i in range(n)]
-    recons = images_from_codes(model, ckpt, conditions, seeds, cfg, vae, desc='recon')
-    pairs = np.stack([sources[:32], recons[:32]], axis=1).reshape(-1, *sources.shape[1:])
+    recons = images_from_codes(cfg, ckpt, conditions, n, 'recon')
+    sources = np.stack([np.array(images[i]) for i in range(min(n, 32))])
+    pairs = np.stack([sources, recons[:32]], axis=1).reshape(-1, *sources.shape[1:])
     grid_path = os.path.join(cfg['out_dir'], f"recon_{cfg['split']}.png")
     save_grid(pairs, grid_path, ncol=16)
     print(f"wrote {grid_path} (source | reconstruction pairs); {n} samples, {cfg['sampler']} "
@@ -1169,269 +1100,16 @@ def decode(cfg):
     if ckpt['cond'] != 'dlc':
         raise ValueError(f"--mode=decode needs a DLC-conditioned DiT; {cfg['out_dir']} has "
                          f"cond='{ckpt['cond']}'")
-    device = cfg['device']
-    model = model_from_checkpoint(ckpt).to(device)
     if not cfg['codes_path']:
         raise ValueError("--mode=decode reads the codes in --codes_path (an .npy dump, e.g. "
                          "prior.py's samples.npy)")
     codes = check_codes(cfg['codes_path'], ckpt['L'], ckpt['V'])[:cfg['n_recon']]
-    vae = load_vae(cfg['vae_path']).to(device) if ckpt['space'] == 'latent' else None
-    seeds = [cfg['seed'] * 1_000_003 + i for i in range(len(codes))]
-    images = images_from_codes(model, ckpt, codes, seeds, cfg, vae, desc='decode')
+    images = images_from_codes(cfg, ckpt, codes, len(codes), 'decode')
     stem = os.path.splitext(cfg['codes_path'])[0]
     save_grid(images[:64], stem + '_images.png', ncol=16)
     np.savez(stem + '_images.npz', arr_0=images)
     print(f"wrote {stem}_images.png and {stem}_images.npz ({len(images)} images)")
     return histogram_scores(cfg['data_dir'], images)
-
-
-# -----------------------------------------------------------------------------
-# Appendix: the pretrained SD-VAE, for ImageNet latents. The frozen AutoencoderKL of
-# stabilityai/sd-vae-ft-ema, parameter names as diffusers, so that its
-# diffusion_pytorch_model.{bin,safetensors} loads strictly; plus a reader of .safetensors
-# files. Latents are scaled by VAE_SCALE before the DiT sees them; --mode=extract runs the
-# encoder once for the dataset.
-
-VAE_SCALE = 0.18215  # sd-vae-ft-ema config "scaling_factor": unit-variance latents for the UNet
-
-
-class _VAEResnet(nn.Module):
-    """diffusers ResnetBlock2D without a time embedding: GN-SiLU-conv twice, plus a skip."""
-    def __init__(self, cin, cout, groups):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        # diffusers creates the 1x1 shortcut only when the width changes (no key otherwise)
-        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
-
-    def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))  # dropout is 0 in the VAE, so it is left out
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
-
-
-class _VAEAttention(nn.Module):
-    """diffusers Attention as used in the VAE mid block: one head over all channels, spatial
-    positions as tokens, residual added back; the current diffusers key names."""
-    def __init__(self, ch, groups):
-        super().__init__()
-        self.group_norm = nn.GroupNorm(groups, ch, eps=1e-6)
-        self.to_q = nn.Linear(ch, ch)
-        self.to_k = nn.Linear(ch, ch)
-        self.to_v = nn.Linear(ch, ch)
-        # a ModuleList so the key is "to_out.0" (diffusers keeps a dropout at index 1)
-        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-        t = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
-        q, k, v = (lin(t).unsqueeze(1) for lin in (self.to_q, self.to_k, self.to_v))  # (B,1,HW,C)
-        o = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(C), as heads=1 in diffusers
-        o = self.to_out[0](o.squeeze(1))  # (B, HW, C)
-        return x + o.transpose(1, 2).reshape(b, c, h, w)
-
-
-class _VAEDownsample(nn.Module):
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
-
-    def forward(self, x):
-        # asymmetric right/bottom pad as in the original LDM code: (B,C,H,W) -> (B,C,H/2,W/2)
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class _VAEUpsample(nn.Module):
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B,C,2H,2W)
-
-
-class _VAEBlock(nn.Module):
-    """DownEncoderBlock2D / UpDecoderBlock2D: resnets, then an optional resampler.
-    Attribute names (resnets, downsamplers, upsamplers) are the diffusers ones."""
-    def __init__(self, cin, cout, n, groups, down=False, up=False):
-        super().__init__()
-        self.resnets = nn.ModuleList(_VAEResnet(cin if i == 0 else cout, cout, groups)
-                                     for i in range(n))
-        if down:
-            self.downsamplers = nn.ModuleList([_VAEDownsample(cout)])
-        if up:
-            self.upsamplers = nn.ModuleList([_VAEUpsample(cout)])
-
-    def forward(self, x):
-        for r in self.resnets:
-            x = r(x)
-        if hasattr(self, "downsamplers"):
-            x = self.downsamplers[0](x)
-        if hasattr(self, "upsamplers"):
-            x = self.upsamplers[0](x)
-        return x
-
-
-class _VAEMid(nn.Module):
-    """UNetMidBlock2D: resnet, attention, resnet (keys resnets.0, attentions.0, resnets.1)."""
-    def __init__(self, ch, groups):
-        super().__init__()
-        self.attentions = nn.ModuleList([_VAEAttention(ch, groups)])
-        self.resnets = nn.ModuleList([_VAEResnet(ch, ch, groups), _VAEResnet(ch, ch, groups)])
-
-    def forward(self, x):
-        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
-
-
-class _VAEEncoder(nn.Module):
-    def __init__(self, cin, chs, n, zc, groups):
-        super().__init__()
-        self.conv_in = nn.Conv2d(cin, chs[0], 3, padding=1)
-        # every block but the last halves the resolution
-        self.down_blocks = nn.ModuleList(
-            _VAEBlock(chs[max(i - 1, 0)], c, n, groups, down=i < len(chs) - 1)
-            for i, c in enumerate(chs))
-        self.mid_block = _VAEMid(chs[-1], groups)
-        self.conv_norm_out = nn.GroupNorm(groups, chs[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(chs[-1], 2 * zc, 3, padding=1)  # mean and logvar
-
-    def forward(self, x):  # (B,3,H,W) -> (B,2*zc,H/f,W/f), f = 2**(len(chs)-1)
-        h = self.conv_in(x)
-        for blk in self.down_blocks:
-            h = blk(h)
-        h = self.mid_block(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
-
-
-class _VAEDecoder(nn.Module):
-    def __init__(self, cout, chs, n, zc, groups):
-        super().__init__()
-        rev = list(reversed(chs))
-        self.conv_in = nn.Conv2d(zc, rev[0], 3, padding=1)
-        self.mid_block = _VAEMid(rev[0], groups)
-        # one more resnet per block than the encoder; every block but the last doubles the size
-        self.up_blocks = nn.ModuleList(
-            _VAEBlock(rev[max(i - 1, 0)], c, n + 1, groups, up=i < len(rev) - 1)
-            for i, c in enumerate(rev))
-        self.conv_norm_out = nn.GroupNorm(groups, chs[0], eps=1e-6)
-        self.conv_out = nn.Conv2d(chs[0], cout, 3, padding=1)
-
-    def forward(self, z):  # (B,zc,h,w) -> (B,3,h*f,w*f)
-        h = self.mid_block(self.conv_in(z))
-        for blk in self.up_blocks:
-            h = blk(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
-
-
-class AutoencoderKL(nn.Module):
-    """The Stable Diffusion KL autoencoder, with diffusers' module and parameter names
-    (encoder/decoder, down_blocks/up_blocks, resnets, mid_block.attentions.0.to_q, ...,
-    quant_conv, post_quant_conv), so the published weights load with strict=True and no key
-    translation. Images are in [-1, 1]; latents are unscaled (multiply by VAE_SCALE)."""
-    def __init__(self, in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512),
-                 layers_per_block=2, latent_channels=4, norm_num_groups=32):
-        super().__init__()
-        chs, n, zc = tuple(block_out_channels), layers_per_block, latent_channels
-        self.encoder = _VAEEncoder(in_channels, chs, n, zc, norm_num_groups)
-        self.decoder = _VAEDecoder(out_channels, chs, n, zc, norm_num_groups)
-        self.quant_conv = nn.Conv2d(2 * zc, 2 * zc, 1)
-        self.post_quant_conv = nn.Conv2d(zc, zc, 1)
-
-    def _moments(self, x):
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)  # each (B,zc,H/f,W/f)
-        return mean, logvar.clamp(-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
-
-    def encode(self, x, generator=None):
-        """Sample z ~ N(mean, exp(logvar)) from the posterior; returns unscaled latents."""
-        mean, logvar = self._moments(x)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return mean + torch.exp(0.5 * logvar) * noise
-
-    def encode_mean(self, x):
-        """The posterior mean (deterministic latents), unscaled."""
-        return self._moments(x)[0]
-
-    def decode(self, z):
-        """Unscaled latents (B,zc,h,w) -> images (B,3,h*f,w*f), roughly in [-1, 1], unclamped."""
-        return self.decoder(self.post_quant_conv(z))
-
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-
-
-def read_safetensors(path):
-    """Parse a .safetensors file by hand -> {name: tensor} on CPU.
-
-    Layout: u64 little-endian header size N, N bytes of JSON
-    {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}},
-    then the raw little-endian tensor bytes (offsets relative to the end of the header)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n).decode("utf-8"))
-        data = f.read()
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        dtype = _ST_DTYPES[info["dtype"]]
-        begin, end = info["data_offsets"]
-        buf = bytearray(data[begin:end])  # a writable copy, so the tensor owns its memory
-        t = torch.frombuffer(buf, dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
-        if sys.byteorder == "big" and t.element_size() > 1:  # file bytes are little-endian
-            t = t.view(torch.uint8).view(-1, t.element_size()).flip(1).contiguous()
-            t = t.view(dtype).flatten()
-        out[name] = t.reshape(tuple(info["shape"]))
-    return out
-
-
-# Older diffusers checkpoints (sd-vae-ft-ema was published in 2022) may still carry the
-# deprecated attention names; diffusers renames them on load, so we do the same.
-_VAE_OLD_ATTN = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.",
-                 ".proj_attn.": ".to_out.0."}
-
-
-def _vae_rename_deprecated(sd):
-    out = {}
-    for k, v in sd.items():
-        if ".attentions." in k:
-            for old, new in _VAE_OLD_ATTN.items():
-                k = k.replace(old, new)
-        out[k] = v
-    return out
-
-
-def load_vae(path, **arch):
-    """Build the sd-vae-ft-ema AutoencoderKL (or `arch` overrides) and load `path` strictly:
-    diffusion_pytorch_model.safetensors (read by hand) or .bin/.pt (torch.load)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"VAE weights not found at {path!r}. Download diffusion_pytorch_model.safetensors "
-            f"(or .bin) from https://huggingface.co/stabilityai/sd-vae-ft-ema and set the config "
-            f"key 'vae_path' to its location.")
-    model = AutoencoderKL(**arch)
-    if path.endswith(".safetensors"):
-        sd = read_safetensors(path)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-    sd = _vae_rename_deprecated(sd)
-    want, have = set(model.state_dict()), set(sd)
-    if want != have:
-        missing, unexpected = sorted(want - have), sorted(have - want)
-        raise ValueError(
-            f"{path} does not match the diffusers AutoencoderKL layout: "
-            f"{len(missing)} missing keys (e.g. {missing[:5]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:5]})")
-    model.load_state_dict(sd, strict=True)  # copies and casts (e.g. F16 -> F32) into the params
-    return model.eval()
 
 
 if __name__ == '__main__':

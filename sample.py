@@ -185,7 +185,7 @@ def load_image_model(cfg, want_cond, device):
                              "sd-vae-ft-ema's weights")
         vae = D.load_vae(cfg['vae_path']).to(device).eval()
         channels = vae.post_quant_conv.in_channels
-        factor = 2 ** sum(isinstance(m, D._VAEUpsample) for m in vae.modules())
+        factor = 2 ** (len(vae.decoder.up_blocks) - 1)      # all but the last upsample
         if model.in_channels != channels or side * factor != info['image_size']:
             raise ValueError(f"{source} makes {model.in_channels} x {side} x {side} latents of "
                              f"{info['image_size']} px images, which the VAE in {cfg['vae_path']} "

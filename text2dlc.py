@@ -275,7 +275,7 @@ def read_pretrained(path):
                                 "the GPT-2 vocabulary (louaaron/sedd-small or sedd-medium: .pth, "
                                 ".bin or .safetensors), or 'scratch'")
     if path.endswith('.safetensors'):
-        return D.read_safetensors(path)               # diffusion.py's: no safetensors package
+        return D.read_safetensors(path)               # vae.py's: no safetensors package
     return P.sedd_state_dict(path)
 
 

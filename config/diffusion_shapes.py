@@ -15,15 +15,12 @@ objective = 'flow'              # learns far faster than eps prediction at this 
 flow_output = 'x0'              # predict the clean image: flat backgrounds come easily
 flow_t_mean = 0.8               # t = sigmoid(N(0.8, 0.8)): most draws at high noise (shapes form)
 flow_t_std = 0.8
-flow_t_shift = -1.2             # then over the second half the mean moves to -0.4: the outlines at
-                                # low noise last
 hflip = True
 batch_size = 32                 # small batches, many steps: better per CPU-minute than 128
 micro_batch_size = 32
 max_iters = 24000               # 26 min 48 s alone on 2 CPU cores (about 470 img/s), with the grids
 learning_rate = 2e-3            # with the hidden layer: 0.588 at 12,000 iterations, 0.442 at 1e-3
 warmup_iters = 100
-lr_decay = True                 # cosine to min_lr (1e-5) at max_iters
 ema_decay = 0.999
 sampler = 'euler'
 num_sampling_steps = 25

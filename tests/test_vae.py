@@ -6,7 +6,7 @@ import struct
 import pytest
 import torch
 
-from diffusion import AutoencoderKL, load_vae, read_safetensors, VAE_SCALE
+from vae import AutoencoderKL, load_vae, read_safetensors, VAE_SCALE
 
 SMALL = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
 
