@@ -30,7 +30,7 @@ predicts the clean image instead and u_hat = (x_t - x0_hat) / t (as JiT, Li & He
 same loss on u, which weights the error of x0_hat by 1 / t^2 (t floored at 0.05). Training t
 is uniform, or logit-normal, sigmoid(N(flow_t_mean, flow_t_std)).
 
-The file reads in that order, then the data, training, the modes, and last the frozen SD-VAE.
+The file reads in that order, then the data, training and the modes; the frozen SD-VAE is vae.py.
 
 Modes:  python diffusion.py [config.py] [--key=value ...]
     --mode=train     (torchrun for DDP) writes out_dir/diffusion.pt and sample grids
