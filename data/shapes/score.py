@@ -19,10 +19,9 @@ import json
 import os
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from data.shapes.prepare import FACTORS, parse_caption, read_attributes
+from tokenizer import probe_predict     # the tokenizer's linear probe reads factors from codes
 
 
 def load_meta(data_dir):
@@ -125,15 +124,6 @@ def named_factors_kept(read, prompts, meta):
                                                    read['color'][i] == named[i]['color']
                                                    for i in both]))
     return scores
-
-
-def probe_predict(probe, codes):
-    """The tokenizer's linear probe (probe.pt: per label a weight (L*V, C) and a bias) on codes
-    (N, L): {label: (N,) the argmax class}."""
-    V = probe['V']
-    flat = torch.as_tensor(codes.astype(np.int64)) + torch.arange(codes.shape[1]) * V
-    return {name: (F.embedding_bag(flat, p['weight'], mode='sum') + p['bias']).argmax(1).numpy()
-            for name, p in probe['labels'].items()}
 
 
 def code_histograms(probe, reference, sets):
