@@ -41,7 +41,6 @@ Modes:  python diffusion.py [config.py] [--key=value ...]
                      PNG grid, an .npz and, on the built-in data, the reader's factor histograms
 """
 import copy
-import json
 import math
 import os
 import sys
@@ -57,7 +56,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from configurator import configure
-from data.shapes.score import histogram_scores, reconstruction_scores
+from data.shapes.score import histogram_scores, load_meta, reconstruction_scores
 from vae import VAE_SCALE, load_vae, read_safetensors   # the frozen SD-VAE (ImageNet latents)
 
 # -----------------------------------------------------------------------------
@@ -638,8 +637,7 @@ def read_conditions(cfg, split, n_items):
     data_dir, factors = cfg['data_dir'], os.path.join(cfg['data_dir'], f'{split}_factors.npy')
     if os.path.exists(factors):
         f = np.load(factors)
-        with open(os.path.join(data_dir, 'meta.json')) as fh:
-            labels = f[:, 0] * len(json.load(fh)['color']) + f[:, 1]
+        labels = f[:, 0] * len(load_meta(data_dir)['color']) + f[:, 1]
     else:
         labels = np.array(ImageFolder(os.path.join(data_dir, split), cfg['image_size']).labels)
     if labels.max() >= cfg['num_classes']:
