@@ -55,6 +55,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from cluster import (exit_preempted, handle_preemption_signals, preemption_requested, resuming,
+                     save_atomic, setup_distributed)
 from configurator import configure
 from data.shapes.score import histogram_scores, load_meta, reconstruction_scores
 from vae import VAE_SCALE, load_vae, read_safetensors   # the frozen SD-VAE (ImageNet latents)
@@ -67,6 +69,7 @@ mode = 'train'                  # 'train' | 'extract' | 'recon' | 'decode'
 out_dir = 'out-diffusion'
 init_from = 'scratch'           # 'scratch' | 'resume' | DiT weights (DiT-XL-2-256x256.pt, or
                                 # the paper's DiTSEM for cond='dlc')
+auto_resume = False             # resume from out_dir's checkpoint if there is one (cluster jobs)
 data_dir = 'data/imagenet'      # <split>_images.npy in it, or <split>/<class>/<image> files
 train_split = 'train'
 codes_dir = 'out-imagenet-tokenizer'   # tokenizer.pt and codes_<split>.npy, for cond='dlc'
@@ -735,18 +738,6 @@ class BatchSampler:
 # -----------------------------------------------------------------------------
 # Training
 
-def setup_distributed(device):
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is a single process."""
-    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
-        local_rank = int(os.environ['LOCAL_RANK'])
-        if device.startswith('cuda'):
-            device = f'cuda:{local_rank}'
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, device
-
-
 def load_public_dit(model, path):
     """DiT weights from a bare state dict, strictly: the public DiT-XL-2-256x256.pt, or the
     paper's fork's DiTSEM (cond='dlc'; it trains a torch.compile'd model, so its
@@ -831,7 +822,8 @@ def train(cfg):
                       **DiT_models[c['model']])
     torch.manual_seed(c['seed'])
     model = DiT(**model_args, grad_checkpoint=c['grad_checkpoint'])
-    if c['init_from'] not in ('scratch', 'resume'):
+    resume = resuming(c, ckpt_path)
+    if not resume and c['init_from'] != 'scratch':
         load_public_dit(model, c['init_from'])
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -841,7 +833,7 @@ def train(cfg):
          dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)],
         lr=c['learning_rate'], betas=(0.9, 0.999), fused=True)
     iter_num = 0
-    if c['init_from'] == 'resume':
+    if resume:
         ckpt = load_checkpoint(ckpt_path)
         model.load_state_dict(ckpt['model'])
         ema.load_state_dict(ckpt['ema'])
@@ -863,14 +855,12 @@ def train(cfg):
               f"objective={c['objective']}, {'latents' if data.latent else 'pixels'} {x_shape}, "
               f"{world} process(es) x {accum} micro-batches of {micro} = batch {c['batch_size']}")
 
-    def save():     # to a temporary file, then renamed: a crash leaves the old checkpoint
-        tmp = f'{ckpt_path}.tmp.{os.getpid()}'
-        torch.save(dict(model=raw_model.state_dict(), ema=ema.state_dict(),
-                        optimizer=optimizer.state_dict(), model_args=model_args, config=dict(c),
-                        iter_num=iter_num, image_size=c['image_size'],
-                        space='latent' if data.latent else 'pixel', cond=c['cond'],
-                        objective=c['objective'], **data.contract), tmp)
-        os.replace(tmp, ckpt_path)
+    def save():
+        save_atomic(dict(model=raw_model.state_dict(), ema=ema.state_dict(),
+                         optimizer=optimizer.state_dict(), model_args=model_args, config=dict(c),
+                         iter_num=iter_num, world_size=world, image_size=c['image_size'],
+                         space='latent' if data.latent else 'pixel', cond=c['cond'],
+                         objective=c['objective'], **data.contract), ckpt_path)
 
     stop = c['max_iters'] if c['run_iters'] < 0 else min(c['max_iters'], iter_num + c['run_iters'])
     sampler = BatchSampler(len(data), c['batch_size'], iter_num, stop, c['seed'], rank, world,
@@ -929,8 +919,11 @@ def train(cfg):
                 tqdm.write(f"iter {iter_num}: loss {logged:.4f} lr {lr:.2e} "
                            f"{n_iters * c['batch_size'] / (time.time() - t0):.1f} img/s")
             t0 = time.time()
-        if master and (iter_num % c['ckpt_interval'] == 0 or iter_num == stop):
+        preempted = preemption_requested(device)         # SIGTERM or SIGUSR1 on any process
+        if master and (iter_num % c['ckpt_interval'] == 0 or iter_num == stop or preempted):
             save()
+        if preempted:
+            exit_preempted(rank, world, iter_num, ckpt_path)
         if master and c['sample_interval'] > 0 and \
                 (iter_num % c['sample_interval'] == 0 or iter_num == stop):
             path = os.path.join(c['out_dir'], f'samples_{iter_num:07d}.png')
@@ -1112,6 +1105,8 @@ def decode(cfg):
 
 if __name__ == '__main__':
     cfg = configure(CONFIG, sys.argv[1:])
+    if cfg['mode'] == 'train':
+        handle_preemption_signals()
     modes = {'train': train, 'extract': extract, 'recon': recon, 'decode': decode}
     if cfg['mode'] not in modes:
         raise ValueError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")

@@ -53,13 +53,19 @@ learned absolute position embedding `pos_embed`, since position l of a DLC has i
 Modes:  python prior.py [config.py] [--key=value ...]
     --mode=train    (torchrun for DDP) codes_dir/codes_<train_split>.npy -> out_dir/prior.pt
     --mode=sample   out_dir/prior.pt -> n_samples codes, out_dir/samples.npy (dump format), the
-                    share that copies a training code and (probe.pt) the factor histograms
+                    share that copies a training code and (probe.pt) the factor histograms;
+                    drawn in chunks of sample_batch_size kept in samples.npy.parts/, so a killed
+                    run launched again with the same command (any number of processes)
+                    continues where it stopped
     --mode=eval     the ELBO in bits per token on codes_dir/codes_<val_split>.npy, beside the
                     entropy of the per-position marginals
 """
 import copy
+import json
 import math
 import os
+import re
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -71,6 +77,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cluster import (exit_preempted, handle_preemption_signals, preemption_requested, resuming,
+                     save_atomic, setup_distributed)
 from configurator import configure
 from data.shapes.score import code_histograms
 
@@ -79,6 +87,7 @@ from data.shapes.score import code_histograms
 mode = 'train'                  # 'train' | 'sample' | 'eval'
 out_dir = 'out-prior'
 init_from = 'scratch'           # 'scratch' | 'resume' | a SEDD checkpoint of the same vocabulary
+auto_resume = False             # resume from out_dir's checkpoint if there is one (cluster jobs)
 codes_dir = 'out-imagenet-tokenizer'   # tokenizer.pt, codes_<split>.npy (probe.pt: the report)
 train_split = 'train'
 val_split = 'val'
@@ -490,17 +499,6 @@ class EpochStream:
 # -----------------------------------------------------------------------------
 # Training
 
-def setup_distributed(device):
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is a single process."""
-    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
-        if device.startswith('cuda'):
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, device
-
-
 def all_reduce_mean(x):
     if dist.is_initialized():
         x = x.clone()
@@ -519,28 +517,6 @@ def clip_and_check(model, loss, it, c, ckpt_path):
             f"{ckpt_path} keeps the last good state (saved every {c['ckpt_interval']} "
             "iterations). Lower learning_rate or add warmup_iters, then continue with "
             "--init_from=resume")
-
-
-def gather_codes(codes, mine, n, rank, world):
-    """Rank 0's (n, L) array of every process's codes (codes[j] is code mine[j]); None on the
-    other ranks. The last distributed step of sampling: it ends the process group."""
-    if world == 1:
-        return codes.numpy()
-    parts = [None] * world
-    dist.all_gather_object(parts, (mine, codes.numpy()))
-    dist.destroy_process_group()
-    if rank:
-        return None
-    full = np.zeros((n, codes.shape[1]), dtype=np.int64)
-    for idx, part in parts:
-        full[idx] = part
-    return full
-
-
-def save_atomic(obj, path):
-    tmp = path + '.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def model_args_from(cfg, L, V):
@@ -608,7 +584,8 @@ def train(cfg):
     model_args = model_args_from(c, L, V)
     torch.manual_seed(c['seed'])
     model = SEDD(**model_args)
-    if c['init_from'] not in ('scratch', 'resume'):
+    resume = resuming(c, ckpt_path)
+    if not resume and c['init_from'] != 'scratch':
         load_sedd(model, c['init_from'])
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -618,7 +595,7 @@ def train(cfg):
     optimizer = torch.optim.AdamW(groups, lr=c['learning_rate'], betas=(0.9, 0.999),
                                   fused=device_type == 'cuda')
     iter_num, history = 0, []
-    if c['init_from'] == 'resume':
+    if resume:
         ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
         model.load_state_dict(ckpt['model'])
         ema.load_state_dict(ckpt['ema'])
@@ -641,7 +618,8 @@ def train(cfg):
     def save():
         save_atomic(dict(model=raw_model.state_dict(), ema=ema.state_dict(),
                          optimizer=optimizer.state_dict(), model_args=model_args, config=dict(c),
-                         iter_num=iter_num, history=history, L=L, V=V, noise_eps=NOISE_EPS),
+                         iter_num=iter_num, world_size=world, history=history, L=L, V=V,
+                         noise_eps=NOISE_EPS),
                     ckpt_path)
 
     stream = EpochStream(len(codes), c['batch_size'], c['seed'])
@@ -661,10 +639,12 @@ def train(cfg):
         t_all = NOISE_EPS + (1 - NOISE_EPS) * torch.rand(B, generator=gen)
         u_all = torch.rand(B, L, generator=gen)
         items = stream.batch(it)
-        torch.manual_seed((c['seed'] * 1_000_003 + it) * 4096 + rank)   # dropout: resumable
         loss_sum = torch.zeros((), device=device)
         for k in range(accum):
             rows = slice(rank * local + k * micro, rank * local + (k + 1) * micro)
+            # dropout seeded by iteration and micro-batch of the global batch: the same masks on
+            # any number of processes, and on resume
+            torch.manual_seed((c['seed'] * 1_000_003 + it) * 4096 + rows.start // micro)
             x0 = torch.as_tensor(codes[items[rows]].astype(np.int64)).to(device)
             if world > 1:
                 model.require_backward_grad_sync = k == accum - 1
@@ -695,8 +675,11 @@ def train(cfg):
                 tqdm.write(f"iter {iter_num}: loss {logged:.4f} bits/token{val}, lr {lr:.2e}, "
                            f"{n_iters * B * L / (time.time() - t0):.0f} tok/s")
             t0 = time.time()
-        if master and (iter_num % c['ckpt_interval'] == 0 or iter_num == stop):
+        preempted = preemption_requested(device)         # SIGTERM or SIGUSR1 on any process
+        if master and (iter_num % c['ckpt_interval'] == 0 or iter_num == stop or preempted):
             save()
+        if preempted:
+            exit_preempted(rank, world, iter_num, ckpt_path)
     bar.close()
     if world > 1:
         dist.barrier()
@@ -745,6 +728,68 @@ def generate(model, n, steps, sampler, eps, seeds, device, batch_size, remask_et
     return torch.cat(out) if out else torch.zeros(0, model.seq_len, dtype=torch.long)
 
 
+def draw_in_chunks(n, chunk_size, parts_dir, run_info, rank, world, draw, desc='chunks'):
+    """Samples 0 .. n-1 in chunks of consecutive indices, chunk j = [j chunk_size, (j + 1)
+    chunk_size), each written to parts_dir/<j:06d>.npz as soon as it is drawn, with the rank and
+    world that drew it. A killed run launched again with the same run_info (any JSON dict of the
+    settings that change the output), on any number of processes, draws only the missing chunks;
+    a chunk does not depend on who draws it, so neither does the result. draw(indices) returns a
+    dict of arrays, a row per index. Rank 0 returns the dict of full (n, ...) arrays (memmaps in
+    parts_dir), the other ranks None; the caller removes parts_dir once its outputs are written."""
+    os.makedirs(parts_dir, exist_ok=True)
+    info_path = os.path.join(parts_dir, 'run.json')
+    run_info = json.loads(json.dumps(run_info))                 # tuples as lists, as read back
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            saved = json.load(f)
+        differ = sorted(k for k in saved.keys() | run_info.keys()
+                        if saved.get(k) != run_info.get(k))
+        if differ:
+            changes = '; '.join(f"{k}: {saved.get(k)!r} there, {run_info.get(k)!r} now"
+                                for k in differ)
+            raise ValueError(f"{parts_dir} holds the chunks of a run with other settings "
+                             f"({changes}): relaunch with that run's settings to finish it, or "
+                             "delete the folder to start over")
+    elif rank == 0:
+        with open(info_path + '.tmp', 'w') as f:
+            json.dump(run_info, f, indent=1)
+        os.replace(info_path + '.tmp', info_path)
+    n_chunks = math.ceil(n / chunk_size)
+    done = {int(name[:6]) for name in os.listdir(parts_dir) if re.fullmatch(r'\d{6}\.npz', name)}
+    if world > 1:
+        dist.barrier()                                  # every rank has seen the same chunks
+    missing = [j for j in range(n_chunks) if j not in done]
+    mine = missing[rank::world]
+    bar = tqdm(total=n_chunks, initial=len(done), desc=desc, disable=rank != 0,
+               dynamic_ncols=True)
+    for j in mine:
+        arrays = draw(list(range(j * chunk_size, min(n, (j + 1) * chunk_size))))
+        tmp = os.path.join(parts_dir, f'{j:06d}.tmp.npz')         # a kill leaves at most this
+        np.savez(tmp, rank=rank, world=world, **arrays)
+        os.replace(tmp, os.path.join(parts_dir, f'{j:06d}.npz'))
+        bar.update(min(world, n_chunks - bar.n))
+    bar.close()
+    print(f"rank {rank} of {world}: drew {len(mine)} of {n_chunks} chunks "
+          f"({len(done)} were already done)")
+    if world > 1:
+        dist.barrier()
+    if rank:
+        return None
+    full = {}                       # on disk, not in memory: 50,000 ImageNet images are 9.8 GB
+    for j in range(n_chunks):
+        with np.load(os.path.join(parts_dir, f'{j:06d}.npz')) as chunk:
+            for key in set(chunk.files) - {'rank', 'world'}:
+                part = chunk[key]
+                if key not in full:
+                    full[key] = np.lib.format.open_memmap(
+                        os.path.join(parts_dir, f'{key}.npy'), mode='w+', dtype=part.dtype,
+                        shape=(n,) + part.shape[1:])
+                full[key][j * chunk_size:j * chunk_size + len(part)] = part
+    for array in full.values():
+        array.flush()
+    return full
+
+
 def sample_mode(cfg):
     rank, world, device = setup_distributed(cfg['device'])
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if 'cuda' in device else nullcontext()
@@ -752,20 +797,31 @@ def sample_mode(cfg):
     L, V = ckpt['L'], ckpt['V']
     check_contract(cfg, L, V)
     n = cfg['n_samples']
-    mine = list(range(rank, n, world))                            # sample i is seeded by i alone
-    seeds = [cfg['seed'] * 1_000_003 + i for i in mine]
-    codes = generate(model, len(mine), cfg['num_steps'], cfg['sampler'], ckpt['noise_eps'], seeds,
-                     device, cfg['sample_batch_size'], cfg['remask_eta'], autocast=autocast,
-                     progress=rank == 0, temperature=cfg['temperature'], t_end=cfg['sample_eps'],
-                     corrector=cfg['corrector'])
-    full = gather_codes(codes, mine, n, rank, world)
+    code_type = np.uint16 if V <= 65536 else np.uint32
+
+    def draw(indices):                                  # sample i is seeded by i alone
+        seeds = [cfg['seed'] * 1_000_003 + i for i in indices]
+        codes = generate(model, len(indices), cfg['num_steps'], cfg['sampler'], ckpt['noise_eps'],
+                         seeds, device, len(indices), cfg['remask_eta'], autocast=autocast,
+                         progress=False, temperature=cfg['temperature'], t_end=cfg['sample_eps'],
+                         corrector=cfg['corrector'])
+        return dict(codes=codes.numpy().astype(code_type))
+
+    path = cfg['sample_path'] or os.path.join(cfg['out_dir'], 'samples.npy')
+    keys = ('n_samples', 'sample_batch_size', 'seed', 'sampler', 'temperature', 'num_steps',
+            'sample_eps', 'corrector', 'remask_eta')
+    run_info = dict({k: cfg[k] for k in keys}, checkpoint=os.path.join(cfg['out_dir'], 'prior.pt'),
+                    iter_num=ckpt.get('iter_num'))
+    full = draw_in_chunks(n, cfg['sample_batch_size'], path + '.parts', run_info, rank, world,
+                          draw, desc='prior samples')
+    if world > 1:
+        dist.destroy_process_group()
     if full is None:
         return None
-    full = full.astype(np.uint16 if V <= 65536 else np.uint32)
-    path = cfg['sample_path'] or os.path.join(cfg['out_dir'], 'samples.npy')
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    full = np.array(full['codes'])
     np.save(path + '.tmp.npy', full)
     os.replace(path + '.tmp.npy', path)
+    shutil.rmtree(path + '.parts')
     name = {'remdm': 'ReMDM', 'paper': "the paper's corrector"}[cfg['corrector']]
     remask = f", {name}, eta {cfg['remask_eta']}" if cfg['remask_eta'] > 0 else ''
     print(f"wrote {path}: {n} codes of L={L}, V={V} ({cfg['sampler']}, {cfg['num_steps']} steps to "
@@ -819,6 +875,8 @@ def eval_mode(cfg):
 
 if __name__ == '__main__':
     cfg = configure(CONFIG, sys.argv[1:])
+    if cfg['mode'] == 'train':
+        handle_preemption_signals()
     modes = {'train': train, 'sample': sample_mode, 'eval': eval_mode}
     if cfg['mode'] not in modes:
         raise ValueError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")

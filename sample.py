@@ -20,7 +20,10 @@ training data. With one source, c is the source's own DLC (the argmax), i.e. rec
 
 Sample i of a run is seeded by its global index alone: its code draw (prior or composition)
 from  2 (seed * 1_000_003 + i) + 1  and its image noise from  2 (seed * 1_000_003 + i), so
-`torchrun --nproc_per_node=8 sample.py ...` writes the same images as one process. Every mode
+`torchrun --nproc_per_node=8 sample.py ...` writes the same images as one process. Samples are
+drawn in chunks of batch_size, each saved in out_dir/<mode>.parts/ once drawn: a killed run
+launched again with the same command, on any number of processes, continues where it stopped and
+writes the same outputs (other settings are refused: that folder holds the run's). Every mode
 rebuilds its models from their checkpoints alone and checks that they agree: the codes' (L, V),
 the DiT's conditioning, its image size and space (SD-VAE latents: then vae_path).
 
@@ -41,6 +44,7 @@ ends the run (what `make demo` prints).
 import json
 import math
 import os
+import shutil
 import sys
 import textwrap
 import time
@@ -50,12 +54,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 import diffusion as D
 import prior as P
 import text2dlc as T2D
 import tokenizer as T
+from cluster import setup_distributed
 from configurator import configure
 from data.shapes.score import (composition_scores, factors_kept, histogram_scores,
                                named_factors_kept, print_table, read_builtin)
@@ -112,6 +116,7 @@ config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
 CONFIG = {k: globals()[k] for k in config_keys}
 MODES = ('recon', 'uncond', 'compose', 'class', 'text')
+OUTPUT_ONLY = ('mode', 'out_dir', 'n_grid', 'save_pngs', 'device')     # what a relaunch may change
 
 
 # -----------------------------------------------------------------------------
@@ -261,28 +266,16 @@ class Sources:
 
 
 # -----------------------------------------------------------------------------
-# The run: each process draws its share of the indices, into one shared array
-
-def partial_paths(out_dir, mode):
-    """Where the processes write a mode's images and codes until rank 0 publishes them."""
-    return [os.path.join(out_dir, f'{mode}{part}.partial.npy') for part in ('', '_codes')]
-
-
-def shared_array(path, shape, dtype, rank, world):
-    """An .npy memmap that rank 0 creates and every process writes its rows of."""
-    if rank == 0:
-        np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape).flush()
-    if world > 1:
-        dist.barrier()
-    return np.load(path, mmap_mode='r+')
-
+# The run: chunks of batch_size consecutive samples, shared out among the processes and kept
+# on disk as they are drawn (prior.draw_in_chunks), so that a killed run can continue
 
 @torch.no_grad()
 def run_mode(cfg, mode, rank, world, device):
     """Draw cfg['n_samples'] images of one mode; rank 0 returns (images, codes, extra)."""
     info_cond = 'class' if mode == 'class' else 'dlc'
     dit, info, vae, dit_source, x_shape = load_image_model(cfg, info_cond, device)
-    n, bs = cfg['n_samples'], cfg['batch_size']
+    n = cfg['n_samples']
+    used = {dit_source: info.get('iter_num')}                   # the checkpoints and their iters
     groups, sources, labels, prompts = None, None, None, None
     if mode in ('recon', 'compose'):
         path = os.path.join(cfg['tokenizer_dir'], 'tokenizer.pt')
@@ -291,15 +284,18 @@ def run_mode(cfg, mode, rank, world, device):
         encoder = T.encoder_from_checkpoint(tok_ckpt).to(device)
         sources = Sources(cfg, tok_ckpt)
         groups = parse_groups(cfg, mode, len(sources))
+        used[path] = tok_ckpt.get('iter_num')
     elif mode == 'uncond':
         prior, prior_ckpt = P.load_prior(cfg['prior_dir'], device)
         path = os.path.join(cfg['prior_dir'], 'prior.pt')
         check_code_contract('prior', path, prior_ckpt, info, dit_source)
+        used[path] = prior_ckpt.get('iter_num')
     elif mode == 'text':
         text_model, text_ckpt, enc = T2D.load_text2dlc(cfg['text2dlc_dir'], device)
         path = os.path.join(cfg['text2dlc_dir'], 'text2dlc.pt')
         check_code_contract('text model', path, text_ckpt, info, dit_source)
         prompts = T2D.read_prompts(cfg['prompts'])
+        used[path] = text_ckpt.get('iter_num')
     else:
         n_classes = dit.null
         if cfg['labels']:
@@ -313,21 +309,12 @@ def run_mode(cfg, mode, rank, world, device):
 
     # the prior samples in bf16 on CUDA, as prior.py does; the DiT and the tokenizer in fp32 (TF32)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if 'cuda' in device else nullcontext()
-    size = info['image_size']
-    os.makedirs(cfg['out_dir'], exist_ok=True)
-    images_path, codes_path = partial_paths(cfg['out_dir'], mode)
-    images = shared_array(images_path, (n, size, size, 3), np.uint8, rank, world)
-    codes = None
-    if mode != 'class':
-        code_type = np.uint16 if info['V'] <= 65536 else np.uint32
-        codes = shared_array(codes_path, (n, info['L']), code_type, rank, world)
-    mine = list(range(rank, n, world))
     own_scale = mode == 'compose' and cfg['compose_cfg_scale'] >= 0
     scale = cfg['compose_cfg_scale'] if own_scale else cfg['cfg_scale']
     flow_output = info['config'].get('flow_output', 'velocity')
-    bar = tqdm(total=n, desc=mode, disable=rank != 0, dynamic_ncols=True)
-    for start in range(0, len(mine), bs):
-        idx = mine[start:start + bs]
+
+    def draw(idx):
+        """The images (and codes) of the global sample indices idx."""
         code_seeds, image_seeds = seeds_of(cfg, idx)
         if mode in ('recon', 'compose'):
             batch_groups = [groups[i % len(groups)] for i in idx]
@@ -355,21 +342,20 @@ def run_mode(cfg, mode, rank, world, device):
         x = D.sample(D.guided(dit, y, scale, info['objective'], cfg['guidance_interval']), x_shape,
                      image_seeds, info['objective'], cfg['dit_sampler'], cfg['dit_steps'], device,
                      clip=cfg['clip_denoised'], flow_output=flow_output)
-        images[idx] = D.decode_to_uint8(x, vae)
-        if codes is not None:
-            codes[idx] = y.cpu().numpy()
-        bar.update(min(n, (start + len(idx)) * world) - bar.n)
-    bar.close()
-    images.flush()
-    if codes is not None:
-        codes.flush()
-    if world > 1:
-        dist.barrier()
+        out = dict(images=D.decode_to_uint8(x, vae))
+        if mode != 'class':
+            out['codes'] = y.cpu().numpy().astype(np.uint16 if info['V'] <= 65536 else np.uint32)
+        return out
+
+    # every setting that changes the images: a relaunch with others may not mix its chunks in
+    settings = {k: v for k, v in cfg.items() if k not in OUTPUT_ONLY}
+    run_info = dict(settings, mode=mode, checkpoints=used)
+    parts = os.path.join(cfg['out_dir'], f'{mode}.parts')
+    full = P.draw_in_chunks(n, cfg['batch_size'], parts, run_info, rank, world, draw, desc=mode)
     if rank != 0:
         return None
     extra = dict(groups=groups, sources=sources, labels=labels, prompts=prompts)
-    codes = np.load(codes_path) if codes is not None else None
-    return np.load(images_path, mmap_mode='r'), codes, extra
+    return full['images'], full.get('codes'), extra
 
 
 def fit(image, size):
@@ -380,15 +366,15 @@ def fit(image, size):
 
 
 def write_outputs(cfg, mode, images, codes, extra):
-    """<mode>.npz (atomic), <mode>_codes.npy, the grid, and per-image PNGs."""
+    """<mode>.npz and <mode>_codes.npy (atomic), the grid, per-image PNGs; then the chunks go."""
     out = cfg['out_dir']
     tmp = os.path.join(out, f'{mode}.tmp.npz')
     np.savez(tmp, arr_0=images)
     os.replace(tmp, os.path.join(out, f'{mode}.npz'))
-    images_partial, codes_partial = partial_paths(out, mode)
-    os.remove(images_partial)
     if codes is not None:
-        os.replace(codes_partial, os.path.join(out, f'{mode}_codes.npy'))
+        codes_path = os.path.join(out, f'{mode}_codes.npy')
+        np.save(codes_path + '.tmp.npy', codes)
+        os.replace(codes_path + '.tmp.npy', codes_path)
     n_show, size, grid = min(cfg['n_grid'], len(images)), images.shape[1], f'{out}/{mode}.png'
     if extra['groups'] is not None:           # each entry: its sources, then the result
         groups = [extra['groups'][i % len(extra['groups'])] for i in range(n_show)]
@@ -408,6 +394,7 @@ def write_outputs(cfg, mode, images, codes, extra):
         os.makedirs(os.path.join(out, mode), exist_ok=True)
         for i, im in enumerate(images):
             Image.fromarray(im).save(os.path.join(out, mode, f'{i:06d}.png'))
+    shutil.rmtree(os.path.join(out, f'{mode}.parts'))       # only now that every output is whole
     print(f"wrote {out}/{mode}.npz ({len(images)} images), {grid}"
           + (f", {out}/{mode}_codes.npy" if codes is not None else '')
           + (f", {out}/{mode}/*.png" if cfg['save_pngs'] else ''))
@@ -470,7 +457,7 @@ def main(cfg):
     for m in modes:
         if m not in MODES:
             raise ValueError(f"--mode={m} is not one of {MODES}")
-    rank, world, device = D.setup_distributed(cfg['device'])
+    rank, world, device = setup_distributed(cfg['device'])
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     results = {}

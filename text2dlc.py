@@ -49,6 +49,7 @@ import copy
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -64,6 +65,8 @@ from tqdm import tqdm
 
 import diffusion as D
 import prior as P
+from cluster import (exit_preempted, handle_preemption_signals, preemption_requested, resuming,
+                     save_atomic, setup_distributed)
 from configurator import configure
 from data.shapes.score import load_meta, named_factors_kept, probe_predict
 
@@ -72,6 +75,7 @@ from data.shapes.score import load_meta, named_factors_kept, probe_predict
 mode = 'train'                  # 'train' | 'sample'
 out_dir = 'out-text2dlc'
 init_from = 'scratch'           # 'scratch' | 'resume' | a GPT-2 SEDD (sedd-small, sedd-medium)
+auto_resume = False             # resume from out_dir's checkpoint if there is one (cluster jobs)
 codes_dir = 'out-imagenet-tokenizer'    # tokenizer.pt, codes_<split>.npy (probe.pt: the report)
 data_dir = 'data/imagenet'
 captions_path = ''              # '' = data_dir/<split>_captions.txt, or a path with {split}: a line
@@ -395,7 +399,7 @@ def heldout_code_bits(model, codes, captions, enc, ckpt, t_per_code, batch_size,
 # Training
 
 def train(cfg):
-    rank, world, device = P.setup_distributed(cfg['device'])
+    rank, world, device = setup_distributed(cfg['device'])
     c, master = cfg, rank == 0
     device_type = 'cuda' if 'cuda' in device else 'cpu'
     micro = c['micro_batch_size']
@@ -417,7 +421,7 @@ def train(cfg):
         n = c['n_eval'] or len(val_codes)
         val = val_codes[:n], val_captions[:n]
     resume = None
-    if c['init_from'] == 'resume':
+    if resuming(c, ckpt_path):
         resume = torch.load(ckpt_path, map_location='cpu', weights_only=True)
         spec = resume['encoding']
     else:
@@ -429,7 +433,7 @@ def train(cfg):
     model_args = P.model_args_from(c, L + 1 + c['caption_len'], n_text + V + 1)
     torch.manual_seed(c['seed'])
     model = P.SEDD(**model_args)
-    if c['init_from'] not in ('scratch', 'resume'):
+    if resume is None and c['init_from'] != 'scratch':
         new = extend_pretrained(model, read_pretrained(c['init_from']), n_text, V, c['init_from'])
         if master:
             print(f"loaded {c['init_from']}: every tensor (the text and mask rows of the "
@@ -463,9 +467,9 @@ def train(cfg):
               f"of {micro} = batch {c['batch_size']}")
 
     def save():
-        P.save_atomic(dict(model=raw_model.state_dict(), ema=ema.state_dict(),
-                           optimizer=optimizer.state_dict(), model_args=model_args, config=dict(c),
-                           iter_num=iter_num, history=history, **info), ckpt_path)
+        save_atomic(dict(model=raw_model.state_dict(), ema=ema.state_dict(),
+                         optimizer=optimizer.state_dict(), model_args=model_args, config=dict(c),
+                         iter_num=iter_num, world_size=world, history=history, **info), ckpt_path)
 
     mask_id = n_text + V + 1
     stream = P.EpochStream(len(codes), c['batch_size'], c['seed'])
@@ -495,10 +499,11 @@ def train(cfg):
         u_all = torch.rand(x0.shape, generator=gen)
         masked = noise(x0, noisable, t_all, u_all, mask_id, c['noise_eps'])[1]
         n_masked = masked.sum().clamp_min(1).item()
-        torch.manual_seed((c['seed'] * 1_000_003 + it) * 4096 + rank)   # dropout: resumable
         loss_sum = torch.zeros((), device=device)
         for k in range(accum):
             rows = slice(rank * local + k * micro, rank * local + (k + 1) * micro)
+            # dropout seeded by iteration and micro-batch of the global batch (as prior.py)
+            torch.manual_seed((c['seed'] * 1_000_003 + it) * 4096 + rows.start // micro)
             if world > 1:
                 model.require_backward_grad_sync = k == accum - 1
             with autocast:
@@ -531,8 +536,11 @@ def train(cfg):
                 tqdm.write(f"iter {iter_num}: loss {logged:.4f}{held}, lr {lr:.2e}, "
                            f"{tokens / (time.time() - t0):.0f} tok/s")
             t0, tokens = time.time(), 0
-        if master and (iter_num % c['ckpt_interval'] == 0 or iter_num == stop):
+        preempted = preemption_requested(device)         # SIGTERM or SIGUSR1 on any process
+        if master and (iter_num % c['ckpt_interval'] == 0 or iter_num == stop or preempted):
             save()
+        if preempted:
+            exit_preempted(rank, world, iter_num, ckpt_path)
     bar.close()
     if world > 1:
         dist.barrier()
@@ -570,7 +578,7 @@ def read_prompts(spec):
 
 
 def sample_mode(cfg):
-    rank, world, device = P.setup_distributed(cfg['device'])
+    rank, world, device = setup_distributed(cfg['device'])
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if 'cuda' in device else nullcontext()
     model, ckpt, enc = load_text2dlc(cfg['out_dir'], device)
     L, V = ckpt['L'], ckpt['V']
@@ -583,20 +591,31 @@ def sample_mode(cfg):
         print(f"note: guidance {cfg['cfg_scale']} with a model trained without caption_dropout: "
               "its empty-caption prediction was never trained")
     n = cfg['n_samples'] or len(prompts)
-    mine = list(range(rank, n, world))                            # sample i is seeded by i alone
-    codes = generate(model, enc, ckpt, [prompts[i % len(prompts)] for i in mine],
-                     [cfg['seed'] * 1_000_003 + i for i in mine], device, cfg['sampler'],
-                     cfg['num_steps'], cfg['temperature'], cfg['cfg_scale'],
-                     cfg['sample_batch_size'], autocast=autocast, progress=rank == 0)
-    full = P.gather_codes(codes, mine, n, rank, world)
+    code_type = np.uint16 if V <= 65536 else np.uint32
+
+    def draw(indices):                                  # sample i is seeded by i alone
+        codes = generate(model, enc, ckpt, [prompts[i % len(prompts)] for i in indices],
+                         [cfg['seed'] * 1_000_003 + i for i in indices], device, cfg['sampler'],
+                         cfg['num_steps'], cfg['temperature'], cfg['cfg_scale'], len(indices),
+                         autocast=autocast, progress=False)
+        return dict(codes=codes.numpy().astype(code_type))
+
+    path = cfg['sample_path'] or os.path.join(cfg['out_dir'], 'text_codes.npy')
+    keys = ('prompts', 'n_samples', 'sample_batch_size', 'seed', 'sampler', 'num_steps',
+            'temperature', 'cfg_scale')
+    run_info = dict({k: cfg[k] for k in keys}, iter_num=ckpt.get('iter_num'),
+                    checkpoint=os.path.join(cfg['out_dir'], 'text2dlc.pt'))
+    full = P.draw_in_chunks(n, cfg['sample_batch_size'], path + '.parts', run_info, rank, world,
+                            draw, desc='text2dlc')
+    if world > 1:
+        dist.destroy_process_group()
     if full is None:
         return None
-    full = full.astype(np.uint16 if V <= 65536 else np.uint32)
+    full = np.array(full['codes'])
     used = [prompts[i % len(prompts)] for i in range(n)]
-    path = cfg['sample_path'] or os.path.join(cfg['out_dir'], 'text_codes.npy')
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     np.save(path + '.tmp.npy', full)
     os.replace(path + '.tmp.npy', path)
+    shutil.rmtree(path + '.parts')
     with open(os.path.splitext(path)[0] + '_prompts.txt', 'w', encoding='utf-8') as f:
         f.write(''.join(p + '\n' for p in used))
     print(f"wrote {path}: {n} codes of L={L}, V={V} ({cfg['sampler']}, {cfg['num_steps'] or L} "
@@ -619,6 +638,8 @@ def probe_agreement(codes, prompts, cfg):
 
 if __name__ == '__main__':
     cfg = configure(CONFIG, sys.argv[1:])
+    if cfg['mode'] == 'train':
+        handle_preemption_signals()
     modes = {'train': train, 'sample': sample_mode}
     if cfg['mode'] not in modes:
         raise ValueError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")

@@ -52,6 +52,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from cluster import (exit_preempted, handle_preemption_signals, preemption_requested, resuming,
+                     save_atomic, setup_distributed)
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -59,6 +61,7 @@ from configurator import configure
 mode = 'train'                  # 'train' | 'dump' | 'probe' | 'import'
 out_dir = 'out-tokenizer'
 init_from = 'scratch'           # 'scratch' | 'resume' | dinov2_vit{s,b,l}14_reg4_pretrain.pth path
+auto_resume = False             # resume from out_dir's checkpoint if there is one (cluster jobs)
 data_dir = 'data/imagenet'      # <data_dir>/<split>_images.npy or <data_dir>/<split>/<class>/*
 train_split = 'train'
 seed = 0
@@ -812,16 +815,6 @@ def param_groups(model, layer_decay, patch_embed_lr_mult):
 # -----------------------------------------------------------------------------
 # Checkpoints and code dumps
 
-def save_atomic(obj, path):
-    """Write to a temporary file in the same folder, then rename: a crash leaves the old file."""
-    tmp = f'{path}.tmp.{os.getpid()}.npy'        # np.save would append .npy to any other name
-    if isinstance(obj, np.ndarray):
-        np.save(tmp, obj)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer checkpoint '{path}' not found: train one first (python "
@@ -864,18 +857,6 @@ def load_codes(path, L, V, n_expected=None):
 # -----------------------------------------------------------------------------
 # Training
 
-def setup_distributed(device):
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is a single process."""
-    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
-        local_rank = int(os.environ['LOCAL_RANK'])
-        if device.startswith('cuda'):
-            device = f'cuda:{local_rank}'
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, device
-
-
 def train(cfg):
     rank, world, device = setup_distributed(cfg['device'])
     master = rank == 0
@@ -903,7 +884,8 @@ def train(cfg):
     model_args = model_args_from(c)
     torch.manual_seed(c['seed'])
     model = SEMEncoder(**model_args, grad_checkpoint=c['grad_checkpoint'])
-    if c['init_from'] not in ('scratch', 'resume'):
+    resume = resuming(c, ckpt_path)
+    if not resume and c['init_from'] != 'scratch':
         load_dinov2_backbone(model.backbone, c['init_from'])
     use_teacher = c['ssl_loss'] == 'dino'
     model.backbone.mask_token.requires_grad_(use_teacher and c['ibot_weight'] > 0)
@@ -918,7 +900,7 @@ def train(cfg):
     centers = {'cls': torch.zeros(1, c['n_prototypes'], device=device),
                'patch': torch.zeros(1, c['n_prototypes'], device=device)} if use_teacher else {}
     iter_num = 0
-    if c['init_from'] == 'resume':
+    if resume:
         ckpt = load_checkpoint(ckpt_path)
         if 'optimizer' not in ckpt:
             raise ValueError(f"{ckpt_path} was written by --mode=import and holds no training "
@@ -950,7 +932,8 @@ def train(cfg):
                          optimizer=optimizer.state_dict(),
                          centers={k: v.cpu() for k, v in centers.items()},
                          model_args=model_args_from(c), config=dict(c), iter_num=iter_num,
-                         L=c['L'], V=c['V'], image_size=c['image_size']), ckpt_path)
+                         world_size=world, L=c['L'], V=c['V'], image_size=c['image_size']),
+                    ckpt_path)
 
     stop = c['max_iters'] if c['run_iters'] < 0 else min(c['max_iters'], iter_num + c['run_iters'])
     sampler = BatchSampler(len(dataset), c['batch_size'], iter_num, stop, c['seed'], rank, world)
@@ -1008,8 +991,11 @@ def train(cfg):
                 tqdm.write(f"iter {iter_num}: {text} lr {sched['lr'][it]:.2e} "
                            f"{seen / (time.time() - t0):.1f} img/s")
             t0, seen = time.time(), 0
-        if master and (iter_num % c['ckpt_interval'] == 0 or iter_num == stop):
+        preempted = preemption_requested(device)         # SIGTERM or SIGUSR1 on any process
+        if master and (iter_num % c['ckpt_interval'] == 0 or iter_num == stop or preempted):
             save()
+        if preempted:
+            exit_preempted(rank, world, iter_num, ckpt_path)
     bar.close()
     if world > 1:
         dist.barrier()
@@ -1261,6 +1247,8 @@ def probe(cfg):
 
 if __name__ == '__main__':
     cfg = configure(CONFIG, sys.argv[1:])
+    if cfg['mode'] == 'train':
+        handle_preemption_signals()
     modes = {'train': train, 'dump': dump, 'probe': probe, 'import': import_fork}
     if cfg['mode'] not in modes:
         raise ValueError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")

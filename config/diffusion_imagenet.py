@@ -12,6 +12,7 @@
 # 3. reconstructions of val codes:
 #    python diffusion.py config/diffusion_imagenet.py --mode=recon --split=val --cfg_scale=1.5
 out_dir = 'out-imagenet-dit'
+auto_resume = True                        # a relaunched or restarted job continues from out_dir
 data_dir = 'data/imagenet'
 codes_dir = 'out-imagenet-tokenizer'      # tokenizer.pt, codes_train.npy (tokenizer.py --mode=dump)
 latents_dir = 'out-imagenet-latents'

@@ -6,6 +6,7 @@
 # torchrun --nproc_per_node=8 prior.py config/prior_imagenet.py
 # torchrun --nproc_per_node=8 prior.py config/prior_imagenet.py --mode=sample --n_samples=50000
 out_dir = 'out-imagenet-prior'
+auto_resume = True                        # a relaunched or restarted job continues from out_dir
 codes_dir = 'out-imagenet-tokenizer'
 model = 'medium'
 dropout = 0.1

@@ -12,6 +12,7 @@
 # Everything not set here is the recipe, from the defaults at the top of tokenizer.py.
 out_dir = 'out-imagenet-tokenizer'
 init_from = 'weights/dinov2_vitl14_reg4_pretrain.pth'
+auto_resume = True                        # a relaunched or restarted job continues from out_dir
 data_dir = 'data/imagenet'          # data/imagenet/{train,val}/<wnid>/*.JPEG
 patch_size = 14
 embed_dim = 1024
