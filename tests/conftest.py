@@ -11,13 +11,17 @@ sys.path.insert(0, ROOT)
 import data.shapes.prepare as shapes  # noqa: E402
 
 
+# torchrun on loopback only: its rendezvous (--standalone: a free port), the workers' store
+# (--local_addr) and gloo's connections (GLOO_SOCKET_IFNAME) all on 127.0.0.1
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--local_addr=127.0.0.1']
+LOOPBACK = dict(os.environ, GLOO_SOCKET_IFNAME='lo')
+
+
 def run_script(script, args, nproc=1, check=True):
     """python script args, or torchrun with nproc processes (gloo on the CPU), in the repo root."""
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+    launcher = TORCHRUN + [f'--nproc_per_node={nproc}'] if nproc > 1 else [sys.executable]
     cmd = launcher + [script] + args
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=LOOPBACK)
     if check and result.returncode:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
     return result

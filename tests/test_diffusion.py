@@ -351,6 +351,7 @@ def test_two_processes_take_the_same_step_as_one_with_accumulation(shapes_dir, c
         run_script('diffusion.py', as_args(cfg), nproc)
     a = torch.load(tmp_path / 'one' / 'diffusion.pt', weights_only=True)
     b = torch.load(tmp_path / 'two' / 'diffusion.pt', weights_only=True)
+    assert (a['world_size'], b['world_size']) == (1, 2)    # one run of two processes, split
     for k in a['model']:
         torch.testing.assert_close(a['model'][k], b['model'][k], rtol=1e-5, atol=1e-6, msg=k)
     assert max((a['model'][k] - a['ema'][k]).abs().max().item() for k in a['model']) > 0

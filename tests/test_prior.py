@@ -3,15 +3,19 @@ exactly known distribution, infilling, loading SEDD weights, and training (DDP, 
 import itertools
 import math
 import os
+import random
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, run_script
+from conftest import LOOPBACK, ROOT, TORCHRUN, run_script
 import prior as P
 
 
@@ -383,11 +387,13 @@ def as_args(cfg):
 
 
 def test_two_processes_take_the_same_step_as_one_with_accumulation(toy_dir, tmp_path):
+    # with dropout: its masks are seeded by the micro-batch's place in the global batch
     for name, nproc in [('one', 1), ('two', 2)]:
-        cfg = tiny_cfg(toy_dir, tmp_path / name, max_iters=2)
+        cfg = tiny_cfg(toy_dir, tmp_path / name, max_iters=2, dropout=0.1)
         run_script('prior.py', as_args(cfg), nproc)
     a = torch.load(tmp_path / 'one' / 'prior.pt', weights_only=True)
     b = torch.load(tmp_path / 'two' / 'prior.pt', weights_only=True)
+    assert (a['world_size'], b['world_size']) == (1, 2)    # one run of two processes, split
     for k in a['model']:
         torch.testing.assert_close(a['model'][k], b['model'][k], rtol=1e-5, atol=1e-6, msg=k)
     assert max((a['model'][k] - a['ema'][k]).abs().max().item() for k in a['model']) > 0
@@ -399,7 +405,11 @@ def test_two_processes_sample_the_same_codes_as_one(toy_dir, tmp_path):
     for name, nproc in [('one', 1), ('two', 2)]:
         args = as_args(dict(cfg, mode='sample', n_samples=10, sample_batch_size=4, num_steps=8,
                             sample_path=str(tmp_path / f'{name}.npy')))
-        run_script('prior.py', args, nproc)
+        out = run_script('prior.py', args, nproc).stdout
+        # 3 chunks of 4 codes, shared out between the processes
+        shares = ['rank 0 of 1: drew 3'] if nproc == 1 else ['rank 0 of 2: drew 2',
+                                                             'rank 1 of 2: drew 1']
+        assert all(f'{share} of 3 chunks (0 were already done)' in out for share in shares), out
     assert np.array_equal(np.load(tmp_path / 'one.npy'), np.load(tmp_path / 'two.npy'))
     # a tokenizer that makes other codes than the prior models is refused by sample and eval
     other = tmp_path / 'other_tokenizer'
@@ -463,3 +473,77 @@ def test_bench_reports_prior_throughput():
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'tok/s' in result.stdout and 'codes/s' in result.stdout
+
+
+# -- resumable sampling ----------------------------------------------------------------------
+
+def finished_chunks(parts):
+    """{chunk file: (inode, mtime, bytes, rank, world)} of the chunks written in parts."""
+    chunks = {}
+    for name in sorted(os.listdir(parts)) if os.path.isdir(parts) else []:
+        if re.fullmatch(r'\d{6}\.npz', name):
+            path = os.path.join(parts, name)
+            with open(path, 'rb') as f, np.load(path) as chunk:
+                chunks[name] = (os.stat(path).st_ino, os.stat(path).st_mtime_ns, f.read(),
+                                int(chunk['rank']), int(chunk['world']))
+    return chunks
+
+
+def launch(script, args, log, nproc=1):
+    """A run in its own session, so that stop_when can signal it; torchrun for nproc > 1."""
+    launcher = TORCHRUN + [f'--nproc_per_node={nproc}'] if nproc > 1 else [sys.executable]
+    with open(log, 'w') as f:
+        run = subprocess.Popen(launcher + [script] + args, cwd=ROOT, start_new_session=True,
+                               stdout=f, stderr=subprocess.STDOUT,
+                               env=dict(LOOPBACK, OMP_NUM_THREADS='1'))
+    run.log = log
+    return run
+
+
+def stop_when(run, parts, condition, sig, timeout=300):
+    """Send sig to the run once condition(finished chunks) holds; the chunks it left."""
+    deadline, log = time.time() + timeout, lambda: open(run.log).read()[-3000:]
+    try:
+        while not condition(finished_chunks(parts)):
+            assert run.poll() is None, f'the run ended before it was stopped:\n{log()}'
+            assert time.time() < deadline, f'the run made no progress:\n{log()}'
+            time.sleep(0.01)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, sig)     # torchrun passes SIGTERM on to its workers, as SLURM's
+        run.wait()
+    return finished_chunks(parts)
+
+
+def test_a_killed_sample_run_continues_on_any_number_of_processes_as_if_uninterrupted(
+        toy_dir, tmp_path, capsys):
+    cfg = tiny_cfg(toy_dir, tmp_path, max_iters=2)
+    P.train(cfg)
+    sample = dict(cfg, mode='sample', n_samples=31, sample_batch_size=2, num_steps=100)  # 16 chunks
+    whole, _ = P.sample_mode(dict(sample, sample_path=str(tmp_path / 'whole.npy')))
+    path = tmp_path / 'killed.npy'
+    parts, args = str(path) + '.parts', as_args(dict(sample, sample_path=str(path)))
+    # one process, SIGKILLed after k chunks
+    k = random.randint(1, 8)
+    one = launch('prior.py', args, tmp_path / 'one.log')
+    before = stop_when(one, parts, lambda c: len(c) >= k, signal.SIGKILL)
+    assert k <= len(before) < 16, (k, len(before))                  # the kill landed mid-run
+    (tmp_path / 'killed.npy.parts' / '000015.tmp.npz').write_bytes(b'torn')   # a kill's leftover
+    # two processes continue it, stopped once both have drawn chunks
+    new = lambda c: [v for name, v in c.items() if name not in before]
+    both_drew = lambda c: {v[3] for v in new(c)} == {0, 1}
+    two = launch('prior.py', args, tmp_path / 'two.log', nproc=2)
+    during = stop_when(two, parts, both_drew, signal.SIGTERM)
+    assert len(during) < 16, 'the two processes finished before they could be stopped'
+    assert all(during[name] == v for name, v in before.items())     # nothing done is redrawn
+    assert all(v[4] == 2 for v in new(during))
+    # another setting is refused while the folder holds this run
+    with pytest.raises(ValueError, match=r'killed.npy.parts.*num_steps: 100 there, 50 now.*delete'):
+        P.sample_mode(dict(sample, sample_path=str(path), num_steps=50))
+    # one process finishes it: the codes of the uninterrupted run, and the chunks are gone
+    capsys.readouterr()
+    codes, _ = P.sample_mode(dict(sample, sample_path=str(path)))
+    assert f'rank 0 of 1: drew {16 - len(during)} of 16 chunks ({len(during)} were already done)' \
+        in capsys.readouterr().out
+    assert np.array_equal(np.load(path), whole) and np.array_equal(codes, whole)
+    assert not os.path.exists(parts)

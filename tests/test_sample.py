@@ -3,6 +3,9 @@ source is recon, the images do not depend on the number of processes, and the mo
 checked against each other before anything runs."""
 import json
 import os
+import random
+import re
+import signal
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, run_script
+from test_prior import launch, stop_when
 from configurator import configure
 import diffusion as D
 import prior as P
@@ -106,7 +110,11 @@ def test_two_processes_write_the_same_images_as_one(pipeline, tmp_path):
     modes = 'recon,uncond,compose,class,text'
     for name, nproc in [('one', 1), ('two', 2)]:
         cfg = sample_cfg(pipeline, tmp_path / name, mode=modes, n_samples=5, batch_size=2)
-        run_script('sample.py', as_args(cfg), nproc)
+        out = run_script('sample.py', as_args(cfg), nproc).stdout
+        # (rank, world, chunks drawn): 3 chunks of 2 images, shared out between the processes
+        shares = [(0, 1, 3)] if nproc == 1 else [(0, 2, 2), (1, 2, 1)]
+        drawn = re.findall(r'rank (\d) of (\d): drew (\d) of 3 chunks \(0 were already done\)', out)
+        assert sorted(tuple(map(int, d)) for d in drawn) == sorted(shares * 5), out
     for mode in modes.split(','):
         a = np.load(tmp_path / 'one' / f'{mode}.npz')['arr_0']
         b = np.load(tmp_path / 'two' / f'{mode}.npz')['arr_0']
@@ -117,7 +125,7 @@ def test_two_processes_write_the_same_images_as_one(pipeline, tmp_path):
         if mode != 'class':
             assert np.array_equal(np.load(tmp_path / 'one' / f'{mode}_codes.npy'),
                                   np.load(tmp_path / 'two' / f'{mode}_codes.npy')), mode
-    assert not list((tmp_path / 'two').glob('*partial*'))           # nothing half-written is left
+    assert not list((tmp_path / 'two').glob('*.parts'))              # the chunks are gone
     scores = json.loads((tmp_path / 'one' / 'scores.json').read_text())['text']
     assert {'valid', 'kept', 'shape_kept', 'color_kept', 'background_kept', 'size_kept'} \
         <= set(scores)
@@ -279,3 +287,31 @@ def test_a_bare_class_conditional_state_dict_is_rebuilt_from_its_shapes_and_samp
     with pytest.raises(ValueError, match='label 7'):
         S.main(sample_cfg(pipeline, tmp_path, mode='class', class_dit=str(tmp_path / 'bare.pt'),
                           dit_sampler='ddim', labels='7'))
+
+
+def test_a_killed_run_continues_on_two_processes_and_writes_what_an_uninterrupted_one_does(
+        pipeline, tmp_path):
+    cfg = sample_cfg(pipeline, tmp_path / 'whole', mode='recon', n_samples=16, batch_size=1,
+                     dit_steps=40)                                          # 16 chunks
+    S.main(cfg)
+    out = tmp_path / 'killed'
+    parts, args = str(out / 'recon.parts'), as_args(dict(cfg, out_dir=str(out)))
+    k = random.randint(1, 8)
+    one = launch('sample.py', args, tmp_path / 'one.log')
+    before = stop_when(one, parts, lambda c: len(c) >= k, signal.SIGKILL)
+    assert k <= len(before) < 16, (k, len(before))                  # the kill landed mid-run
+    new = lambda c: [v for name, v in c.items() if name not in before]
+    both_drew = lambda c: {v[3] for v in new(c)} == {0, 1}
+    two = launch('sample.py', args, tmp_path / 'two.log', nproc=2)
+    during = stop_when(two, parts, both_drew, signal.SIGTERM)
+    assert len(during) < 16, 'the two processes finished before they could be stopped'
+    assert all(during[name] == v for name, v in before.items())     # nothing done is redrawn
+    assert all(v[4] == 2 for v in new(during))
+    with pytest.raises(ValueError, match=r'recon.parts.*dit_steps: 40 there, 3 now.*delete'):
+        S.main(dict(cfg, out_dir=str(out), dit_steps=3))
+    S.main(dict(cfg, out_dir=str(out)))                             # one process finishes it
+    whole = tmp_path / 'whole'
+    images = [np.load(d / 'recon.npz')['arr_0'] for d in (whole, out)]
+    assert np.array_equal(*images)
+    assert np.array_equal(np.load(whole / 'recon_codes.npy'), np.load(out / 'recon_codes.npy'))
+    assert not os.path.exists(parts)

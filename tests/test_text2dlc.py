@@ -218,10 +218,11 @@ def as_args(cfg):
 def test_two_processes_take_the_same_step_as_one_with_accumulation(toy_dir, tmp_path):
     for name, nproc in [('one', 1), ('two', 2)]:
         cfg = tiny_cfg(toy_dir, tmp_path / name, max_iters=2, noise_caption=True,
-                       caption_dropout=0.3)
+                       caption_dropout=0.3, dropout=0.1)
         run_script('text2dlc.py', as_args(cfg), nproc)
     a = torch.load(tmp_path / 'one' / 'text2dlc.pt', weights_only=True)
     b = torch.load(tmp_path / 'two' / 'text2dlc.pt', weights_only=True)
+    assert (a['world_size'], b['world_size']) == (1, 2)    # one run of two processes, split
     for k in a['model']:
         torch.testing.assert_close(a['model'][k], b['model'][k], rtol=1e-5, atol=1e-6, msg=k)
     assert max((a['model'][k] - a['ema'][k]).abs().max().item() for k in a['model']) > 0

@@ -345,6 +345,7 @@ def test_two_processes_take_the_same_step_as_one(shapes_dir, tmp_path, ssl_loss,
     a = params_of(tmp_path / 'one' / 'tokenizer.pt')
     b = params_of(tmp_path / 'two' / 'tokenizer.pt')
     assert a['iter_num'] == b['iter_num'] == 3
+    assert (a['world_size'], b['world_size']) == (1, 2)    # one run of two processes, split
     for k in a['model']:
         torch.testing.assert_close(a['model'][k], b['model'][k], rtol=1e-5, atol=1e-6, msg=k)
     start = model_of(one).state_dict()
