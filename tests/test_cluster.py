@@ -270,7 +270,7 @@ def test_a_killed_worker_and_a_preemption_lose_nothing(trainer, sig, dirs, two_n
     assert sorted(r for r, _ in stops) == ['0', '1'] and len({i for _, i in stops}) == 1, printed
     stopped_at = int(stops[0][1])
     assert resumed_at < stopped_at < N_ITERS and state_of(tmp_path / ckpt)['iter_num'] == stopped_at
-    assert f'exiting with 75' in printed
+    assert 'exiting with 75' in printed
     # 3. launched again, it continues to the end: bitwise the uninterrupted run's state
     printed = run_nodes(script, args)
     assert f'resuming from {tmp_path / ckpt} at iteration {stopped_at}' in printed

@@ -3,19 +3,15 @@ exactly known distribution, infilling, loading SEDD weights, and training (DDP, 
 import itertools
 import math
 import os
-import random
-import re
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import LOOPBACK, ROOT, TORCHRUN, run_script
+from conftest import ROOT, kill_then_continue_on_two, run_script
 import prior as P
 
 
@@ -477,44 +473,6 @@ def test_bench_reports_prior_throughput():
 
 # -- resumable sampling ----------------------------------------------------------------------
 
-def finished_chunks(parts):
-    """{chunk file: (inode, mtime, bytes, rank, world)} of the chunks written in parts."""
-    chunks = {}
-    for name in sorted(os.listdir(parts)) if os.path.isdir(parts) else []:
-        if re.fullmatch(r'\d{6}\.npz', name):
-            path = os.path.join(parts, name)
-            with open(path, 'rb') as f, np.load(path) as chunk:
-                chunks[name] = (os.stat(path).st_ino, os.stat(path).st_mtime_ns, f.read(),
-                                int(chunk['rank']), int(chunk['world']))
-    return chunks
-
-
-def launch(script, args, log, nproc=1):
-    """A run in its own session, so that stop_when can signal it; torchrun for nproc > 1."""
-    launcher = TORCHRUN + [f'--nproc_per_node={nproc}'] if nproc > 1 else [sys.executable]
-    with open(log, 'w') as f:
-        run = subprocess.Popen(launcher + [script] + args, cwd=ROOT, start_new_session=True,
-                               stdout=f, stderr=subprocess.STDOUT,
-                               env=dict(LOOPBACK, OMP_NUM_THREADS='1'))
-    run.log = log
-    return run
-
-
-def stop_when(run, parts, condition, sig, timeout=300):
-    """Send sig to the run once condition(finished chunks) holds; the chunks it left."""
-    deadline, log = time.time() + timeout, lambda: open(run.log).read()[-3000:]
-    try:
-        while not condition(finished_chunks(parts)):
-            assert run.poll() is None, f'the run ended before it was stopped:\n{log()}'
-            assert time.time() < deadline, f'the run made no progress:\n{log()}'
-            time.sleep(0.01)
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, sig)     # torchrun passes SIGTERM on to its workers, as SLURM's
-        run.wait()
-    return finished_chunks(parts)
-
-
 def test_a_killed_sample_run_continues_on_any_number_of_processes_as_if_uninterrupted(
         toy_dir, tmp_path, capsys):
     cfg = tiny_cfg(toy_dir, tmp_path, max_iters=2)
@@ -523,20 +481,8 @@ def test_a_killed_sample_run_continues_on_any_number_of_processes_as_if_uninterr
     whole, _ = P.sample_mode(dict(sample, sample_path=str(tmp_path / 'whole.npy')))
     path = tmp_path / 'killed.npy'
     parts, args = str(path) + '.parts', as_args(dict(sample, sample_path=str(path)))
-    # one process, SIGKILLed after k chunks
-    k = random.randint(1, 8)
-    one = launch('prior.py', args, tmp_path / 'one.log')
-    before = stop_when(one, parts, lambda c: len(c) >= k, signal.SIGKILL)
-    assert k <= len(before) < 16, (k, len(before))                  # the kill landed mid-run
+    during = kill_then_continue_on_two('prior.py', args, parts, 16, tmp_path)
     (tmp_path / 'killed.npy.parts' / '000015.tmp.npz').write_bytes(b'torn')   # a kill's leftover
-    # two processes continue it, stopped once both have drawn chunks
-    new = lambda c: [v for name, v in c.items() if name not in before]
-    both_drew = lambda c: {v[3] for v in new(c)} == {0, 1}
-    two = launch('prior.py', args, tmp_path / 'two.log', nproc=2)
-    during = stop_when(two, parts, both_drew, signal.SIGTERM)
-    assert len(during) < 16, 'the two processes finished before they could be stopped'
-    assert all(during[name] == v for name, v in before.items())     # nothing done is redrawn
-    assert all(v[4] == 2 for v in new(during))
     # another setting is refused while the folder holds this run
     with pytest.raises(ValueError, match=r'killed.npy.parts.*num_steps: 100 there, 50 now.*delete'):
         P.sample_mode(dict(sample, sample_path=str(path), num_steps=50))

@@ -3,17 +3,14 @@ source is recon, the images do not depend on the number of processes, and the mo
 checked against each other before anything runs."""
 import json
 import os
-import random
 import re
-import signal
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, run_script
-from test_prior import launch, stop_when
+from conftest import ROOT, kill_then_continue_on_two, run_script
 from configurator import configure
 import diffusion as D
 import prior as P
@@ -296,17 +293,7 @@ def test_a_killed_run_continues_on_two_processes_and_writes_what_an_uninterrupte
     S.main(cfg)
     out = tmp_path / 'killed'
     parts, args = str(out / 'recon.parts'), as_args(dict(cfg, out_dir=str(out)))
-    k = random.randint(1, 8)
-    one = launch('sample.py', args, tmp_path / 'one.log')
-    before = stop_when(one, parts, lambda c: len(c) >= k, signal.SIGKILL)
-    assert k <= len(before) < 16, (k, len(before))                  # the kill landed mid-run
-    new = lambda c: [v for name, v in c.items() if name not in before]
-    both_drew = lambda c: {v[3] for v in new(c)} == {0, 1}
-    two = launch('sample.py', args, tmp_path / 'two.log', nproc=2)
-    during = stop_when(two, parts, both_drew, signal.SIGTERM)
-    assert len(during) < 16, 'the two processes finished before they could be stopped'
-    assert all(during[name] == v for name, v in before.items())     # nothing done is redrawn
-    assert all(v[4] == 2 for v in new(during))
+    kill_then_continue_on_two('sample.py', args, parts, 16, tmp_path)
     with pytest.raises(ValueError, match=r'recon.parts.*dit_steps: 40 there, 3 now.*delete'):
         S.main(dict(cfg, out_dir=str(out), dit_steps=3))
     S.main(dict(cfg, out_dir=str(out)))                             # one process finishes it
