@@ -151,3 +151,40 @@ def test_the_scores_give_the_dataset_itself_full_marks_and_a_shuffle_none(datase
     tvs = score.histogram_scores(dataset_dir, train)
     assert tvs['valid'] > 0.98 and max(v for k, v in tvs.items() if k.startswith('tv_')) < 0.02
     assert score.read_builtin(os.path.dirname(dataset_dir), val) == (None, None)   # not the data
+
+
+def test_the_joint_histogram_and_coverage_see_what_matching_marginals_hide():
+    meta = dict(shape=['a', 'b'], color=['x', 'y'], background=['k'], size=['s'])
+    train = np.array([[s, c, 0, 0] for s in (0, 1) for c in (0, 1)] * 25)   # 4 cells, equally
+    read = lambda rows: dict(zip(score.FACTORS, np.array(rows).T), valid=np.ones(len(rows), bool))
+    same = score.joint_scores(read([[s, c, 0, 0] for s in (0, 1) for c in (0, 1)] * 5), train,
+                              meta)
+    assert same == dict(tv_joint=0.0, coverage=1.0)
+    # the same marginals (half each shape, half each color), but only the diagonal cells
+    diagonal = score.joint_scores(read([[0, 0, 0, 0], [1, 1, 0, 0]] * 10), train, meta)
+    assert diagonal == dict(tv_joint=0.5, coverage=0.5)
+    collapsed = score.joint_scores(read([[1, 0, 0, 0]] * 20), train, meta)
+    assert collapsed == dict(tv_joint=0.75, coverage=0.25)
+
+
+def test_the_nearest_distance_is_zero_for_copies_and_the_shift_for_shifted_images():
+    rng = np.random.default_rng(0)
+    train = rng.integers(20, 230, (50, 8, 8, 3)).astype(np.uint8)
+    picked = train[[3, 17, 41]]
+    np.testing.assert_allclose(score.nearest_distances(picked, train, chunk=16), 0, atol=1e-2)
+    np.testing.assert_allclose(score.nearest_distances(picked + 10, train, chunk=16), 10, rtol=1e-3)
+    new = rng.integers(0, 256, (7, 8, 8, 3)).astype(np.uint8)
+    brute = np.sqrt(((new[:, None].astype(float) - train[None]) ** 2).mean((2, 3, 4))).min(1)
+    np.testing.assert_allclose(score.nearest_distances(new, train, chunk=16), brute, rtol=1e-4)
+
+
+def test_held_out_pair_sources_give_the_shape_of_one_and_the_color_of_the_other(dataset_dir):
+    meta = score.load_meta(dataset_dir)
+    val = np.load(os.path.join(dataset_dir, 'val_factors.npy'))
+    held_out = {tuple(p) for p in meta['held_out']}
+    groups = score.held_out_pair_groups(val, meta, 40, k=3, seed=1)
+    assert len(groups) == 40 and all(len(g) == 3 for g in groups)
+    assert all((val[a, 0], val[b, 1]) in held_out and val[b, 0] != val[a, 0] for a, b, _ in groups)
+    assert {(val[a, 0], val[b, 1]) for a, b, _ in groups} == held_out       # each pair in turn
+    assert groups == score.held_out_pair_groups(val, meta, 40, k=3, seed=1)
+

@@ -12,6 +12,9 @@ tokenizer's linear probe (probe.pt, written by tokenizer.py --mode=probe), which
     composition_scores      compose: factors taken from the sources, novel, a held-out pair
     named_factors_kept      text: each factor the prompt names, kept
     histogram_scores        unconditional images: per factor, total variation to the training set
+    joint_scores            ... and of the joint histogram of all four factors, and its coverage
+    nearest_distances       per image, the pixel distance to the nearest training image (copies?)
+    held_out_pair_groups    composition sources whose shape and color make a held-out pair
     code_histograms         sampled codes: the probe's factor histograms against training codes
     print_table             the table of every sample.py mode's scores
 """
@@ -71,8 +74,10 @@ def reconstruction_scores(data_dir, split, images):
 
 
 def histogram_scores(data_dir, images):
-    """The reader's valid fraction and, per factor, the total variation between the histogram
-    of the valid images and that of the training set (background: every clean border)."""
+    """The reader's valid fraction; per factor, the total variation between the histogram of
+    the valid images and that of the training set (background: every clean border); the same
+    for all four jointly, the coverage of the training set's combinations, and the median
+    distance to the nearest training image (a model that copies has 0)."""
     read, meta = read_builtin(data_dir, images)
     if read is None:
         return {}
@@ -88,7 +93,60 @@ def histogram_scores(data_dir, images):
         scores[f'tv_{name}'] = histogram_tv(got, factors[:, j], len(values))
         shares = ' '.join(f'{v}:{a:.2f}/{b:.2f}' for v, a, b in zip(values, p, q))
         print(f"  {name:<11} TV {scores[f'tv_{name}']:.3f}   {shares}")
+    scores.update(joint_scores(read, factors, meta))
+    train = np.load(os.path.join(data_dir, 'train_images.npy'), mmap_mode='r')
+    scores['nearest'] = float(np.median(nearest_distances(images, np.asarray(train))))
+    print(f"  all four   TV {scores['tv_joint']:.3f}   coverage of the training split's "
+          f"combinations {scores['coverage']:.3f}; median RMS distance to the nearest training "
+          f"image {scores['nearest']:.1f} (0-255)")
     return scores
+
+
+def joint_cells(values, meta):
+    """The cell of each row of (shape, color, background, size) indices, in [0, 3 * 6 * 3 * 2)."""
+    sizes = [len(meta[name]) for name in FACTORS]
+    return np.ravel_multi_index([np.asarray(v) for v in values], sizes), int(np.prod(sizes))
+
+
+def joint_scores(read, train_factors, meta):
+    """The valid images' joint histogram of (shape, color, background, size) against the
+    training split's: its total variation, and coverage, the share of the cells that the
+    training split holds (the combinations it has) reached by at least one valid image."""
+    valid = read['valid']
+    got, n_cells = joint_cells([read[name][valid] for name in FACTORS], meta)
+    want, _ = joint_cells(train_factors.T, meta)
+    held = np.unique(want)
+    return dict(tv_joint=histogram_tv(got, want, n_cells),
+                coverage=float(np.isin(held, got).mean()))
+
+
+def nearest_distances(images, reference, chunk=512):
+    """Per image, the root-mean-square pixel difference (0-255) to its nearest reference image,
+    all uint8 (N, H, W, 3): 0 for a copy of a reference image."""
+    a = images.reshape(len(images), -1).astype(np.float32)
+    b = reference.reshape(len(reference), -1).astype(np.float32)
+    b_sq = (b ** 2).sum(1)
+    best = np.full(len(a), np.inf, dtype=np.float32)
+    for start in range(0, len(b), chunk):           # ||x - y||^2 = |x|^2 - 2 x.y + |y|^2
+        part = b[start:start + chunk]
+        d = (a ** 2).sum(1)[:, None] - 2 * a @ part.T + b_sq[start:start + chunk][None]
+        best = np.minimum(best, d.min(1))
+    return np.sqrt(np.maximum(best, 0) / a.shape[1])
+
+
+def held_out_pair_groups(factors, meta, n, k=2, seed=0):
+    """n groups of k items of a split ((N, 4) factors) whose first item's shape and second
+    item's color make one of the pairs held out of training (the held-out pairs in turn); any
+    further items are drawn at random. A composition that takes its shape from the first and its
+    color from the second shows a combination no training image has."""
+    rng = np.random.default_rng(seed)
+    groups = []
+    for i in range(n):
+        shape, color = meta['held_out'][i % len(meta['held_out'])]
+        first = rng.choice(np.flatnonzero(factors[:, 0] == shape))
+        second = rng.choice(np.flatnonzero((factors[:, 1] == color) & (factors[:, 0] != shape)))
+        groups.append([int(first), int(second)] + [int(m) for m in rng.choice(len(factors), k - 2)])
+    return groups
 
 
 def composition_scores(read, factors, groups, meta):
