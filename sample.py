@@ -6,7 +6,9 @@ sample.py: the pipeline that makes images from the trained components.
     compose  two or more source images -> SEM distributions at a low temperature -> their
              average -> one token sampled per position -> DiT -> images
     class    class labels -> a class-conditional DiT (diffusion.py --cond=class, or the public
-             DiT-XL-2-256x256.pt through --class_dit): the baseline
+             DiT-XL-2-256x256.pt through --class_dit): the baseline that knows the labels
+    plain    a DiT trained with no condition (diffusion.py --cond=none, through --plain_dit):
+             the unconditional baseline that uncond is measured against
     text     prompts -> text2dlc (a text diffusion LM fine-tuned on (DLC, caption)) -> DLC -> DiT
 
 Composition (Lavoie, Noukhovitch, Courville 2025, section 4). For source images x_1 .. x_K
@@ -61,12 +63,14 @@ import text2dlc as T2D
 import tokenizer as T
 from cluster import setup_distributed
 from configurator import configure
-from data.shapes.score import (composition_scores, factors_kept, histogram_scores,
-                               named_factors_kept, print_table, read_builtin)
+from data.shapes.score import (composition_scores, factors_kept, held_out_pair_groups,
+                               histogram_scores, load_meta, named_factors_kept, print_table,
+                               read_builtin)
 
 # -----------------------------------------------------------------------------
 # config: the defaults are the ImageNet 256 pipeline (DiT-XL/2 on SD-VAE latents, DLC512)
-mode = 'uncond'                 # 'recon' | 'uncond' | 'compose' | 'class' | 'text' | 'recon,text'
+mode = 'uncond'                 # 'recon' | 'uncond' | 'compose' | 'class' | 'plain' | 'text' |
+                                # several: 'recon,text'
 out_dir = 'out-samples'
 seed = 0
 n_samples = 64                  # images per mode
@@ -83,9 +87,15 @@ data_dir = 'data/imagenet'
 split = 'val'
 sources = ''                    # groups by ',', members by '+': indices into `split` or image
                                 # files ('3+17,5+9', 'cat.png+dog.png'); sample i: group i mod
-                                # #groups. '' = recon: items 0..n-1; compose: pairs (2i, 2i+1)
+                                # #groups. '' = recon: items 0..n-1; compose: pairs (2i, 2i+1).
+                                # 'held_out' (built-in data): pairs whose shape of the first and
+                                # color of the second are a held-out pair; 'held_out:3': + 1 more
 compose_tau = 0.001             # the SEM temperature of composition (the paper's)
-labels = ''                     # class: '207,360' (sample i: i mod #labels); '' = drawn per sample
+compose_soft = False            # give the DiT the averaged distributions (L, V) themselves, not
+                                # a code drawn from them (<mode>_codes.npy: their argmax)
+labels = ''                     # class: '207,360' (sample i: i mod #labels); '' = drawn per sample,
+                                # uniformly; 'train': drawn from the training split's labels
+plain_dit = ''                  # plain: a cond='none' DiT's diffusion.pt; '' = diffusion_dir's
 prompts = ''                    # text: 'a red square|a blue circle' or a file, one per line
                                 # (sample i: i mod #prompts)
 # image model sampling
@@ -115,7 +125,7 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
 CONFIG = {k: globals()[k] for k in config_keys}
-MODES = ('recon', 'uncond', 'compose', 'class', 'text')
+MODES = ('recon', 'uncond', 'compose', 'class', 'plain', 'text')
 OUTPUT_ONLY = ('mode', 'out_dir', 'n_grid', 'save_pngs', 'device')     # what a relaunch may change
 
 
@@ -171,13 +181,16 @@ def load_image_model(cfg, want_cond, device):
     source = os.path.join(cfg['diffusion_dir'], 'diffusion.pt')
     if want_cond == 'class' and cfg['class_dit']:
         source = cfg['class_dit']
+    if want_cond == 'none' and cfg['plain_dit']:
+        source = cfg['plain_dit']
     info = D.load_checkpoint(source)
     if 'model_args' in info:
         model = D.model_from_checkpoint(info)
     else:                                       # a bare state dict: the public class DiT's
         model, info = public_dit_from_weights(source, info)
     if info['cond'] != want_cond:
-        hint = " (or --class_dit at DiT-XL-2-256x256.pt)" if want_cond == 'class' else ''
+        hint = {'class': " (or --class_dit at DiT-XL-2-256x256.pt)",
+                'none': " (or --plain_dit at its diffusion.pt)"}.get(want_cond, '')
         raise ValueError(f"this mode needs a DiT with cond='{want_cond}', but {source} has "
                          f"cond='{info['cond']}'; point --diffusion_dir at one trained with "
                          f"that conditioning{hint}")
@@ -216,9 +229,17 @@ def check_code_contract(what, path, ckpt, info, dit_source):
 
 def parse_groups(cfg, mode, n_items):
     """The source groups: lists of ints (dataset indices) or strings (files)."""
+    n = cfg['n_samples']
     if not cfg['sources']:
-        n = cfg['n_samples']
         groups = [[i] if mode == 'recon' else [2 * i, 2 * i + 1] for i in range(n)]
+    elif cfg['sources'].startswith('held_out'):     # built-in data: 'held_out' or 'held_out:3'
+        meta = load_meta(cfg['data_dir'])
+        if meta is None:
+            raise ValueError(f"--sources={cfg['sources']} needs the built-in data; "
+                             f"'{cfg['data_dir']}' has no meta.json")
+        factors = np.load(os.path.join(cfg['data_dir'], f"{cfg['split']}_factors.npy"))
+        k = int(cfg['sources'].partition(':')[2] or 2)
+        groups = held_out_pair_groups(factors, meta, n, k, cfg['seed'])
     else:
         groups = [[int(m) if m.strip().isdigit() else m.strip() for m in g.split('+')]
                   for g in cfg['sources'].split(',') if g.strip()]
@@ -272,7 +293,7 @@ class Sources:
 @torch.no_grad()
 def run_mode(cfg, mode, rank, world, device):
     """Draw cfg['n_samples'] images of one mode; rank 0 returns (images, codes, extra)."""
-    info_cond = 'class' if mode == 'class' else 'dlc'
+    info_cond = {'class': 'class', 'plain': 'none'}.get(mode, 'dlc')
     dit, info, vae, dit_source, x_shape = load_image_model(cfg, info_cond, device)
     n = cfg['n_samples']
     used = {dit_source: info.get('iter_num')}                   # the checkpoints and their iters
@@ -296,9 +317,14 @@ def run_mode(cfg, mode, rank, world, device):
         check_code_contract('text model', path, text_ckpt, info, dit_source)
         prompts = T2D.read_prompts(cfg['prompts'])
         used[path] = text_ckpt.get('iter_num')
-    else:
+    elif mode == 'class':
         n_classes = dit.null
-        if cfg['labels']:
+        if cfg['labels'] == 'train':            # the training split's label frequencies
+            train = D.read_conditions(dict(cfg, cond='class', num_classes=n_classes,
+                                           image_size=info['image_size']), 'train', None)[0]
+            gens = [torch.Generator().manual_seed(s) for s in seeds_of(cfg, range(n))[0]]
+            labels = [int(train[torch.randint(len(train), (1,), generator=g)]) for g in gens]
+        elif cfg['labels']:
             labels = [int(x) for x in str(cfg['labels']).split(',')]
             if max(labels) >= n_classes:
                 raise ValueError(f"label {max(labels)} is not a class of {dit_source} "
@@ -322,6 +348,10 @@ def run_mode(cfg, mode, rank, world, device):
             z = dict(zip(members, sources.logits(encoder, members, device)))
             if mode == 'recon':
                 y = torch.stack([z[g[0]].argmax(-1) for g in batch_groups])
+            elif cfg['compose_soft']:
+                y = torch.stack([torch.softmax(torch.stack([z[m] for m in g]).double()
+                                               / cfg['compose_tau'], -1).mean(0)
+                                 for g in batch_groups]).float()
             else:
                 y = torch.stack([compose_code(torch.stack([z[m] for m in g]), cfg['compose_tau'],
                                               torch.Generator().manual_seed(s))
@@ -336,14 +366,17 @@ def run_mode(cfg, mode, rank, world, device):
                              code_seeds, device, cfg['text_sampler'], cfg['text_steps'],
                              cfg['text_temperature'], cfg['text_cfg_scale'], len(idx),
                              autocast=autocast, progress=False)
-        else:
+        elif mode == 'class':
             y = torch.tensor([labels[i % len(labels)] for i in idx])
-        y = y.to(device)
+        else:                                           # plain: no condition
+            y = None
+        y = None if y is None else y.to(device)
         x = D.sample(D.guided(dit, y, scale, info['objective'], cfg['guidance_interval']), x_shape,
                      image_seeds, info['objective'], cfg['dit_sampler'], cfg['dit_steps'], device,
                      clip=cfg['clip_denoised'], flow_output=flow_output)
         out = dict(images=D.decode_to_uint8(x, vae))
-        if mode != 'class':
+        if mode not in ('class', 'plain'):
+            y = y.argmax(-1) if y.is_floating_point() else y
             out['codes'] = y.cpu().numpy().astype(np.uint16 if info['V'] <= 65536 else np.uint32)
         return out
 
@@ -422,8 +455,8 @@ def reader_scores(cfg, mode, images, extra):
     """valid, and per mode: recon/class the source's (label's) shape and color kept; compose
     every factor taken from a source, a combination equal to no source, a (shape, color) pair
     held out of training; text the factors each prompt names kept; uncond the factor
-    histograms' distance to the training set."""
-    if mode == 'uncond':
+    histograms' distance to the training set (uncond, plain and class: histogram_scores)."""
+    if mode in ('uncond', 'plain'):
         scores = histogram_scores(cfg['data_dir'], images)
         return dict(n=len(images), **scores) if scores else {}
     read, meta = read_builtin(cfg['data_dir'], images)
@@ -441,7 +474,8 @@ def reader_scores(cfg, mode, images, extra):
         return scores
     if mode == 'class':
         shape, color = np.divmod(np.array(at(extra['labels'])), len(meta['color']))
-        return dict(scores, kept=factors_kept(read, shape, color))
+        return dict(scores, kept=factors_kept(read, shape, color),
+                    **histogram_scores(cfg['data_dir'], images))
     groups = at(extra['groups'])
     if any(isinstance(m, str) for g in groups for m in g):
         return scores                                  # files: no factors to compare with

@@ -55,8 +55,8 @@ def test_composing_one_code_gives_back_its_argmax_and_a_high_temperature_does_no
 
 @pytest.fixture(scope='module')
 def pipeline(shapes_dir, tmp_path_factory):
-    """A tokenizer (L=4, V=8), a DLC DiT, a class DiT, a prior and a text model, each briefly
-    trained."""
+    """A tokenizer (L=4, V=8), a DLC DiT, a class DiT, an unconditional DiT, a prior and a text
+    model, each briefly trained."""
     root = tmp_path_factory.mktemp('pipeline')
     tok = dict(T.CONFIG, data_dir=shapes_dir, out_dir=str(root / 'tok'), device='cpu', patch_size=8,
                embed_dim=32, depth=1, num_heads=2, image_size=32, L=4, V=8, ssl_loss='infonce',
@@ -73,6 +73,7 @@ def pipeline(shapes_dir, tmp_path_factory):
                log_interval=1, ckpt_interval=3, sampler='euler', num_sampling_steps=4)
     D.train(dict(dit, out_dir=str(root / 'dit')))
     D.train(dict(dit, out_dir=str(root / 'dit_class'), cond='class', num_classes=18))
+    D.train(dict(dit, out_dir=str(root / 'dit_plain'), cond='none'))
     P.train(dict(P.CONFIG, codes_dir=tok['out_dir'], out_dir=str(root / 'prior'), device='cpu',
                  model='tiny', dropout=0.0, batch_size=16, micro_batch_size=16, max_iters=3,
                  warmup_iters=1, eval_interval=0, log_interval=1, ckpt_interval=3))
@@ -84,12 +85,14 @@ def pipeline(shapes_dir, tmp_path_factory):
                  ckpt_interval=3))
     return dict(root=root, shapes=shapes_dir, tok=tok['out_dir'], dit=str(root / 'dit'),
                 dit_class=str(root / 'dit_class' / 'diffusion.pt'), prior=str(root / 'prior'),
+                dit_plain=str(root / 'dit_plain' / 'diffusion.pt'),
                 text=str(root / 'text'))
 
 
 def sample_cfg(p, out_dir, **kw):
     cfg = dict(S.CONFIG, out_dir=str(out_dir), device='cpu', n_samples=6, diffusion_dir=p['dit'],
-               class_dit=p['dit_class'], tokenizer_dir=p['tok'], prior_dir=p['prior'],
+               class_dit=p['dit_class'], plain_dit=p['dit_plain'], tokenizer_dir=p['tok'],
+               prior_dir=p['prior'],
                text2dlc_dir=p['text'], data_dir=p['shapes'],
                prompts='a red square|a small blue triangle on a white background, top|a shape',
                split='val', dit_sampler='euler', dit_steps=3, cfg_scale=2.0, clip_denoised=True,
@@ -302,3 +305,57 @@ def test_a_killed_run_continues_on_two_processes_and_writes_what_an_uninterrupte
     assert np.array_equal(*images)
     assert np.array_equal(np.load(whole / 'recon_codes.npy'), np.load(out / 'recon_codes.npy'))
     assert not os.path.exists(parts)
+
+
+def test_the_plain_baseline_draws_without_a_condition_and_is_scored_as_uncond(pipeline, tmp_path):
+    results = S.main(sample_cfg(pipeline, tmp_path, mode='plain,uncond', n_samples=8))
+    assert np.load(tmp_path / 'plain.npz')['arr_0'].shape == (8, 32, 32, 3)
+    assert not (tmp_path / 'plain_codes.npy').exists()              # no code: nothing to keep
+    for mode in ('plain', 'uncond'):
+        assert {'valid', 'tv_shape', 'tv_joint', 'coverage', 'nearest'} <= set(results[mode])
+    with pytest.raises(ValueError, match=r"cond='none'.*cond='dlc'.*--plain_dit"):
+        S.main(sample_cfg(pipeline, tmp_path / 'refused', mode='plain', plain_dit=''))
+
+
+def test_class_labels_drawn_from_the_training_split_are_never_a_held_out_pair(pipeline):
+    cfg = sample_cfg(pipeline, pipeline['root'] / 'labels', mode='class', labels='train',
+                     n_samples=48, batch_size=48, dit_steps=1)
+    _, _, extra = S.run_mode(cfg, 'class', 0, 1, 'cpu')
+    meta = json.load(open(os.path.join(pipeline['shapes'], 'meta.json')))
+    held_out = {s * len(meta['color']) + c for s, c in meta['held_out']}
+    train = np.load(os.path.join(pipeline['shapes'], 'train_factors.npy'))
+    in_train = set(train[:, 0] * len(meta['color']) + train[:, 1])
+    assert set(extra['labels']) <= in_train and not set(extra['labels']) & held_out
+    assert len(set(extra['labels'])) > 5                            # drawn, not one label
+    again = S.run_mode(dict(cfg, out_dir=str(pipeline['root'] / 'labels2')), 'class', 0, 1, 'cpu')
+    assert again[2]['labels'] == extra['labels']                    # seeded by the index
+
+
+def test_held_out_sources_pair_one_items_shape_with_anothers_color_into_an_unseen_pair(pipeline):
+    meta = json.load(open(os.path.join(pipeline['shapes'], 'meta.json')))
+    val = np.load(os.path.join(pipeline['shapes'], 'val_factors.npy'))
+    for k in (2, 3):
+        cfg = sample_cfg(pipeline, pipeline['root'] / f'held_out{k}', mode='compose',
+                         sources=f'held_out:{k}', n_samples=8, batch_size=8, dit_steps=1)
+        _, codes, extra = S.run_mode(cfg, 'compose', 0, 1, 'cpu')
+        assert codes.shape == (8, 4) and all(len(g) == k for g in extra['groups'])
+        assert all([val[g[0], 0], val[g[1], 1]] in meta['held_out'] for g in extra['groups'])
+
+
+def test_soft_composition_gives_the_dit_the_averaged_distributions(pipeline, tmp_path, monkeypatch):
+    seen = []
+    real = D.DiT.forward
+    def spy(self, x, t, y):
+        seen.append(y)
+        return real(self, x, t, y)
+    monkeypatch.setattr(D.DiT, 'forward', spy)
+    cfg = sample_cfg(pipeline, tmp_path, mode='compose', compose_soft=True, cfg_scale=1.0,
+                     n_samples=4, batch_size=4, dit_steps=1)
+    _, codes, extra = S.run_mode(cfg, 'compose', 0, 1, 'cpu')
+    y = seen[0]
+    assert y.shape == (4, 4, 8) and y.is_floating_point()          # (N, L, V) distributions
+    torch.testing.assert_close(y.sum(-1), torch.ones(4, 4))
+    # each position holds the mean of two near-one-hot rows: mass 1 or 1/2 on the sources' tokens
+    assert set(np.round(y.max(-1).values.numpy(), 3).ravel()) <= {0.5, 1.0}
+    assert np.array_equal(codes, y.argmax(-1).numpy())
+
