@@ -154,17 +154,18 @@ def test_the_scores_give_the_dataset_itself_full_marks_and_a_shuffle_none(datase
 
 
 def test_the_joint_histogram_and_coverage_see_what_matching_marginals_hide():
-    meta = dict(shape=['a', 'b'], color=['x', 'y'], background=['k'], size=['s'])
+    meta = dict(shape=['a', 'b'], color=['x', 'y'], background=['k'], size=['s'],
+                held_out=[[1, 0]])
     train = np.array([[s, c, 0, 0] for s in (0, 1) for c in (0, 1)] * 25)   # 4 cells, equally
     read = lambda rows: dict(zip(score.FACTORS, np.array(rows).T), valid=np.ones(len(rows), bool))
     same = score.joint_scores(read([[s, c, 0, 0] for s in (0, 1) for c in (0, 1)] * 5), train,
                               meta)
-    assert same == dict(tv_joint=0.0, coverage=1.0)
+    assert same == dict(tv_joint=0.0, coverage=1.0, unseen_pair=0.25)
     # the same marginals (half each shape, half each color), but only the diagonal cells
     diagonal = score.joint_scores(read([[0, 0, 0, 0], [1, 1, 0, 0]] * 10), train, meta)
-    assert diagonal == dict(tv_joint=0.5, coverage=0.5)
+    assert diagonal == dict(tv_joint=0.5, coverage=0.5, unseen_pair=0.0)
     collapsed = score.joint_scores(read([[1, 0, 0, 0]] * 20), train, meta)
-    assert collapsed == dict(tv_joint=0.75, coverage=0.25)
+    assert collapsed == dict(tv_joint=0.75, coverage=0.25, unseen_pair=1.0)
 
 
 def test_the_nearest_distance_is_zero_for_copies_and_the_shift_for_shifted_images():

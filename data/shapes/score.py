@@ -97,8 +97,9 @@ def histogram_scores(data_dir, images):
     train = np.load(os.path.join(data_dir, 'train_images.npy'), mmap_mode='r')
     scores['nearest'] = float(np.median(nearest_distances(images, np.asarray(train))))
     print(f"  all four   TV {scores['tv_joint']:.3f}   coverage of the training split's "
-          f"combinations {scores['coverage']:.3f}; median RMS distance to the nearest training "
-          f"image {scores['nearest']:.1f} (0-255)")
+          f"combinations {scores['coverage']:.3f}; a held-out (shape, color) pair "
+          f"{scores['unseen_pair']:.3f}; median RMS distance to the nearest training image "
+          f"{scores['nearest']:.1f} (0-255)")
     return scores
 
 
@@ -110,14 +111,17 @@ def joint_cells(values, meta):
 
 def joint_scores(read, train_factors, meta):
     """The valid images' joint histogram of (shape, color, background, size) against the
-    training split's: its total variation, and coverage, the share of the cells that the
-    training split holds (the combinations it has) reached by at least one valid image."""
+    training split's: its total variation; coverage, the share of the cells that the training
+    split holds (the combinations it has) reached by at least one valid image; and the share of
+    all images that are valid and show a (shape, color) pair held out of training."""
     valid = read['valid']
     got, n_cells = joint_cells([read[name][valid] for name in FACTORS], meta)
     want, _ = joint_cells(train_factors.T, meta)
-    held = np.unique(want)
+    held_out = {tuple(p) for p in meta.get('held_out', [])}
+    unseen = [(int(s), int(c)) in held_out for s, c in zip(read['shape'], read['color'])]
     return dict(tv_joint=histogram_tv(got, want, n_cells),
-                coverage=float(np.isin(held, got).mean()))
+                coverage=float(np.isin(np.unique(want), got).mean()),
+                unseen_pair=float(np.mean(valid & np.array(unseen, bool))))
 
 
 def nearest_distances(images, reference, chunk=512):
