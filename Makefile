@@ -10,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := out-demo
 
-.PHONY: demo test venv data clean
+.PHONY: demo test results venv data clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -43,6 +43,11 @@ demo: venv data
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# make results: the paper's claims against baselines, full-length runs (hours; resumable: a stage
+# that finished is not run again), then docs/results.md. data/shapes/results.py lists the stages.
+results: venv data
+	$(PY) data/shapes/results.py
 
 clean:
 	rm -rf $(DEMO) out-shapes

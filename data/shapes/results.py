@@ -1,0 +1,220 @@
+"""
+The paper's claims measured against baselines on the built-in data: `make results`.
+
+    python data/shapes/results.py            # every stage not done yet, then docs/results.md
+
+1. Fidelity. 2,000 images from the prior -> DLC -> DiT pipeline (uncond) against 2,000 from a
+   DiT trained with no condition (plain; also one given the extra CPU time the prior's training
+   took) and from a class-conditional DiT given the true (shape, color) labels at the training
+   split's frequencies (class): valid share, total variation of each factor's histogram and of
+   the joint one, coverage of the training combinations, median distance to the nearest
+   training image. Two training seeds of each DiT.
+2. Composition. Pairs (and triples) of val images whose shape and color make a held-out pair,
+   composed: valid, from the sources, novel, a held-out pair shown; against the prior's samples
+   and the DiT's ceiling, the reconstructions of the ood split's own codes.
+3. Text. The text model's prompts (issue 13): pending.
+
+Every stage is a command of the repository's scripts with the built-in configs, run in order.
+A stage that finished leaves a stamp (out-results/stamps/<stage>.json, with its wall time) and
+is not run again; one that was interrupted runs again with the same command, which continues
+(the trainers resume from out_dir with --auto_resume=True, sample.py from its chunks).
+"""
+import glob
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OUT = 'out-results'
+SEEDS = (0, 1)
+N_IMAGES = 2000
+
+
+def stages(out=OUT):
+    """(name, command) in order; a command is a list of words, run in the repository root.
+    The plain DiT given the prior's CPU time is the one stage whose command depends on an
+    earlier stage's wall time, so it is a function of the stamps."""
+    py = [sys.executable]
+    tok, prior = f'{out}/tok', f'{out}/prior'
+    dit = lambda name, seed: f'{out}/dit_{name}_s{seed}'
+    train_dit = lambda cond, seed, name=None, *extra: py + [
+        'diffusion.py', 'config/diffusion_shapes.py', f'--codes_dir={tok}',
+        f'--out_dir={dit(name or cond, seed)}', f'--cond={cond}', f'--seed={seed}',
+        '--auto_resume=True', *(['--num_classes=18'] if cond == 'class' else []), *extra]
+    sample = lambda name, seed, *extra: py + [
+        'sample.py', 'config/sample_shapes.py', f'--out_dir={out}/samples/{name}_s{seed}',
+        f'--seed={seed}', f'--n_samples={N_IMAGES}', '--batch_size=100', f'--tokenizer_dir={tok}',
+        f'--prior_dir={prior}', f'--diffusion_dir={dit("dlc", seed)}', *extra]
+    out_stages = [
+        ('tokenizer', py + ['tokenizer.py', 'config/tokenizer_shapes.py', f'--out_dir={tok}',
+                            '--auto_resume=True']),
+        ('probe', py + ['tokenizer.py', 'config/tokenizer_shapes.py', f'--out_dir={tok}',
+                        '--mode=probe']),
+        ('prior', py + ['prior.py', 'config/prior_shapes.py', f'--codes_dir={tok}',
+                        f'--out_dir={prior}', '--auto_resume=True']),
+    ]
+    def none_plus(done):
+        """The plain DiT of seed 0 continued (lr is constant after warm-up, and resume is exact:
+        the same as a longer run) by as many iterations as it runs in the prior's training
+        time."""
+        os.makedirs(dit('none_plus', 0), exist_ok=True)
+        target = f"{dit('none_plus', 0)}/diffusion.pt"
+        if not os.path.exists(target):
+            shutil.copy(f"{dit('none', 0)}/diffusion.pt", target)
+        return train_dit('none', 0, 'none_plus', f'--max_iters={plus_iters(done)}')
+
+    for seed in SEEDS:              # seed 0 whole first: an interrupted run has its numbers
+        out_stages += [
+            (f'dit_dlc_s{seed}', train_dit('dlc', seed)),
+            (f'uncond_s{seed}', sample('uncond', seed, '--mode=uncond')),
+            (f'compose2_s{seed}', sample('compose2', seed, '--mode=compose',
+                                         '--sources=held_out')),
+            (f'compose3_s{seed}', sample('compose3', seed, '--mode=compose',
+                                         '--sources=held_out:3')),
+            (f'ceiling_s{seed}', sample('ceiling', seed, '--mode=recon', '--split=ood')),
+            (f'dit_none_s{seed}', train_dit('none', seed)),
+            (f'plain_s{seed}', sample('plain', seed, '--mode=plain',
+                                      f'--plain_dit={dit("none", seed)}/diffusion.pt')),
+            (f'dit_class_s{seed}', train_dit('class', seed)),
+            (f'class_s{seed}', sample('class', seed, '--mode=class', '--labels=train',
+                                      f'--class_dit={dit("class", seed)}/diffusion.pt')),
+        ]
+        if seed == 0:
+            out_stages += [
+                ('dit_none_plus_s0', none_plus),
+                ('plain_plus_s0', sample('plain_plus', 0, '--mode=plain',
+                                         f'--plain_dit={dit("none_plus", 0)}/diffusion.pt')),
+            ]
+    return out_stages
+
+
+def plus_iters(done, base=24000):
+    """The plain DiT's iterations plus as many as it runs in the prior's training time."""
+    per_iter = done['dit_none_s0']['seconds'] / base
+    return base + int(round(done['prior']['seconds'] / per_iter))
+
+
+def run(out=OUT, only=None):
+    """Run every stage without a stamp, in order; returns {stage: stamp}."""
+    os.makedirs(f'{out}/stamps', exist_ok=True)
+    os.makedirs(f'{out}/logs', exist_ok=True)
+    done = {}
+    for name, command in stages(out) if only is None else only:
+        stamp = f'{out}/stamps/{name}.json'
+        if os.path.exists(stamp):
+            with open(stamp) as f:
+                done[name] = json.load(f)
+            continue
+        command = command(done) if callable(command) else command
+        print(f"== {name}: {' '.join(command)}", flush=True)
+        t0 = time.time()
+        with open(f'{out}/logs/{name}.log', 'a') as log:
+            code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        if code:
+            raise SystemExit(f"stage {name} failed (exit {code}); see {out}/logs/{name}.log, fix, "
+                             "and run again: the stages done are kept")
+        done[name] = dict(command=' '.join(command), seconds=time.time() - t0)
+        with open(stamp + '.tmp', 'w') as f:
+            json.dump(done[name], f, indent=1)
+        os.replace(stamp + '.tmp', stamp)
+    return done
+
+
+# -----------------------------------------------------------------------------
+# The report
+
+def scores_of(out, name):
+    """{mode: scores} of a sample.py stage (its scores.json)."""
+    with open(f'{out}/samples/{name}/scores.json') as f:
+        return json.load(f)
+
+
+def mean_spread(values):
+    """'mean ± half the range' of one value per seed."""
+    values = np.asarray(values, float)
+    if len(values) == 1:
+        return f'{values[0]:.3f}'
+    return f'{values.mean():.3f} ± {(values.max() - values.min()) / 2:.3f}'
+
+
+def fidelity_table(out):
+    rows = [('prior -> DLC -> DiT (uncond)', 'uncond', 'uncond'),
+            ("DiT with cond='none' (plain)", 'plain', 'plain'),
+            ('class-conditional DiT, true labels at the training frequencies', 'class', 'class')]
+    keys = [('valid', 'valid'), ('tv_shape', 'TV shape'), ('tv_color', 'TV color'),
+            ('tv_background', 'TV background'), ('tv_size', 'TV size'), ('tv_joint', 'TV joint'),
+            ('coverage', 'coverage'), ('nearest', 'nearest training image (RMS, 0-255)')]
+    lines = ['| set | ' + ' | '.join(title for _, title in keys) + ' |',
+             '|---' * (len(keys) + 1) + '|']
+    for title, stage, mode in rows:
+        per_seed = [scores_of(out, f'{stage}_s{s}')[mode] for s in SEEDS]
+        lines.append(f'| {title} | ' + ' | '.join(mean_spread([p[k] for p in per_seed])
+                                                   for k, _ in keys) + ' |')
+    plus = scores_of(out, 'plain_plus_s0')['plain']
+    lines.append("| plain, given the prior's training time in more iterations (seed 0) | " +
+                 ' | '.join(f'{plus[k]:.3f}' for k, _ in keys) + ' |')
+    return '\n'.join(lines)
+
+
+def composition_table(out):
+    rows = [('2 sources: the shape of one, the color of another, a held-out pair', 'compose2',
+             'compose'),
+            ('3 sources: the same and a random third', 'compose3', 'compose'),
+            ("the prior's samples (uncond)", 'uncond', 'uncond'),
+            ("the DiT's ceiling: recon of the ood split's codes", 'ceiling', 'recon')]
+    lines = ['| set | valid | from sources | novel | held-out pair shown |',
+             '|---|---|---|---|---|']
+    for title, stage, mode in rows:
+        per_seed = [scores_of(out, f'{stage}_s{s}')[mode] for s in SEEDS]
+        pick = lambda k: mean_spread([p[k] for p in per_seed]) if k in per_seed[0] else ''
+        unseen = 'kept' if mode == 'recon' else 'unseen_pair'
+        lines.append(f'| {title} | {pick("valid")} | {pick("from_sources")} | {pick("novel")} | '
+                     f'{pick(unseen)} |')
+    return '\n'.join(lines)
+
+
+def report(done, out=OUT, path='docs/results.md', assets='assets/results'):
+    """docs/results.md from the stages' scores, and their grids in assets/results/."""
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip() or 'unknown'
+    hours = sum(d['seconds'] for d in done.values()) / 3600
+    os.makedirs(os.path.join(ROOT, assets), exist_ok=True)
+    for grid in sorted(glob.glob(f'{out}/samples/*_s0/*.png')):
+        name = os.path.basename(os.path.dirname(grid))
+        shutil.copy(grid, os.path.join(ROOT, assets, f'{name}.png'))
+    text = f"""# Results: the paper's claims on the built-in data
+
+Written by `make results` (data/shapes/results.py) at commit `{commit}`, on {platform.machine()}
+with {os.cpu_count()} CPU cores ({platform.python_version()}); {hours:.1f} hours of stages in all.
+Every set is {N_IMAGES} images read by the attribute reader; "±" is half the range over the
+training seeds {', '.join(map(str, SEEDS))}. Each stage's command and wall time are in
+`{out}/stamps/`.
+
+## 1. Fidelity: a prior over DLCs and a DLC-conditioned DiT, against DiTs without DLCs
+
+{fidelity_table(out)}
+
+## 2. Composition makes combinations that no training image has
+
+{composition_table(out)}
+
+## 3. Text reaches held-out pairs
+
+Pending: the text model's targets (issue 13).
+
+Grids (seed 0): `assets/results/<set>_s0.png`.
+"""
+    with open(os.path.join(ROOT, path), 'w') as f:
+        f.write(text)
+    print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+    os.chdir(ROOT)
+    report(run())

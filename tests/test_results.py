@@ -1,0 +1,52 @@
+"""Claims about `make results` (data/shapes/results.py): a stage that finished is not run again,
+an interrupted run continues where it stopped, and the report averages the seeds."""
+import json
+import os
+import sys
+
+import pytest
+
+from data.shapes import results as R
+
+
+def test_a_finished_stage_is_not_run_again_and_a_failed_run_continues(tmp_path):
+    count = lambda name: [sys.executable, '-c', f"open(r'{tmp_path / name}', 'a').write('x')"]
+    fails = [sys.executable, '-c', 'import sys; sys.exit(3)']
+    seen = []
+    def depends(done):                        # a stage built from the earlier stages' stamps
+        seen.append(sorted(done))
+        return count('c')
+    out = str(tmp_path / 'out')
+    with pytest.raises(SystemExit, match=r'stage b failed \(exit 3\).*logs/b.log'):
+        R.run(out, only=[('a', count('a')), ('b', fails), ('c', depends)])
+    assert (tmp_path / 'a').read_text() == 'x' and not (tmp_path / 'c').exists()
+    done = R.run(out, only=[('a', count('a')), ('b', count('b')), ('c', depends)])
+    assert [(tmp_path / n).read_text() for n in 'abc'] == ['x', 'x', 'x']    # a ran once
+    assert seen == [['a', 'b']] and set(done) == {'a', 'b', 'c'}
+    assert json.load(open(tmp_path / 'out' / 'stamps' / 'a.json'))['seconds'] >= 0
+
+
+def test_the_plain_dit_gets_the_priors_training_time_in_iterations():
+    done = {'dit_none_s0': dict(seconds=2400.0), 'prior': dict(seconds=600.0)}
+    assert R.plus_iters(done) == 30000                         # 10 it/s for 600 s more
+
+
+def test_the_report_gives_the_mean_and_half_the_range_over_the_seeds(tmp_path):
+    out = tmp_path / 'out'
+    keys = ['valid', 'tv_shape', 'tv_color', 'tv_background', 'tv_size', 'tv_joint', 'coverage',
+            'nearest', 'from_sources', 'novel', 'unseen_pair', 'kept']
+    modes = {'uncond': 'uncond', 'plain': 'plain', 'class': 'class', 'compose2': 'compose',
+             'compose3': 'compose', 'ceiling': 'recon', 'plain_plus': 'plain'}
+    for stage, mode in modes.items():
+        for seed in (0, 1):
+            os.makedirs(out / 'samples' / f'{stage}_s{seed}')
+            value = 0.4 + 0.2 * seed if stage == 'uncond' else 0.5
+            scores = {mode: {k: value for k in keys}}
+            json.dump(scores, open(out / 'samples' / f'{stage}_s{seed}' / 'scores.json', 'w'))
+    R.report({'x': dict(seconds=3600)}, str(out), str(tmp_path / 'results.md'),
+             str(tmp_path / 'assets'))
+    text = (tmp_path / 'results.md').read_text()
+    uncond = next(l for l in text.splitlines() if l.startswith('| prior -> DLC -> DiT'))
+    assert uncond.count('0.500 ± 0.100') == 8                   # every column of the table
+    assert "| the prior's samples (uncond) | 0.500 ± 0.100 |" in text
+    assert '1.0 hours' in text and 'Pending' in text
