@@ -61,10 +61,8 @@ Modes:  python prior.py [config.py] [--key=value ...]
                     entropy of the per-position marginals
 """
 import copy
-import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -77,8 +75,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cluster import (exit_preempted, handle_preemption_signals, preemption_requested, resuming,
-                     save_atomic, setup_distributed)
+from cluster import (draw_in_chunks, exit_preempted, handle_preemption_signals,
+                     preemption_requested, resuming, save_atomic, setup_distributed)
 from configurator import configure
 from data.shapes.score import code_histograms
 
@@ -726,68 +724,6 @@ def generate(model, n, steps, sampler, eps, seeds, device, batch_size, remask_et
                           seeds[start:stop], sampler, eps, device, part, remask_eta, temperature,
                           t_end, corrector).cpu())
     return torch.cat(out) if out else torch.zeros(0, model.seq_len, dtype=torch.long)
-
-
-def draw_in_chunks(n, chunk_size, parts_dir, run_info, rank, world, draw, desc='chunks'):
-    """Samples 0 .. n-1 in chunks of consecutive indices, chunk j = [j chunk_size, (j + 1)
-    chunk_size), each written to parts_dir/<j:06d>.npz as soon as it is drawn, with the rank and
-    world that drew it. A killed run launched again with the same run_info (any JSON dict of the
-    settings that change the output), on any number of processes, draws only the missing chunks;
-    a chunk does not depend on who draws it, so neither does the result. draw(indices) returns a
-    dict of arrays, a row per index. Rank 0 returns the dict of full (n, ...) arrays (memmaps in
-    parts_dir), the other ranks None; the caller removes parts_dir once its outputs are written."""
-    os.makedirs(parts_dir, exist_ok=True)
-    info_path = os.path.join(parts_dir, 'run.json')
-    run_info = json.loads(json.dumps(run_info))                 # tuples as lists, as read back
-    if os.path.exists(info_path):
-        with open(info_path) as f:
-            saved = json.load(f)
-        differ = sorted(k for k in saved.keys() | run_info.keys()
-                        if saved.get(k) != run_info.get(k))
-        if differ:
-            changes = '; '.join(f"{k}: {saved.get(k)!r} there, {run_info.get(k)!r} now"
-                                for k in differ)
-            raise ValueError(f"{parts_dir} holds the chunks of a run with other settings "
-                             f"({changes}): relaunch with that run's settings to finish it, or "
-                             "delete the folder to start over")
-    elif rank == 0:
-        with open(info_path + '.tmp', 'w') as f:
-            json.dump(run_info, f, indent=1)
-        os.replace(info_path + '.tmp', info_path)
-    n_chunks = math.ceil(n / chunk_size)
-    done = {int(name[:6]) for name in os.listdir(parts_dir) if re.fullmatch(r'\d{6}\.npz', name)}
-    if world > 1:
-        dist.barrier()                                  # every rank has seen the same chunks
-    missing = [j for j in range(n_chunks) if j not in done]
-    mine = missing[rank::world]
-    bar = tqdm(total=n_chunks, initial=len(done), desc=desc, disable=rank != 0,
-               dynamic_ncols=True)
-    for j in mine:
-        arrays = draw(list(range(j * chunk_size, min(n, (j + 1) * chunk_size))))
-        tmp = os.path.join(parts_dir, f'{j:06d}.tmp.npz')         # a kill leaves at most this
-        np.savez(tmp, rank=rank, world=world, **arrays)
-        os.replace(tmp, os.path.join(parts_dir, f'{j:06d}.npz'))
-        bar.update(min(world, n_chunks - bar.n))
-    bar.close()
-    print(f"rank {rank} of {world}: drew {len(mine)} of {n_chunks} chunks "
-          f"({len(done)} were already done)")
-    if world > 1:
-        dist.barrier()
-    if rank:
-        return None
-    full = {}                       # on disk, not in memory: 50,000 ImageNet images are 9.8 GB
-    for j in range(n_chunks):
-        with np.load(os.path.join(parts_dir, f'{j:06d}.npz')) as chunk:
-            for key in set(chunk.files) - {'rank', 'world'}:
-                part = chunk[key]
-                if key not in full:
-                    full[key] = np.lib.format.open_memmap(
-                        os.path.join(parts_dir, f'{key}.npy'), mode='w+', dtype=part.dtype,
-                        shape=(n,) + part.shape[1:])
-                full[key][j * chunk_size:j * chunk_size + len(part)] = part
-    for array in full.values():
-        array.flush()
-    return full
 
 
 def sample_mode(cfg):

@@ -61,7 +61,7 @@ import diffusion as D
 import prior as P
 import text2dlc as T2D
 import tokenizer as T
-from cluster import setup_distributed
+from cluster import draw_in_chunks, setup_distributed
 from configurator import configure
 from data.shapes.score import (composition_scores, factors_kept, held_out_pair_groups,
                                histogram_scores, load_meta, named_factors_kept, print_table,
@@ -288,7 +288,7 @@ class Sources:
 
 # -----------------------------------------------------------------------------
 # The run: chunks of batch_size consecutive samples, shared out among the processes and kept
-# on disk as they are drawn (prior.draw_in_chunks), so that a killed run can continue
+# on disk as they are drawn (cluster.draw_in_chunks), so that a killed run can continue
 
 @torch.no_grad()
 def run_mode(cfg, mode, rank, world, device):
@@ -384,7 +384,7 @@ def run_mode(cfg, mode, rank, world, device):
     settings = {k: v for k, v in cfg.items() if k not in OUTPUT_ONLY}
     run_info = dict(settings, mode=mode, checkpoints=used)
     parts = os.path.join(cfg['out_dir'], f'{mode}.parts')
-    full = P.draw_in_chunks(n, cfg['batch_size'], parts, run_info, rank, world, draw, desc=mode)
+    full = draw_in_chunks(n, cfg['batch_size'], parts, run_info, rank, world, draw, desc=mode)
     if rank != 0:
         return None
     extra = dict(groups=groups, sources=sources, labels=labels, prompts=prompts)

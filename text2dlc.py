@@ -65,8 +65,8 @@ from tqdm import tqdm
 
 import diffusion as D
 import prior as P
-from cluster import (exit_preempted, handle_preemption_signals, preemption_requested, resuming,
-                     save_atomic, setup_distributed)
+from cluster import (draw_in_chunks, exit_preempted, handle_preemption_signals,
+                     preemption_requested, resuming, save_atomic, setup_distributed)
 from configurator import configure
 from data.shapes.score import load_meta, named_factors_kept, probe_predict
 
@@ -605,7 +605,7 @@ def sample_mode(cfg):
             'temperature', 'cfg_scale')
     run_info = dict({k: cfg[k] for k in keys}, iter_num=ckpt.get('iter_num'),
                     checkpoint=os.path.join(cfg['out_dir'], 'text2dlc.pt'))
-    full = P.draw_in_chunks(n, cfg['sample_batch_size'], path + '.parts', run_info, rank, world,
+    full = draw_in_chunks(n, cfg['sample_batch_size'], path + '.parts', run_info, rank, world,
                             draw, desc='text2dlc')
     if world > 1:
         dist.destroy_process_group()
