@@ -20,6 +20,7 @@ import data.shapes.prepare as shapes  # noqa: E402
 # (--local_addr) and gloo's connections (GLOO_SOCKET_IFNAME) all on 127.0.0.1
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--local_addr=127.0.0.1']
 LOOPBACK = dict(os.environ, GLOO_SOCKET_IFNAME='lo')
+TEARDOWN_ABORT = 'terminate called without an active exception'
 
 
 def run_script(script, args, nproc=1, check=True):
@@ -27,6 +28,10 @@ def run_script(script, args, nproc=1, check=True):
     launcher = TORCHRUN + [f'--nproc_per_node={nproc}'] if nproc > 1 else [sys.executable]
     cmd = launcher + [script] + args
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=LOOPBACK)
+    if nproc > 1 and result.returncode and TEARDOWN_ABORT in result.stderr:
+        # a gloo worker can abort in its C++ teardown after its work is done (rarely, seen under
+        # load with torch 2.13): the whole run once more, so the test still checks its claim
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=LOOPBACK)
     if check and result.returncode:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
     return result
