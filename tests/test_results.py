@@ -24,6 +24,9 @@ def test_a_finished_stage_is_not_run_again_and_a_failed_run_continues(tmp_path):
     assert [(tmp_path / n).read_text() for n in 'abc'] == ['x', 'x', 'x']    # a ran once
     assert seen == [['a', 'b']] and set(done) == {'a', 'b', 'c'}
     assert json.load(open(tmp_path / 'out' / 'stamps' / 'a.json'))['seconds'] >= 0
+    preempted = [sys.executable, '-c', 'import sys; sys.exit(75)']
+    with pytest.raises(SystemExit, match='stage d was stopped by a signal.*continues'):
+        R.run(out, only=[('a', count('a')), ('d', preempted)])
 
 
 def test_the_plain_dit_gets_the_priors_training_time_in_iterations():

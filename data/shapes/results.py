@@ -116,6 +116,9 @@ def run(out=OUT, only=None):
         t0 = time.time()
         with open(f'{out}/logs/{name}.log', 'a') as log:
             code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        if code == 75:                  # cluster.PREEMPTED: the trainer saved and stopped
+            raise SystemExit(f"stage {name} was stopped by a signal after saving; run again and "
+                             "it continues")
         if code:
             raise SystemExit(f"stage {name} failed (exit {code}); see {out}/logs/{name}.log, fix, "
                              "and run again: the stages done are kept")
