@@ -68,13 +68,16 @@ def resuming(cfg, ckpt_path):
 
 
 def save_atomic(obj, path):
-    """torch.save (np.save for an array) to a temporary file in the same folder, flushed to disk,
-    then renamed over path: a crash at any moment leaves the old file or the new one, whole. A
-    failed save removes its temporary file; a successful one, those that killed runs left."""
+    """torch.save (np.save for an array, np.savez of a dict of arrays for an .npz path) to a
+    temporary file in the same folder, flushed to disk, then renamed over path: a crash at any
+    moment leaves the old file or the new one, whole. A failed save removes its temporary file;
+    a successful one, those that killed runs left."""
     tmp = f'{path}.tmp.{os.getpid()}'
     try:
         with open(tmp, 'wb') as f:
-            if isinstance(obj, np.ndarray):
+            if path.endswith('.npz'):
+                np.savez(f, **obj)
+            elif isinstance(obj, np.ndarray):
                 np.save(f, obj)
             else:
                 torch.save(obj, f)
@@ -155,9 +158,8 @@ def draw_in_chunks(n, chunk_size, parts_dir, run_info, rank, world, draw, desc='
                dynamic_ncols=True)
     for j in mine:
         arrays = draw(list(range(j * chunk_size, min(n, (j + 1) * chunk_size))))
-        tmp = os.path.join(parts_dir, f'{j:06d}.tmp.npz')         # a kill leaves at most this
-        np.savez(tmp, rank=rank, world=world, **arrays)
-        os.replace(tmp, os.path.join(parts_dir, f'{j:06d}.npz'))
+        save_atomic(dict(arrays, rank=np.array(rank), world=np.array(world)),
+                    os.path.join(parts_dir, f'{j:06d}.npz'))
         bar.update(min(world, n_chunks - bar.n))
     bar.close()
     print(f"rank {rank} of {world}: drew {len(mine)} of {n_chunks} chunks "

@@ -755,8 +755,7 @@ def sample_mode(cfg):
     if full is None:
         return None
     full = np.array(full['codes'])
-    np.save(path + '.tmp.npy', full)
-    os.replace(path + '.tmp.npy', path)
+    save_atomic(full, path)
     shutil.rmtree(path + '.parts')
     name = {'remdm': 'ReMDM', 'paper': "the paper's corrector"}[cfg['corrector']]
     remask = f", {name}, eta {cfg['remask_eta']}" if cfg['remask_eta'] > 0 else ''

@@ -61,7 +61,7 @@ import diffusion as D
 import prior as P
 import text2dlc as T2D
 import tokenizer as T
-from cluster import draw_in_chunks, setup_distributed
+from cluster import draw_in_chunks, save_atomic, setup_distributed
 from configurator import configure
 from data.shapes.score import (composition_scores, factors_kept, held_out_pair_groups,
                                histogram_scores, load_meta, named_factors_kept, print_table,
@@ -401,13 +401,9 @@ def fit(image, size):
 def write_outputs(cfg, mode, images, codes, extra):
     """<mode>.npz and <mode>_codes.npy (atomic), the grid, per-image PNGs; then the chunks go."""
     out = cfg['out_dir']
-    tmp = os.path.join(out, f'{mode}.tmp.npz')
-    np.savez(tmp, arr_0=images)
-    os.replace(tmp, os.path.join(out, f'{mode}.npz'))
+    save_atomic(dict(arr_0=images), os.path.join(out, f'{mode}.npz'))
     if codes is not None:
-        codes_path = os.path.join(out, f'{mode}_codes.npy')
-        np.save(codes_path + '.tmp.npy', codes)
-        os.replace(codes_path + '.tmp.npy', codes_path)
+        save_atomic(np.asarray(codes), os.path.join(out, f'{mode}_codes.npy'))
     n_show, size, grid = min(cfg['n_grid'], len(images)), images.shape[1], f'{out}/{mode}.png'
     if extra['groups'] is not None:           # each entry: its sources, then the result
         groups = [extra['groups'][i % len(extra['groups'])] for i in range(n_show)]

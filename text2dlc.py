@@ -613,8 +613,7 @@ def sample_mode(cfg):
         return None
     full = np.array(full['codes'])
     used = [prompts[i % len(prompts)] for i in range(n)]
-    np.save(path + '.tmp.npy', full)
-    os.replace(path + '.tmp.npy', path)
+    save_atomic(full, path)
     shutil.rmtree(path + '.parts')
     with open(os.path.splitext(path)[0] + '_prompts.txt', 'w', encoding='utf-8') as f:
         f.write(''.join(p + '\n' for p in used))
