@@ -14,7 +14,8 @@ A training sequence is an image's DLC, the separator, then its caption, truncate
 
     [c_1 .. c_L] [sep] [w_1 .. w_T] [pad ..]               length S = L + 1 + caption_len
 
-Loss (masked diffusion, LLaDA's pretraining loss). Draw t ~ U(0, 1) per sequence; mask every
+Loss (masked diffusion, LLaDA's pretraining loss). Draw t ~ U(0, 1) per sequence (U(t_min, 1)
+with t_min > 0: fewer steps spent where the other codes give the answer away); mask every
 non-pad token independently with probability p = (1 - eps) t + eps (eps = 1e-3); predict the
 masked tokens from the rest:
 
@@ -92,6 +93,7 @@ dropout = 0.1
 noise_eps = 1e-3                # mask probability (1 - eps) t + eps
 noise_caption = True            # the paper's: mask codes, separator, caption; False: the codes only
 caption_dropout = 0.0           # share of sequences with the empty caption (guidance needs > 0)
+t_min = 0.0                     # noise levels t ~ U(t_min, 1); the paper's: 0 (see the README)
 # optimization
 batch_size = 128                # global, across processes and accumulation steps
 micro_batch_size = 16
@@ -495,7 +497,7 @@ def train(cfg):
         noisable = ~pad
         if not c['noise_caption']:
             noisable[:, L:] = False
-        t_all = torch.rand(B, generator=gen)
+        t_all = c['t_min'] + (1 - c['t_min']) * torch.rand(B, generator=gen)
         u_all = torch.rand(x0.shape, generator=gen)
         masked = noise(x0, noisable, t_all, u_all, mask_id, c['noise_eps'])[1]
         n_masked = masked.sum().clamp_min(1).item()

@@ -210,6 +210,25 @@ def test_a_briefly_trained_model_draws_the_codes_its_prompts_describe(toy_dir, t
     assert written[:16] == prompts and len(written) == 64
 
 
+def test_t_min_draws_every_training_noise_level_from_t_min_to_one(toy_dir, tmp_path, monkeypatch):
+    seen = []
+
+    def recording(model, x0, noisable, t, *args, **kw):
+        seen.append(t.clone())
+        return loss(model, x0, noisable, t, *args, **kw)
+    loss = X.masked_cross_entropy
+    monkeypatch.setattr(X, 'masked_cross_entropy', recording)
+    for t_min in [0.0, 0.6]:
+        seen.clear()
+        X.train(tiny_cfg(toy_dir, tmp_path / str(t_min), max_iters=20, t_min=t_min))
+        t = torch.cat(seen)
+        assert len(t) == 20 * 16 and t.max() < 1
+        if t_min:
+            assert t.min() >= t_min and t.mean() > 0.7         # U(0.6, 1): mean 0.8
+        else:
+            assert t.min() < 0.1 and t.mean() < 0.6            # U(0, 1): the paper's
+
+
 def as_args(cfg):
     return [f'--{k}={v!r}' if isinstance(v, (str, tuple)) else f'--{k}={v}'
             for k, v in cfg.items() if v != X.CONFIG[k]]
