@@ -108,7 +108,8 @@ eval_interval = 5000
 n_eval = 2048                   # held-out codes scored (0 = all)
 # sampling
 sampler = 'analytic'            # 'analytic' (Tweedie tau-leaping) | 'euler' | 'random_order'
-temperature = 1.0               # random_order: draw from p_0^(1/temperature)
+                                # | 'confidence' (random_order, most confident positions first)
+temperature = 1.0               # random_order, confidence: draw from p_0^(1/temperature)
 num_steps = 1024
 sample_eps = 1e-5               # the steps end at t = sample_eps (SEDD's and the paper's sampler)
 corrector = 'remdm'             # 'remdm' (ReMDM-cap) | 'paper' (the paper's, for t in (0.3, 0.55))
@@ -363,8 +364,9 @@ def sample(score_fn, n, L, V, steps, seeds, sampler='analytic', eps=NOISE_EPS, d
     """n codes (n, L) in [0, V), code i from seeds[i] alone. score_fn(x (n, L), sigma (n,)) -> log
     ratios (n, L, V + 1). given: (n, L) tokens kept fixed, -1 where free. t_end: where the steps
     end (None: eps). corrector: 'remdm' or 'paper' (for t in window), of strength remask_eta."""
-    if sampler not in ('analytic', 'euler', 'random_order'):
-        raise ValueError(f"sampler '{sampler}' is not 'analytic', 'euler' or 'random_order'")
+    if sampler not in ('analytic', 'euler', 'random_order', 'confidence'):
+        raise ValueError(f"sampler '{sampler}' is not 'analytic', 'euler', 'random_order' or "
+                         "'confidence'")
     if corrector not in ('remdm', 'paper'):
         raise ValueError(f"corrector '{corrector}' is not 'remdm' or 'paper'")
     if corrector == 'paper' and remask_eta > 0 and sampler != 'analytic':
@@ -376,8 +378,9 @@ def sample(score_fn, n, L, V, steps, seeds, sampler='analytic', eps=NOISE_EPS, d
         given = given.to(device).long()
         known = given >= 0
         x = torch.where(known, given, x)
-    if sampler == 'random_order':
-        return sample_random_order(score_fn, x, V, min(steps, L), generators, eps, temperature)
+    if sampler in ('random_order', 'confidence'):
+        return sample_random_order(score_fn, x, V, min(steps, L), generators, eps, temperature,
+                                   by_confidence=sampler == 'confidence')
     ts = torch.linspace(1.0, eps if t_end is None else t_end, steps + 1, dtype=torch.float64)
     for i in range(steps):
         t, s = ts[i], ts[i + 1]
@@ -415,10 +418,12 @@ def sample(score_fn, n, L, V, steps, seeds, sampler='analytic', eps=NOISE_EPS, d
     return torch.where(known, given, x) if known is not None else x
 
 
-def sample_random_order(score_fn, x, V, steps, generators, eps, temperature):
+def sample_random_order(score_fn, x, V, steps, generators, eps, temperature, by_confidence=False):
     """The random-order sampler on x (n, L), V where free: step i of `steps` commits the free
     positions ranked in [k_{i-1}, k_i) of a random order, k_i = round(free * (i + 1) / steps),
-    each drawn from p_0^(1/T). The network sees the noise level of the share still masked."""
+    each drawn from p_0^(1/T). The network sees the noise level of the share still masked.
+    by_confidence (the 'confidence' sampler, LLaDA's low-confidence remasking): step i commits
+    instead the k_i - k_{i-1} free positions whose tempered distribution peaks highest."""
     n, L = x.shape
     free = x == V
     order = uniform((L,), generators, x.device).masked_fill(~free, 2.0)      # known positions last
@@ -430,7 +435,12 @@ def sample_random_order(score_fn, x, V, steps, generators, eps, temperature):
         log_p = (log_p - log_p.amax(-1, keepdim=True)) / temperature
         draw = sample_categorical(log_p.exp(), generators)
         low, high = torch.round(n_free * i / steps), torch.round(n_free * (i + 1) / steps)
-        commit = free & (rank >= low) & (rank < high)
+        if by_confidence:           # rank the free positions by their peak probability
+            peak = log_p.exp().div(log_p.exp().sum(-1, keepdim=True)).amax(-1)
+            rank = (-peak.masked_fill(x != V, -1.0)).argsort(-1).argsort(-1)
+            commit = (x == V) & (rank < high - low)
+        else:
+            commit = free & (rank >= low) & (rank < high)
         x = torch.where(commit, draw, x)
     return x
 

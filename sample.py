@@ -112,7 +112,7 @@ prior_sample_eps = 1e-5         # the prior's steps end at t = 1e-5 (SEDD's and 
 prior_corrector = 'remdm'       # 'remdm' (ReMDM-cap) | 'paper' (the paper's, for t in (0.3, 0.55))
 remask_eta = 0.0                # the corrector's eta; 0 = no corrector
 # text model sampling (the paper's: one code token per step in random order, temperature 0.2)
-text_sampler = 'random_order'   # 'random_order' | 'analytic' | 'euler'
+text_sampler = 'random_order'   # 'random_order' | 'confidence' | 'analytic' | 'euler'
 text_steps = 0                  # 0 = L
 text_temperature = 0.2
 text_cfg_scale = 1.0            # guidance on the prompt; 1 = none (the paper's)

@@ -112,7 +112,7 @@ n_eval = 1024
 # generation
 prompts = ''                    # 'a red square|a blue circle', or a file with one prompt per line
 n_samples = 0                   # codes to draw, sample i: prompt i mod #prompts; 0 = one per prompt
-sampler = 'random_order'        # 'random_order' (the paper's) | 'analytic' | 'euler'
+sampler = 'random_order'        # 'random_order' (the paper's) | 'confidence' | 'analytic' | 'euler'
 num_steps = 0                   # 0 = L (random_order: one token per step)
 temperature = 0.2               # random_order: draw from p^(1/temperature)
 cfg_scale = 1.0                 # guidance on the prompt; 1 = none (the paper's)

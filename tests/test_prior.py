@@ -110,6 +110,31 @@ def test_the_random_order_sampler_reproduces_the_distribution_and_a_low_temperat
     assert tv_to(infilled, conditional / conditional.sum()) < math.sqrt(V_TOY ** 2 / n)
 
 
+def test_the_confidence_sampler_fills_the_surest_position_first_and_keeps_the_distribution():
+    n = 4000
+    seen = []
+
+    def recording(x, sigma):
+        seen.append(x.clone())
+        return exact_log_ratios(x, sigma)
+    codes = P.sample(recording, n, L_TOY, V_TOY, L_TOY, range(n), 'confidence')
+    # the order depends only on the tokens already drawn, so exact conditionals stay exact
+    assert codes.min() >= 0 and codes.max() < V_TOY
+    assert tv_to(codes, PROB) < math.sqrt(len(SEQS) / n)
+    # step 1 fills, in every sequence, the position whose marginal peaks highest
+    peak = exact_log_ratios(seen[0][:1], torch.tensor([1.0]))[0, :, :V_TOY].exp().amax(-1)
+    filled = (seen[1] != V_TOY).double().mean(0)
+    assert filled.argmax() == peak.argmax() and filled.max() == 1 and filled.sum() == 1
+    assert [int((x != V_TOY).sum(1).max()) for x in seen] == list(range(L_TOY))    # one a step
+    given = torch.full((n, L_TOY), -1)
+    given[:, 1] = 2
+    infilled = P.sample(exact_log_ratios, n, L_TOY, V_TOY, L_TOY, range(n), 'confidence',
+                        given=given)
+    conditional = PROB * (SEQS[:, 1] == 2)
+    assert (infilled[:, 1] == 2).all()
+    assert tv_to(infilled, conditional / conditional.sum()) < math.sqrt(V_TOY ** 2 / n)
+
+
 def test_infilling_keeps_the_given_tokens_and_samples_the_conditional():
     n = 3000
     given = torch.full((n, L_TOY), -1)

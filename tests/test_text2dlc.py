@@ -145,7 +145,8 @@ def test_generation_writes_only_code_tokens_and_never_touches_the_prompt():
     want = torch.cat([torch.full((3, 1), n_text + V), caps], 1)
     seen = []
     model.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
-    for sampler, cfg_scale in [('random_order', 1.0), ('analytic', 3.0), ('euler', 1.0)]:
+    for sampler, cfg_scale in [('random_order', 1.0), ('confidence', 1.0), ('analytic', 3.0),
+                               ('euler', 1.0)]:
         seen.clear()
         codes = X.generate(model, enc, ckpt, prompts, [0, 1, 2], 'cpu', sampler, 4, 0.2, cfg_scale,
                            progress=False)
