@@ -16,7 +16,7 @@ model = 'tiny'                  # 4 blocks, width 128
 dropout = 0.0
 noise_caption = False
 caption_dropout = 0.1
-t_min = 0.25                    # noise levels t ~ U(0.25, 1), not U(0, 1): the caption is learned
+t_min = 0.25                    # noise levels t ~ U(0.25, 1), not U(0, 1): the codes fit sooner
                                 # sooner (the README; docs/experiments.md)
 batch_size = 32
 micro_batch_size = 32
