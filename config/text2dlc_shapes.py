@@ -17,7 +17,7 @@ dropout = 0.0
 noise_caption = False
 caption_dropout = 0.1
 t_min = 0.25                    # noise levels t ~ U(0.25, 1), not U(0, 1): the codes fit sooner
-                                # sooner (the README; docs/experiments.md)
+                                # (the README; docs/experiments.md)
 batch_size = 32
 micro_batch_size = 32
 max_iters = 5000                # 9 min 30 s alone on 2 CPU cores (9.5 it/s with the evaluations)
