@@ -101,13 +101,7 @@ def test_the_random_order_sampler_reproduces_the_distribution_and_a_low_temperat
                     temperature=0.2)
     top = PROB.argmax()
     assert (cold == SEQS[top]).all(1).double().mean() > PROB[top] + 0.2
-    given = torch.full((n, L_TOY), -1)
-    given[:, 1] = 2
-    infilled = P.sample(exact_log_ratios, n, L_TOY, V_TOY, L_TOY, range(n), 'random_order',
-                        given=given)
-    conditional = PROB * (SEQS[:, 1] == 2)
-    assert (infilled[:, 1] == 2).all()
-    assert tv_to(infilled, conditional / conditional.sum()) < math.sqrt(V_TOY ** 2 / n)
+    assert_infills(n, L_TOY, sampler='random_order')
 
 
 def test_the_confidence_sampler_fills_the_surest_position_first_and_keeps_the_distribution():
@@ -126,23 +120,21 @@ def test_the_confidence_sampler_fills_the_surest_position_first_and_keeps_the_di
     filled = (seen[1] != V_TOY).double().mean(0)
     assert filled.argmax() == peak.argmax() and filled.max() == 1 and filled.sum() == 1
     assert [int((x != V_TOY).sum(1).max()) for x in seen] == list(range(L_TOY))    # one a step
-    given = torch.full((n, L_TOY), -1)
-    given[:, 1] = 2
-    infilled = P.sample(exact_log_ratios, n, L_TOY, V_TOY, L_TOY, range(n), 'confidence',
-                        given=given)
-    conditional = PROB * (SEQS[:, 1] == 2)
-    assert (infilled[:, 1] == 2).all()
-    assert tv_to(infilled, conditional / conditional.sum()) < math.sqrt(V_TOY ** 2 / n)
+    assert_infills(n, L_TOY, sampler='confidence')
 
 
-def test_infilling_keeps_the_given_tokens_and_samples_the_conditional():
-    n = 3000
+def assert_infills(n, steps, **kw):
+    """With position 1 given as token 2: kept, and the rest drawn from the conditional."""
     given = torch.full((n, L_TOY), -1)
     given[:, 1] = 2
-    codes = P.sample(exact_log_ratios, n, L_TOY, V_TOY, 48, range(n), given=given, remask_eta=0.05)
+    codes = P.sample(exact_log_ratios, n, L_TOY, V_TOY, steps, range(n), given=given, **kw)
     assert (codes[:, 1] == 2).all()
     conditional = PROB * (SEQS[:, 1] == 2)
     assert tv_to(codes, conditional / conditional.sum()) < math.sqrt(V_TOY ** 2 / n)
+
+
+def test_infilling_keeps_the_given_tokens_and_samples_the_conditional():
+    assert_infills(3000, 48, remask_eta=0.05)
 
 
 def test_the_remasking_corrector_keeps_the_distribution():
