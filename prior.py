@@ -436,8 +436,8 @@ def sample_random_order(score_fn, x, V, steps, generators, eps, temperature, by_
         draw = sample_categorical(log_p.exp(), generators)
         low, high = torch.round(n_free * i / steps), torch.round(n_free * (i + 1) / steps)
         if by_confidence:           # rank the free positions by their peak probability
-            peak = log_p.exp().div(log_p.exp().sum(-1, keepdim=True)).amax(-1)
-            rank = (-peak.masked_fill(x != V, -1.0)).argsort(-1).argsort(-1)
+            peak = log_p.softmax(-1).amax(-1).masked_fill(x != V, -1.0)
+            rank = (-peak).argsort(-1).argsort(-1)
             commit = (x == V) & (rank < high - low)
         else:
             commit = free & (rank >= low) & (rank < high)
