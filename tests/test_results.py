@@ -39,17 +39,32 @@ def test_the_report_gives_the_mean_and_half_the_range_over_the_seeds(tmp_path):
     keys = ['valid', 'tv_shape', 'tv_color', 'tv_background', 'tv_size', 'tv_joint', 'coverage',
             'nearest', 'from_sources', 'novel', 'unseen_pair', 'kept']
     modes = {'uncond': 'uncond', 'plain': 'plain', 'class': 'class', 'compose2': 'compose',
-             'compose3': 'compose', 'ceiling': 'recon', 'plain_plus': 'plain'}
+             'compose3': 'compose', 'compose2_soft': 'compose', 'compose3_soft': 'compose',
+             'ceiling': 'recon', 'plain_plus': 'plain', 'real_val': 'real'}
     for stage, mode in modes.items():
         for seed in (0, 1):
-            os.makedirs(out / 'samples' / f'{stage}_s{seed}')
+            name = stage if stage == 'real_val' else f'{stage}_s{seed}'
+            os.makedirs(out / 'samples' / name, exist_ok=True)
             value = 0.4 + 0.2 * seed if stage == 'uncond' else 0.5
             scores = {mode: {k: value for k in keys}}
-            json.dump(scores, open(out / 'samples' / f'{stage}_s{seed}' / 'scores.json', 'w'))
-    R.report({'x': dict(seconds=3600)}, str(out), str(tmp_path / 'results.md'),
-             str(tmp_path / 'assets'))
+            json.dump(scores, open(out / 'samples' / name / 'scores.json', 'w'))
+    done = {'prior': dict(seconds=600.0, command=f'{sys.executable} prior.py --seed=0'),
+            'dit_none_s0': dict(seconds=3000.0, command='python diffusion.py')}
+    R.report(done, str(out), str(tmp_path / 'results.md'), str(tmp_path / 'assets'))
     text = (tmp_path / 'results.md').read_text()
     uncond = next(l for l in text.splitlines() if l.startswith('| prior -> DLC -> DiT'))
     assert uncond.count('0.500 ± 0.100') == 8                   # every column of the table
     assert "| the prior's samples (uncond) | 0.500 ± 0.100 |" in text
     assert '1.0 hours' in text and 'Pending' in text
+    assert '| real images: the val split (held out of training) | 0.500 |' in text
+    # uncond's seeds (0.4, 0.6) straddle every baseline's 0.5: the difference is 0, not apart
+    assert '| valid | +0.000 | no | +0.000 | no | +0.000 | no |' in text
+    assert '24,000 + 4,800 iterations' in text                  # 8 it/s for the prior's 600 s
+    assert '# prior: 10.0 min\npython prior.py --seed=0' in text
+
+
+def test_a_difference_exceeds_the_spread_only_when_the_seeds_ranges_are_apart():
+    assert R.separated([0.90, 0.93], [0.69, 0.71])
+    assert R.separated([0.5], [0.6, 0.7])
+    assert not R.separated([0.90, 0.70], [0.69, 0.71])          # means differ, ranges overlap
+    assert not R.separated([0.5, 0.5], [0.5])

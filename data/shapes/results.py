@@ -11,7 +11,8 @@ The paper's claims measured against baselines on the built-in data: `make result
    training image. Two training seeds of each DiT.
 2. Composition. Pairs (and triples) of val images whose shape and color make a held-out pair,
    composed: valid, from the sources, novel, a held-out pair shown; against the prior's samples
-   and the DiT's ceiling, the reconstructions of the ood split's own codes.
+   and the DiT's ceiling, the reconstructions of the ood split's own codes. The attempt to do
+   better: soft codes (the sources' averaged distributions given to the DiT).
 3. Text. The text model's prompts (issue 13): pending.
 
 Every stage is a command of the repository's scripts with the built-in configs, run in order.
@@ -58,6 +59,8 @@ def stages(out=OUT):
                         '--mode=probe']),
         ('prior', py + ['prior.py', 'config/prior_shapes.py', f'--codes_dir={tok}',
                         f'--out_dir={prior}', '--auto_resume=True']),
+        # the floor: real images held out of training, scored like the generated ones
+        ('real_val', py + ['data/shapes/results.py', '--real', f'{out}/samples/real_val']),
     ]
     def none_plus(done):
         """The plain DiT of seed 0 continued (lr is constant after warm-up, and resume is exact:
@@ -77,6 +80,11 @@ def stages(out=OUT):
                                          '--sources=held_out')),
             (f'compose3_s{seed}', sample('compose3', seed, '--mode=compose',
                                          '--sources=held_out:3')),
+            # the attempt to raise composition's valid share: the averaged distributions
+            (f'compose2_soft_s{seed}', sample('compose2_soft', seed, '--mode=compose',
+                                              '--sources=held_out', '--compose_soft=True')),
+            (f'compose3_soft_s{seed}', sample('compose3_soft', seed, '--mode=compose',
+                                              '--sources=held_out:3', '--compose_soft=True')),
             (f'ceiling_s{seed}', sample('ceiling', seed, '--mode=recon', '--split=ood')),
             (f'dit_none_s{seed}', train_dit('none', seed)),
             (f'plain_s{seed}', sample('plain', seed, '--mode=plain',
@@ -132,6 +140,16 @@ def run(out=OUT, only=None):
 # -----------------------------------------------------------------------------
 # The report
 
+def score_real_images(out_dir, data_dir='data/shapes', split='val'):
+    """The scores of the split's first N_IMAGES real images, the floor of every generated set's
+    (a finite set of real images has TV > 0 and is some distance from the training images)."""
+    from data.shapes.score import histogram_scores
+    images = np.load(os.path.join(data_dir, f'{split}_images.npy'), mmap_mode='r')[:N_IMAGES]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'scores.json'), 'w') as f:
+        json.dump({'real': histogram_scores(data_dir, np.asarray(images))}, f, indent=1)
+
+
 def scores_of(out, name):
     """{mode: scores} of a sample.py stage (its scores.json)."""
     with open(f'{out}/samples/{name}/scores.json') as f:
@@ -146,22 +164,54 @@ def mean_spread(values):
     return f'{values.mean():.3f} ± {(values.max() - values.min()) / 2:.3f}'
 
 
+FIDELITY = [('valid', 'valid'), ('tv_shape', 'TV shape'), ('tv_color', 'TV color'),
+            ('tv_background', 'TV background'), ('tv_size', 'TV size'),
+            ('tv_joint', 'TV joint'), ('coverage', 'coverage'),
+            ('nearest', 'nearest training image (RMS, 0-255)')]
+
+
+def per_seed(out, stage, mode, key, seeds=SEEDS):
+    return [scores_of(out, f'{stage}_s{s}')[mode][key] for s in seeds]
+
+
+def separated(a, b):
+    """Whether two sets' values over the seeds have ranges that do not overlap: the difference
+    between them exceeds the spread from seed to seed."""
+    return max(a) < min(b) or max(b) < min(a)
+
+
 def fidelity_table(out):
     rows = [('prior -> DLC -> DiT (uncond)', 'uncond', 'uncond'),
             ("DiT with cond='none' (plain)", 'plain', 'plain'),
             ('class-conditional DiT, true labels at the training frequencies', 'class', 'class')]
-    keys = [('valid', 'valid'), ('tv_shape', 'TV shape'), ('tv_color', 'TV color'),
-            ('tv_background', 'TV background'), ('tv_size', 'TV size'), ('tv_joint', 'TV joint'),
-            ('coverage', 'coverage'), ('nearest', 'nearest training image (RMS, 0-255)')]
-    lines = ['| set | ' + ' | '.join(title for _, title in keys) + ' |',
-             '|---' * (len(keys) + 1) + '|']
+    lines = ['| set | ' + ' | '.join(title for _, title in FIDELITY) + ' |',
+             '|---' * (len(FIDELITY) + 1) + '|']
     for title, stage, mode in rows:
-        per_seed = [scores_of(out, f'{stage}_s{s}')[mode] for s in SEEDS]
-        lines.append(f'| {title} | ' + ' | '.join(mean_spread([p[k] for p in per_seed])
-                                                   for k, _ in keys) + ' |')
-    plus = scores_of(out, 'plain_plus_s0')['plain']
-    lines.append("| plain, given the prior's training time in more iterations (seed 0) | " +
-                 ' | '.join(f'{plus[k]:.3f}' for k, _ in keys) + ' |')
+        lines.append(f'| {title} | ' + ' | '.join(mean_spread(per_seed(out, stage, mode, k))
+                                                   for k, _ in FIDELITY) + ' |')
+    for title, stage, mode in [("plain, given the prior's training time in more iterations "
+                                "(seed 0)", 'plain_plus_s0', 'plain'),
+                               ('real images: the val split (held out of training)', 'real_val',
+                                'real')]:
+        scores = scores_of(out, stage)[mode]
+        lines.append(f'| {title} | ' + ' | '.join(f'{scores[k]:.3f}' for k, _ in FIDELITY) + ' |')
+    return '\n'.join(lines)
+
+
+def differences_table(out):
+    """uncond's mean minus each baseline's, score by score, and whether the seeds' ranges are
+    apart ('yes') or overlap ('no')."""
+    others = [('plain', 'plain', SEEDS), ('plain_plus', 'plain', (0,)), ('class', 'class', SEEDS)]
+    lines = ['| score | uncond - plain | apart? | uncond - plain given the time | apart? | '
+             'uncond - class | apart? |', '|---|---|---|---|---|---|---|']
+    for key, title in FIDELITY:
+        mine = per_seed(out, 'uncond', 'uncond', key)
+        cells = []
+        for stage, mode, seeds in others:
+            theirs = per_seed(out, stage, mode, key, seeds)
+            cells += [f'{np.mean(mine) - np.mean(theirs):+.3f}',
+                      'yes' if separated(mine, theirs) else 'no']
+        lines.append(f'| {title} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
@@ -169,16 +219,37 @@ def composition_table(out):
     rows = [('2 sources: the shape of one, the color of another, a held-out pair', 'compose2',
              'compose'),
             ('3 sources: the same and a random third', 'compose3', 'compose'),
+            ('2 sources, soft codes (the averaged distributions)', 'compose2_soft', 'compose'),
+            ('3 sources, soft codes', 'compose3_soft', 'compose'),
             ("the prior's samples (uncond)", 'uncond', 'uncond'),
             ("the DiT's ceiling: recon of the ood split's codes", 'ceiling', 'recon')]
     lines = ['| set | valid | from sources | novel | held-out pair shown |',
              '|---|---|---|---|---|']
     for title, stage, mode in rows:
-        per_seed = [scores_of(out, f'{stage}_s{s}')[mode] for s in SEEDS]
-        pick = lambda k: mean_spread([p[k] for p in per_seed]) if k in per_seed[0] else ''
+        scores = [scores_of(out, f'{stage}_s{s}')[mode] for s in SEEDS]
+        pick = lambda k: mean_spread([p[k] for p in scores]) if k in scores[0] else ''
         unseen = 'kept' if mode == 'recon' else 'unseen_pair'
         lines.append(f'| {title} | {pick("valid")} | {pick("from_sources")} | {pick("novel")} | '
                      f'{pick(unseen)} |')
+    return '\n'.join(lines)
+
+
+def plus_note(done):
+    if 'dit_none_s0' not in done or 'prior' not in done:
+        return ''
+    extra = plus_iters(done) - 24000
+    return (f"The plain DiT given the prior's time: 24,000 + {extra:,} iterations, because the "
+            f"prior's training took {done['prior']['seconds']:,.0f} s and the plain DiT's 24,000 "
+            f"iterations {done['dit_none_s0']['seconds']:,.0f} s. These are wall times on this "
+            "machine with whatever else ran beside them (see the commands below).")
+
+
+def commands(done):
+    """Each stage's command and wall time, as a reader would type it."""
+    lines = []
+    for name, stamp in done.items():
+        command = stamp['command'].replace(sys.executable, 'python').replace(ROOT + '/', '')
+        lines += [f"# {name}: {stamp['seconds'] / 60:.1f} min", command]
     return '\n'.join(lines)
 
 
@@ -203,6 +274,13 @@ training seeds {', '.join(map(str, SEEDS))}. Each stage's command and wall time 
 
 {fidelity_table(out)}
 
+uncond against each baseline: the difference of the means, and whether the seeds' ranges are
+apart (the difference exceeds the spread) or overlap.
+
+{differences_table(out)}
+
+{plus_note(done)}
+
 ## 2. Composition makes combinations that no training image has
 
 {composition_table(out)}
@@ -212,6 +290,15 @@ training seeds {', '.join(map(str, SEEDS))}. Each stage's command and wall time 
 Pending: the text model's targets (issue 13).
 
 Grids (seed 0): `assets/results/<set>_s0.png`.
+
+## The commands
+
+Every stage, in the order run, with its wall time (a stage interrupted and continued counts the
+last run's time only):
+
+```
+{commands(done)}
+```
 """
     with open(os.path.join(ROOT, path), 'w') as f:
         f.write(text)
@@ -220,4 +307,7 @@ Grids (seed 0): `assets/results/<set>_s0.png`.
 
 if __name__ == '__main__':
     os.chdir(ROOT)
-    report(run())
+    if sys.argv[1:2] == ['--real']:
+        score_real_images(sys.argv[2])
+    else:
+        report(run())
