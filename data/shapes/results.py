@@ -8,7 +8,8 @@ The paper's claims measured against baselines on the built-in data: `make result
    took) and from a class-conditional DiT given the true (shape, color) labels at the training
    split's frequencies (class): valid share, total variation of each factor's histogram and of
    the joint one, coverage of the training combinations, median distance to the nearest
-   training image. Two training seeds of each DiT.
+   training image. Two training seeds of each DiT. uncond and class also without guidance (it
+   trades diversity for fidelity), and real val images as the floor.
 2. Composition. Pairs (and triples) of val images whose shape and color make a held-out pair,
    composed: valid, from the sources, novel, a held-out pair shown; against the prior's samples
    and the DiT's ceiling, the reconstructions of the ood split's own codes. The attempt to do
@@ -92,6 +93,12 @@ def stages(out=OUT):
             (f'dit_class_s{seed}', train_dit('class', seed)),
             (f'class_s{seed}', sample('class', seed, '--mode=class', '--labels=train',
                                       f'--class_dit={dit("class", seed)}/diffusion.pt')),
+            # guidance (the config's 3.0) trades diversity for fidelity: both DiTs without it
+            (f'uncond_cfg1_s{seed}', sample('uncond_cfg1', seed, '--mode=uncond',
+                                            '--cfg_scale=1.0')),
+            (f'class_cfg1_s{seed}', sample('class_cfg1', seed, '--mode=class', '--labels=train',
+                                           f'--class_dit={dit("class", seed)}/diffusion.pt',
+                                           '--cfg_scale=1.0')),
         ]
         if seed == 0:
             out_stages += [
@@ -183,7 +190,9 @@ def separated(a, b):
 def fidelity_table(out):
     rows = [('prior -> DLC -> DiT (uncond)', 'uncond', 'uncond'),
             ("DiT with cond='none' (plain)", 'plain', 'plain'),
-            ('class-conditional DiT, true labels at the training frequencies', 'class', 'class')]
+            ('class-conditional DiT, true labels at the training frequencies', 'class', 'class'),
+            ('uncond without guidance', 'uncond_cfg1', 'uncond'),
+            ('class without guidance', 'class_cfg1', 'class')]
     lines = ['| set | ' + ' | '.join(title for _, title in FIDELITY) + ' |',
              '|---' * (len(FIDELITY) + 1) + '|']
     for title, stage, mode in rows:
