@@ -96,6 +96,7 @@ compose_soft = False            # give the DiT the averaged distributions (L, V)
 labels = ''                     # class: '207,360' (sample i: i mod #labels); '' = drawn per sample,
                                 # uniformly; 'train': drawn from the training split's labels
 plain_dit = ''                  # plain: a cond='none' DiT's diffusion.pt; '' = diffusion_dir's
+dit_weights = 'ema'             # our DiT checkpoints' 'ema' weights (the paper's) or the raw 'model'
 prompts = ''                    # text: 'a red square|a blue circle' or a file, one per line
                                 # (sample i: i mod #prompts)
 # image model sampling
@@ -184,8 +185,10 @@ def load_image_model(cfg, want_cond, device):
     if want_cond == 'none' and cfg['plain_dit']:
         source = cfg['plain_dit']
     info = D.load_checkpoint(source)
+    if cfg['dit_weights'] not in ('ema', 'model'):
+        raise ValueError(f"dit_weights='{cfg['dit_weights']}': 'ema' or 'model'")
     if 'model_args' in info:
-        model = D.model_from_checkpoint(info)
+        model = D.model_from_checkpoint(info, cfg['dit_weights'])
     else:                                       # a bare state dict: the public class DiT's
         model, info = public_dit_from_weights(source, info)
     if info['cond'] != want_cond:

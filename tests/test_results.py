@@ -40,7 +40,7 @@ def test_the_report_gives_the_mean_and_half_the_range_over_the_seeds(tmp_path):
             'nearest', 'from_sources', 'novel', 'unseen_pair', 'kept']
     modes = {'uncond': 'uncond', 'plain': 'plain', 'class': 'class', 'compose2': 'compose',
              'compose3': 'compose', 'compose2_soft': 'compose', 'compose3_soft': 'compose',
-             'ceiling': 'recon', 'plain_plus': 'plain', 'real_val': 'real',
+             'ceiling': 'recon', 'plain_plus': 'plain', 'plain_plus_raw': 'plain', 'real_val': 'real',
              'uncond_cfg1': 'uncond', 'class_cfg1': 'class'}
     for stage, mode in modes.items():
         for seed in (0, 1):

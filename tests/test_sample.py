@@ -317,6 +317,20 @@ def test_the_plain_baseline_draws_without_a_condition_and_is_scored_as_uncond(pi
         S.main(sample_cfg(pipeline, tmp_path / 'refused', mode='plain', plain_dit=''))
 
 
+def test_dit_weights_model_samples_the_raw_weights_not_the_ema(pipeline, tmp_path):
+    ckpt = torch.load(pipeline['dit_plain'], map_location='cpu', weights_only=True)
+    raw_as_ema = dict(ckpt, ema=ckpt['model'])              # the raw weights in the ema slot
+    torch.save(raw_as_ema, tmp_path / 'raw_as_ema.pt')
+    draw = lambda out, **kw: (S.main(sample_cfg(pipeline, tmp_path / out, mode='plain',
+                                                n_samples=4, **kw)),
+                              np.load(tmp_path / out / 'plain.npz')['arr_0'])[1]
+    raw = draw('raw', dit_weights='model')
+    assert np.array_equal(raw, draw('swapped', plain_dit=str(tmp_path / 'raw_as_ema.pt')))
+    assert not np.array_equal(raw, draw('ema'))
+    with pytest.raises(ValueError, match="dit_weights='last'"):
+        draw('bad', dit_weights='last')
+
+
 def test_class_labels_drawn_from_the_training_split_are_never_a_held_out_pair(pipeline):
     cfg = sample_cfg(pipeline, pipeline['root'] / 'labels', mode='class', labels='train',
                      n_samples=48, batch_size=48, dit_steps=1)

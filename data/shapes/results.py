@@ -105,6 +105,10 @@ def stages(out=OUT):
                 ('dit_none_plus_s0', none_plus),
                 ('plain_plus_s0', sample('plain_plus', 0, '--mode=plain',
                                          f'--plain_dit={dit("none_plus", 0)}/diffusion.pt')),
+                # its raw weights too: a loss spike late in a run leaves the EMA behind
+                ('plain_plus_raw_s0', sample('plain_plus_raw', 0, '--mode=plain',
+                                             f'--plain_dit={dit("none_plus", 0)}/diffusion.pt',
+                                             '--dit_weights=model')),
             ]
     return out_stages
 
@@ -200,6 +204,8 @@ def fidelity_table(out):
                                                    for k, _ in FIDELITY) + ' |')
     for title, stage, mode in [("plain, given the prior's training time in more iterations "
                                 "(seed 0)", 'plain_plus_s0', 'plain'),
+                               ('the same, its raw weights instead of the EMA', 'plain_plus_raw_s0',
+                                'plain'),
                                ('real images: the val split (held out of training)', 'real_val',
                                 'real')]:
         scores = scores_of(out, stage)[mode]
@@ -210,8 +216,9 @@ def fidelity_table(out):
 def differences_table(out):
     """uncond's mean minus each baseline's, score by score, and whether the seeds' ranges are
     apart ('yes') or overlap ('no')."""
-    others = [('plain', 'plain', SEEDS), ('plain_plus', 'plain', (0,)), ('class', 'class', SEEDS)]
-    lines = ['| score | uncond - plain | apart? | uncond - plain given the time | apart? | '
+    others = [('plain', 'plain', SEEDS), ('plain_plus_raw', 'plain', (0,)),
+              ('class', 'class', SEEDS)]
+    lines = ['| score | uncond - plain | apart? | uncond - plain given the time (raw) | apart? | '
              'uncond - class | apart? |', '|---|---|---|---|---|---|---|']
     for key, title in FIDELITY:
         mine = per_seed(out, 'uncond', 'uncond', key)
