@@ -282,7 +282,7 @@ def report(done, out=OUT, path='docs/results.md', assets='assets/results'):
 
 Written by `make results` (data/shapes/results.py) at commit `{commit}`, on {platform.machine()}
 with {os.cpu_count()} CPU cores ({platform.python_version()}); {hours:.1f} hours of stages in all.
-Every set is {N_IMAGES} images read by the attribute reader; "±" is half the range over the
+Every set is {N_IMAGES:,} images read by the attribute reader; "±" is half the range over the
 training seeds {', '.join(map(str, SEEDS))}. Each stage's command and wall time are in
 `{out}/stamps/`.
 
@@ -323,6 +323,7 @@ last run's time only):
 
 if __name__ == '__main__':
     os.chdir(ROOT)
+    sys.path.insert(0, ROOT)                # score.py's imports, when run as a script
     if sys.argv[1:2] == ['--real']:
         score_real_images(sys.argv[2])
     else:
