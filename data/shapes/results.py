@@ -309,7 +309,7 @@ Grids (seed 0): `assets/results/<set>_s0.png`.
 
 ## The commands
 
-Every stage, in the order run, with its wall time (a stage interrupted and continued counts the
+Every stage, in the order of the stage list, with its wall time (a stage interrupted and continued counts the
 last run's time only):
 
 ```
