@@ -309,8 +309,8 @@ Grids (seed 0): `assets/results/<set>_s0.png`.
 
 ## The commands
 
-Every stage, in the order of the stage list, with its wall time (a stage interrupted and continued counts the
-last run's time only):
+Every stage, in the order of the stage list, with its wall time (a stage interrupted and
+continued counts the last run's time only):
 
 ```
 {commands(done)}
