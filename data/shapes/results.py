@@ -36,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 OUT = 'out-results'
 SEEDS = (0, 1)
 N_IMAGES = 2000
+DIT_ITERS = 24000                   # config/diffusion_shapes.py's max_iters
 
 
 def stages(out=OUT):
@@ -113,7 +114,7 @@ def stages(out=OUT):
     return out_stages
 
 
-def plus_iters(done, base=24000):
+def plus_iters(done, base=DIT_ITERS):
     """The plain DiT's iterations plus as many as it runs in the prior's training time."""
     per_iter = done['dit_none_s0']['seconds'] / base
     return base + int(round(done['prior']['seconds'] / per_iter))
@@ -253,11 +254,11 @@ def composition_table(out):
 def plus_note(done):
     if 'dit_none_s0' not in done or 'prior' not in done:
         return ''
-    extra = plus_iters(done) - 24000
-    return (f"The plain DiT given the prior's time: 24,000 + {extra:,} iterations, because the "
-            f"prior's training took {done['prior']['seconds']:,.0f} s and the plain DiT's 24,000 "
-            f"iterations {done['dit_none_s0']['seconds']:,.0f} s. These are wall times on this "
-            "machine with whatever else ran beside them (see the commands below).")
+    extra = plus_iters(done) - DIT_ITERS
+    return (f"The plain DiT given the prior's time: {DIT_ITERS:,} + {extra:,} iterations, because "
+            f"the prior's training took {done['prior']['seconds']:,.0f} s and the plain DiT's "
+            f"{DIT_ITERS:,} iterations {done['dit_none_s0']['seconds']:,.0f} s. These are wall "
+            "times on this machine with whatever else ran beside them (see the commands below).")
 
 
 def commands(done):
