@@ -29,6 +29,17 @@ def test_a_finished_stage_is_not_run_again_and_a_failed_run_continues(tmp_path):
         R.run(out, only=[('a', count('a')), ('d', preempted)])
 
 
+def test_an_interrupted_stage_counts_the_time_of_each_of_its_runs(tmp_path):
+    out = str(tmp_path / 'out')
+    sleep_then = lambda code: [sys.executable, '-c', f'import sys, time; time.sleep(0.5); '
+                                                     f'sys.exit({code})']
+    with pytest.raises(SystemExit, match='stopped by a signal'):
+        R.run(out, only=[('a', sleep_then(75))])
+    done = R.run(out, only=[('a', sleep_then(0))])
+    assert done['a']['seconds'] >= 1.0                      # both runs of half a second
+    assert not os.path.exists(tmp_path / 'out' / 'stamps' / 'a.json.partial')
+
+
 def test_the_plain_dit_gets_the_priors_training_time_in_iterations():
     done = {'dit_none_s0': dict(seconds=2400.0), 'prior': dict(seconds=600.0)}
     assert R.plus_iters(done) == 30000                         # 10 it/s for 600 s more

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -133,19 +134,29 @@ def run(out=OUT, only=None):
             continue
         command = command(done) if callable(command) else command
         print(f"== {name}: {' '.join(command)}", flush=True)
+        # the time of earlier runs of an interrupted stage counts too: the plain DiT's extra
+        # iterations are computed from the stamps' times
+        partial = stamp + '.partial'
+        spent = float(open(partial).read()) if os.path.exists(partial) else 0.0
         t0 = time.time()
-        with open(f'{out}/logs/{name}.log', 'a') as log:
-            code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            with open(f'{out}/logs/{name}.log', 'a') as log:
+                code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            spent += time.time() - t0
+            with open(partial, 'w') as f:
+                f.write(repr(spent))
         if code == 75:                  # cluster.PREEMPTED: the trainer saved and stopped
             raise SystemExit(f"stage {name} was stopped by a signal after saving; run again and "
                              "it continues")
         if code:
             raise SystemExit(f"stage {name} failed (exit {code}); see {out}/logs/{name}.log, fix, "
                              "and run again: the stages done are kept")
-        done[name] = dict(command=' '.join(command), seconds=time.time() - t0)
+        done[name] = dict(command=' '.join(command), seconds=spent)
         with open(stamp + '.tmp', 'w') as f:
             json.dump(done[name], f, indent=1)
         os.replace(stamp + '.tmp', stamp)
+        os.remove(partial)
     return done
 
 
@@ -311,7 +322,7 @@ Grids (seed 0): `assets/results/<set>_s0.png`.
 ## The commands
 
 Every stage, in the order of the stage list, with its wall time (a stage interrupted and
-continued counts the last run's time only):
+continued counts each of its runs):
 
 ```
 {commands(done)}
@@ -323,6 +334,8 @@ continued counts the last run's time only):
 
 
 if __name__ == '__main__':
+    # SIGTERM (a session or job ending) unwinds like ^C, so an interrupted stage keeps its time
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
     os.chdir(ROOT)
     sys.path.insert(0, ROOT)                # score.py's imports, when run as a script
     if sys.argv[1:2] == ['--real']:
