@@ -15,7 +15,8 @@ A training sequence is an image's DLC, the separator, then its caption, truncate
     [c_1 .. c_L] [sep] [w_1 .. w_T] [pad ..]               length S = L + 1 + caption_len
 
 Loss (masked diffusion, LLaDA's pretraining loss). Draw t ~ U(0, 1) per sequence (U(t_min, 1)
-with t_min > 0: fewer steps spent where the other codes give the answer away); mask every
+with t_min > 0: fewer steps spent where the other codes give the answer away; a t_one_share of the
+sequences at t = 1, every code masked, where only the caption can say what the code is); mask every
 non-pad token independently with probability p = (1 - eps) t + eps (eps = 1e-3); predict the
 masked tokens from the rest:
 
@@ -94,6 +95,8 @@ noise_eps = 1e-3                # mask probability (1 - eps) t + eps
 noise_caption = True            # the paper's: mask codes, separator, caption; False: the codes only
 caption_dropout = 0.0           # share of sequences with the empty caption (guidance needs > 0)
 t_min = 0.0                     # noise levels t ~ U(t_min, 1); the paper's: 0 (see the README)
+t_one_share = 0.0               # share of sequences at t = 1 (every code masked); the paper's: 0
+t_one_share_end = -1.0          # the share at max_iters, linear from t_one_share; < 0: constant
 # optimization
 batch_size = 128                # global, across processes and accumulation steps
 micro_batch_size = 16
@@ -499,6 +502,12 @@ def train(cfg):
             noisable[:, L:] = False
         t_all = c['t_min'] + (1 - c['t_min']) * torch.rand(B, generator=gen)
         u_all = torch.rand(x0.shape, generator=gen)
+        share = c['t_one_share']
+        if c['t_one_share_end'] >= 0:
+            share += (c['t_one_share_end'] - share) * it / c['max_iters']
+        if share > 0:                    # drawn last: share 0 keeps the old stream. 1 - eps: the
+            # sampler's first noise level (p = 0.999, sigma 6.9; t = 1 itself has sigma = inf)
+            t_all[torch.rand(B, generator=gen) < share] = 1 - c['noise_eps']
         masked = noise(x0, noisable, t_all, u_all, mask_id, c['noise_eps'])[1]
         n_masked = masked.sum().clamp_min(1).item()
         loss_sum = torch.zeros((), device=device)

@@ -24,3 +24,4 @@ prior_steps = 128
 # no training images, so the class-conditional DiT has never seen them
 labels = '0,1,3,4,5,6,7,8,10,11,13,14,15,16'
 batch_size = 50
+text_cfg_scale = 2.0            # guidance on the prompt (config/text2dlc_shapes.py's cfg_scale)

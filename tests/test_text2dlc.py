@@ -230,6 +230,33 @@ def test_t_min_draws_every_training_noise_level_from_t_min_to_one(toy_dir, tmp_p
             assert t.min() < 0.1 and t.mean() < 0.6            # U(0, 1): the paper's
 
 
+def test_t_one_share_masks_every_code_of_that_share_of_the_sequences(toy_dir, tmp_path,
+                                                                     monkeypatch):
+    seen = []
+
+    def recording(model, x0, noisable, t, u, mask_id, eps, *args, **kw):
+        x_t, masked, p = X.noise(x0, noisable, t, u, mask_id, eps)
+        seen.append((t.clone(), masked.sum(1) == noisable.sum(1), noisable.sum(1)))
+        return loss(model, x0, noisable, t, u, mask_id, eps, *args, **kw)
+    loss = X.masked_cross_entropy
+    monkeypatch.setattr(X, 'masked_cross_entropy', recording)
+    cfg = tiny_cfg(toy_dir, tmp_path, max_iters=40, t_min=0.25, t_one_share=0.5,
+                   noise_caption=False)
+    X.train(cfg)
+    t, all_masked, n_codes = (torch.cat(v) for v in zip(*seen))
+    one = t == 1 - cfg['noise_eps']                   # the sampler's first noise level
+    assert 0.35 < one.float().mean() < 0.65 and (n_codes == 4).all()
+    assert all_masked[one].float().mean() > 0.99      # p = 0.999: every code masked, nearly always
+    assert t[~one].min() >= 0.25 and all_masked[~one].float().mean() < 0.5
+    assert torch.isfinite(torch.tensor([h['train_loss'] for h in
+                                        torch.load(tmp_path / 'text2dlc.pt')['history']])).all()
+    seen.clear()                                      # the curriculum: from every row to none
+    X.train(dict(cfg, out_dir=str(tmp_path / 'decay'), t_one_share=1.0, t_one_share_end=0.0))
+    t = torch.stack([s[0] for s in seen])             # (40 iterations x 2 micro-batches, 8)
+    one = (t == 1 - cfg['noise_eps']).float().reshape(40, -1).mean(1)
+    assert one[0] == 1.0 and one[-4:].max() < 0.5 and one[:20].mean() > one[20:].mean()
+
+
 def as_args(cfg):
     return [f'--{k}={v!r}' if isinstance(v, (str, tuple)) else f'--{k}={v}'
             for k, v in cfg.items() if v != X.CONFIG[k]]
