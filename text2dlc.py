@@ -412,6 +412,10 @@ def train(cfg):
         raise ValueError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) "
                          f"x micro_batch_size ({micro})")
     accum = c['batch_size'] // (world * micro)
+    if not (0 <= c['t_min'] < 1 and 0 <= c['t_one_share'] <= 1 and c['t_one_share_end'] <= 1):
+        raise ValueError(f"t_min={c['t_min']} must be in [0, 1), t_one_share={c['t_one_share']} "
+                         f"and t_one_share_end={c['t_one_share_end']} in [0, 1] (the end < 0: "
+                         "the share stays constant)")
     torch.backends.cuda.matmul.allow_tf32 = True
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device_type == 'cuda' else \
         nullcontext()

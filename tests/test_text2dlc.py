@@ -255,6 +255,8 @@ def test_t_one_share_masks_every_code_of_that_share_of_the_sequences(toy_dir, tm
     t = torch.stack([s[0] for s in seen])             # (40 iterations x 2 micro-batches, 8)
     one = (t == 1 - cfg['noise_eps']).float().reshape(40, -1).mean(1)
     assert one[0] == 1.0 and one[-4:].max() < 0.5 and one[:20].mean() > one[20:].mean()
+    with pytest.raises(ValueError, match='t_one_share=1.5'):
+        X.train(dict(cfg, t_one_share=1.5))
 
 
 def as_args(cfg):
