@@ -89,7 +89,7 @@ def tensors(state, part):
             if torch.is_tensor(v)}
 
 
-# -- launching two "nodes" with the README's torchrun line, on loopback -------------------------
+# -- launching two "nodes" with the documented torchrun line, on loopback -----------------------
 
 def free_port():
     with socket.socket() as s:
@@ -97,12 +97,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def readme_sbatch():
-    """The torchrun line of the README's sbatch example, as a list of words, and the variables
-    its script exports."""
-    text = open(os.path.join(ROOT, 'README.md')).read().replace('\\\n', ' ')
+def documented_sbatch():
+    """The torchrun line of the sbatch example (docs/details.md, "Running on a cluster"), as a
+    list of words, and the variables its script exports."""
+    text = open(os.path.join(ROOT, 'docs', 'details.md')).read().replace('\\\n', ' ')
     lines = [l for l in text.splitlines() if l.strip().startswith('srun torchrun')]
-    assert len(lines) == 1, "the README's sbatch example should have one `srun torchrun` line"
+    assert len(lines) == 1, "docs/details.md's sbatch example should have one `srun torchrun` line"
     words = shlex.split(lines[0].split('#')[0])[1:]
     exports = dict(shlex.split(l.split('#')[0])[1].split('=', 1) for l in text.splitlines()
                    if l.startswith('export '))
@@ -110,11 +110,11 @@ def readme_sbatch():
 
 
 def node_command(port, job, script, args):
-    """The README's line with a 2-node job's values: one process a node, loopback addresses."""
+    """The documented line with a 2-node job's values: one process a node, loopback addresses."""
     values = {'$SLURM_NNODES': '2', '$GPUS_PER_NODE': '1', '$HEAD': '127.0.0.1',
               '29500': str(port), '$SLURM_JOB_ID': job}
     words = []
-    for w in readme_sbatch()[0]:
+    for w in documented_sbatch()[0]:
         for k, v in values.items():
             w = w.replace(k, v)
         words.append(w)
@@ -142,7 +142,7 @@ class Nodes:
     """Two torchrun agents ("nodes") of one job, their output read line by line as it comes."""
     def __init__(self, script, args):
         port, job = free_port(), f'test{random.randrange(10**9)}'
-        env = dict(os.environ, **readme_sbatch()[1], GLOO_SOCKET_IFNAME='lo', PYTHONUNBUFFERED='1',
+        env = dict(os.environ, **documented_sbatch()[1], GLOO_SOCKET_IFNAME='lo', PYTHONUNBUFFERED='1',
                    OMP_NUM_THREADS='1')
         self.lines, self.log = queue.Queue(), []
         self.out_dir = next(a for a in args if a.startswith('--out_dir=')).split('=', 1)[1]
