@@ -239,7 +239,7 @@ class DDitFinalLayer(nn.Module):
 class SEDD(nn.Module):
     """forward(x (B, T) tokens in [0, V], sigma (B,)) -> log score ratios (B, T, V + 1), float32."""
     def __init__(self, vocab_size, seq_len, n_blocks, hidden_size, n_heads, cond_dim=128,
-                 dropout=0.1):
+                 dropout=0.1, caption_start=0, caption_pad=-1):
         super().__init__()
         self.vocab_size, self.seq_len = vocab_size, seq_len
         self.vocab_embed = EmbeddingLayer(hidden_size, vocab_size + 1)         # + the mask token
@@ -249,6 +249,12 @@ class SEDD(nn.Module):
         self.blocks = nn.ModuleList([DDiTBlock(hidden_size, n_heads, cond_dim, dropout=dropout)
                                      for _ in range(n_blocks)])
         self.output_layer = DDitFinalLayer(hidden_size, vocab_size + 1, cond_dim)
+        # text2dlc's option (0: off, SEDD's network): the tokens from caption_start on are also
+        # pooled, their mean embedding (padding and masked tokens left out) added to the noise
+        # level's, so that every block's adaLN sees the caption
+        self.caption_start, self.caption_pad = caption_start, caption_pad
+        if caption_start:
+            self.caption_map = nn.Linear(hidden_size, cond_dim)
         out = self.output_layer                       # adaLN-Zero: every block starts as identity
         for layer in [b.adaLN_modulation for b in self.blocks] + [out.adaLN_modulation, out.linear]:
             nn.init.zeros_(layer.weight)
@@ -256,7 +262,13 @@ class SEDD(nn.Module):
 
     def forward(self, x, sigma):
         h = self.vocab_embed(x) + self.pos_embed[:, :x.shape[1]]
-        c = F.silu(self.sigma_map(sigma))
+        c = self.sigma_map(sigma)
+        if self.caption_start:
+            words = x[:, self.caption_start:]
+            seen = ((words != self.caption_pad) & (words != self.vocab_size))[..., None]
+            mean = (self.vocab_embed(words) * seen).sum(1) / seen.sum(1).clamp_min(1)
+            c = c + self.caption_map(mean)
+        c = F.silu(c)
         rotary = self.rotary_emb(x.shape[1], x.device)
         for block in self.blocks:
             h = block(h, rotary, c)

@@ -97,6 +97,8 @@ caption_dropout = 0.0           # share of sequences with the empty caption (gui
 t_min = 0.0                     # noise levels t ~ U(t_min, 1); the paper's: 0 (see the README)
 t_one_share = 0.0               # share of sequences at t = 1 (every code masked); the paper's: 0
 t_one_share_end = -1.0          # the share at max_iters, linear from t_one_share; < 0: constant
+caption_adaln = False           # also feed the mean caption embedding to every block's adaLN; the
+                                # paper's: False (the caption is only in the sequence)
 # optimization
 batch_size = 128                # global, across processes and accumulation steps
 micro_batch_size = 16
@@ -271,7 +273,7 @@ def extend_pretrained(model, state, n_text, V, source='checkpoint'):
                              f"than the {model.seq_len} of a sequence; lower caption_len")
         state['pos_embed'] = pos[:, :model.seq_len]
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {'pos_embed'}:
+    if unexpected or set(missing) - {'pos_embed', 'caption_map.weight', 'caption_map.bias'}:
         raise ValueError(f"{source} does not fit --model: missing {sorted(missing)}, unexpected "
                          f"{sorted(unexpected)}")
     return [f"{k} rows {n_text}..{n_text + V} (the {V} codes and the separator)"
@@ -440,6 +442,8 @@ def train(cfg):
     info = dict(L=L, V=V, n_text=n_text, caption_len=c['caption_len'], noise_eps=c['noise_eps'],
                 encoding=spec)
     model_args = P.model_args_from(c, L + 1 + c['caption_len'], n_text + V + 1)
+    if c['caption_adaln']:
+        model_args.update(caption_start=L + 1, caption_pad=enc.eot_token)
     torch.manual_seed(c['seed'])
     model = P.SEDD(**model_args)
     if resume is None and c['init_from'] != 'scratch':

@@ -94,6 +94,13 @@ def test_extending_sedd_small_keeps_every_text_row_and_the_mask_and_adds_codes_a
         X.extend_pretrained(other, state, 300, V, 'sedd-small')
     with pytest.raises(FileNotFoundError, match='nowhere.pth'):
         X.read_pretrained(str(tmp_path / 'nowhere.pth'))
+    # with caption_adaln the pooled caption's projection is new too, and said to be
+    pooled = P.SEDD(vocab_size=n_text + V + 1, seq_len=L + 1 + T, caption_start=L + 1,
+                    caption_pad=50256, **P.PRIOR_MODELS['small'])
+    new = X.extend_pretrained(pooled, state, n_text, V)
+    assert 'caption_map.weight' in new and 'caption_map.bias' in new
+    assert torch.equal(pooled.state_dict()['blocks.0.attn_qkv.weight'],
+                       state['blocks.0.attn_qkv.weight'])
 
 
 # -- the loss ---------------------------------------------------------------------------------
@@ -129,6 +136,43 @@ def test_the_loss_is_the_masked_cross_entropy_weighted_by_one_over_the_mask_prob
                    for i in range(x0.shape[1]) if masked[b, i])
         torch.testing.assert_close(got[b], want)
     assert count.tolist() == masked.sum(1).tolist()
+
+
+def test_caption_adaln_gives_every_block_the_mean_embedding_of_the_visible_caption_words():
+    n_text, V, L, T = 10, 4, 3, 5
+    mask_id, pad_id = n_text + V + 1, 9
+    model = P.SEDD(vocab_size=mask_id, seq_len=L + 1 + T, n_blocks=2, hidden_size=32, n_heads=2,
+                   cond_dim=16, dropout=0.0, caption_start=L + 1, caption_pad=pad_id)
+    seen = []
+    model.caption_map.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    x = torch.tensor([[14, 11, 15, 14, 5, 15, 6, 9, 9],       # words 5 and 6; one masked, pads
+                      [15, 15, 15, 14, 9, 9, 9, 9, 9]])       # the empty caption
+    model(x, torch.ones(2))
+    emb = model.vocab_embed.embedding
+    torch.testing.assert_close(seen[0][0], (emb[5] + emb[6]) / 2)
+    assert torch.equal(seen[0][1], torch.zeros(32))
+    # it reaches the blocks: with attention unable to carry the caption (its keys zeroed), the
+    # code positions still change with the words, and SEDD's network (off) does not see them
+    for p in model.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    plain = P.SEDD(vocab_size=mask_id, seq_len=L + 1 + T, n_blocks=2, hidden_size=32, n_heads=2,
+                   cond_dim=16, dropout=0.0)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if 'caption_map' not in k})
+    other = x.clone()
+    other[0, L + 1] = 7
+    for net, differs in [(model, True), (plain, False)]:
+        with torch.no_grad():
+            for b in net.blocks:
+                b.attn_qkv.weight[32:64] = 0                  # keys 0: uniform attention ...
+                b.attn_qkv.weight[64:] = 0                    # ... over values of 0
+            out = net(torch.cat([x[:1], other[:1]]), torch.ones(2))[:, :L]
+        assert (not torch.allclose(out[0], out[1])) == differs
+    # a checkpoint rebuilds it from model_args
+    args = dict(vocab_size=mask_id, seq_len=L + 1 + T, n_blocks=2, hidden_size=32, n_heads=2,
+                cond_dim=16, dropout=0.0, caption_start=L + 1, caption_pad=pad_id)
+    again = P.model_from_checkpoint(dict(model_args=args, ema=model.state_dict()))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, torch.ones(2)), model(x, torch.ones(2)))
 
 
 # -- generation -------------------------------------------------------------------------------
@@ -196,10 +240,12 @@ def tiny_cfg(toy_dir, out_dir, **kw):
     return cfg
 
 
-def test_a_briefly_trained_model_draws_the_codes_its_prompts_describe(toy_dir, tmp_path):
+@pytest.mark.parametrize('caption_adaln', [False, True])
+def test_a_briefly_trained_model_draws_the_codes_its_prompts_describe(toy_dir, tmp_path,
+                                                                      caption_adaln):
     cfg = tiny_cfg(toy_dir, tmp_path, batch_size=64, micro_batch_size=64, max_iters=250,
                    noise_caption=False, caption_dropout=0.1, ema_decay=0.98, log_interval=50,
-                   eval_interval=250, ckpt_interval=250)
+                   eval_interval=250, ckpt_interval=250, caption_adaln=caption_adaln)
     _, _, history = X.train(cfg)
     assert history[-1]['val_code_bits'] < 0.5 * history[0]['train_loss']
     prompts = [f"{WORDS[i]} {WORDS[j]}" for i in range(4) for j in range(4)]
