@@ -48,16 +48,17 @@ def test_the_plain_dit_gets_the_priors_training_time_in_iterations():
 def test_the_report_gives_the_mean_and_half_the_range_over_the_seeds(tmp_path):
     out = tmp_path / 'out'
     keys = ['valid', 'tv_shape', 'tv_color', 'tv_background', 'tv_size', 'tv_joint', 'coverage',
-            'nearest', 'from_sources', 'novel', 'unseen_pair', 'kept']
+            'nearest', 'from_sources', 'novel', 'unseen_pair', 'kept', 'shape_kept', 'color_kept']
     modes = {'uncond': 'uncond', 'plain': 'plain', 'class': 'class', 'compose2': 'compose',
              'compose3': 'compose', 'compose2_soft': 'compose', 'compose3_soft': 'compose',
              'ceiling': 'recon', 'plain_plus': 'plain', 'plain_plus_raw': 'plain', 'real_val': 'real',
-             'uncond_cfg1': 'uncond', 'class_cfg1': 'class'}
+             'uncond_cfg1': 'uncond', 'class_cfg1': 'class', 'text_val': 'text',
+             'text_seen': 'text', 'text_ood': 'text', 'text_held': 'text'}
     for stage, mode in modes.items():
         for seed in (0, 1):
             name = stage if stage == 'real_val' else f'{stage}_s{seed}'
             os.makedirs(out / 'samples' / name, exist_ok=True)
-            value = 0.4 + 0.2 * seed if stage == 'uncond' else 0.5
+            value = 0.4 + 0.2 * seed if stage in ('uncond', 'text_seen') else 0.5
             scores = {mode: {k: value for k in keys}}
             json.dump(scores, open(out / 'samples' / name / 'scores.json', 'w'))
     done = {'prior': dict(seconds=600.0, command=f'{sys.executable} prior.py --seed=0'),
@@ -67,12 +68,26 @@ def test_the_report_gives_the_mean_and_half_the_range_over_the_seeds(tmp_path):
     uncond = next(l for l in text.splitlines() if l.startswith('| prior -> DLC -> DiT'))
     assert uncond.count('0.500 ± 0.100') == 8                   # every column of the table
     assert "| the prior's samples (uncond) | 0.500 ± 0.100 |" in text
-    assert '1.0 hours' in text and 'Pending' in text
+    assert '1.0 hours' in text
+    assert ('| "a red square": the 14 seen (shape, color) pairs | 0.500 ± 0.100 | 0.500 ± 0.100 | '
+            '0.500 ± 0.100 | 0.500 ± 0.100 |') in text
     assert '| real images: the val split (held out of training) | 0.500 |' in text
     # uncond's seeds (0.4, 0.6) straddle every baseline's 0.5: the difference is 0, not apart
     assert '| valid | +0.000 | no | +0.000 | no | +0.000 | no |' in text
     assert '24,000 + 4,800 iterations' in text                  # 8 it/s for the prior's 600 s
     assert '# prior: 10.0 min\npython prior.py --seed=0' in text
+
+
+def test_the_text_stages_prompt_each_seen_and_each_held_out_pair_once():
+    seen, held = R.short_prompts()
+    seen, held = seen.split('|'), held.split('|')
+    assert len(seen) == 14 and len(held) == 4 and not set(seen) & set(held)
+    assert 'a blue circle' in held and 'a red square' in seen      # prepare.py's held_out
+    names = [name for name, _ in R.stages('out')]
+    for seed in R.SEEDS:               # the text model trains before its four prompt sets
+        at = names.index(f'text2dlc_s{seed}')
+        assert [names.index(f'text_{k}_s{seed}') for k in ('val', 'seen', 'ood', 'held')] == \
+            list(range(at + 1, at + 5)) and names.index(f'dit_dlc_s{seed}') < at
 
 
 def test_a_difference_exceeds_the_spread_only_when_the_seeds_ranges_are_apart():

@@ -14,7 +14,10 @@ The paper's claims measured against baselines on the built-in data: `make result
    composed: valid, from the sources, novel, a held-out pair shown; against the prior's samples
    and the DiT's ceiling, the reconstructions of the ood split's own codes. The attempt to do
    better: soft codes (the sources' averaged distributions given to the DiT).
-3. Text. The text model's prompts (issue 13): pending.
+3. Text. The text model (config/text2dlc_shapes.py, one per seed) given val captions and short
+   prompts ("a red square") of the 14 seen pairs, then ood captions and short prompts of the 4
+   held-out pairs, each code decoded by the seed's DLC DiT: the prompt's shape and color kept,
+   against the DiT's ceiling on the held-out pairs.
 
 Every stage is a command of the repository's scripts with the built-in configs, run in order.
 A stage that finished leaves a stamp (out-results/stamps/<stage>.json, with its wall time) and
@@ -75,6 +78,11 @@ def stages(out=OUT):
             shutil.copy(f"{dit('none', 0)}/diffusion.pt", target)
         return train_dit('none', 0, 'none_plus', f'--max_iters={plus_iters(done)}')
 
+    text_model = lambda seed: f'{out}/text2dlc_s{seed}'
+    text = lambda name, seed, prompts: sample(name, seed, '--mode=text',
+                                              f'--text2dlc_dir={text_model(seed)}',
+                                              f'--prompts={prompts}')
+    seen, held = short_prompts()
     for seed in SEEDS:              # seed 0 whole first: an interrupted run has its numbers
         out_stages += [
             (f'dit_dlc_s{seed}', train_dit('dlc', seed)),
@@ -101,6 +109,14 @@ def stages(out=OUT):
             (f'class_cfg1_s{seed}', sample('class_cfg1', seed, '--mode=class', '--labels=train',
                                            f'--class_dit={dit("class", seed)}/diffusion.pt',
                                            '--cfg_scale=1.0')),
+            # 3. text: the text model on the tokenizer's codes, decoded by this seed's DLC DiT
+            (f'text2dlc_s{seed}', py + ['text2dlc.py', 'config/text2dlc_shapes.py',
+                                        f'--codes_dir={tok}', f'--out_dir={text_model(seed)}',
+                                        f'--seed={seed}', '--auto_resume=True']),
+            (f'text_val_s{seed}', text('text_val', seed, 'data/shapes/val_captions.txt')),
+            (f'text_seen_s{seed}', text('text_seen', seed, seen)),
+            (f'text_ood_s{seed}', text('text_ood', seed, 'data/shapes/ood_captions.txt')),
+            (f'text_held_s{seed}', text('text_held', seed, held)),
         ]
         if seed == 0:
             out_stages += [
@@ -113,6 +129,16 @@ def stages(out=OUT):
                                              '--dit_weights=model')),
             ]
     return out_stages
+
+
+def short_prompts():
+    """'a red circle|...' for the (shape, color) pairs seen in training, and for the held-out
+    ones (data/shapes/prepare.py's)."""
+    from data.shapes.prepare import COLORS, SHAPES, CONFIG, parse_held_out
+    held = parse_held_out(CONFIG['held_out'])
+    pairs = [[s, c] for s in range(len(SHAPES)) for c in range(len(COLORS))]
+    say = lambda ps: '|'.join(f'a {COLORS[c]} {SHAPES[s]}' for s, c in ps)
+    return say([p for p in pairs if p not in held]), say(held)
 
 
 def plus_iters(done, base=DIT_ITERS):
@@ -262,6 +288,22 @@ def composition_table(out):
     return '\n'.join(lines)
 
 
+def text_table(out):
+    rows = [('captions of val images', 'text_val', 'text'),
+            ('"a red square": the 14 seen (shape, color) pairs', 'text_seen', 'text'),
+            ('captions of ood images (the 4 held-out pairs)', 'text_ood', 'text'),
+            ('"a blue circle": the 4 held-out pairs', 'text_held', 'text'),
+            ("the DiT's ceiling: recon of the ood split's codes", 'ceiling', 'recon')]
+    lines = ['| prompts | valid | shape and color kept | shape kept | color kept |',
+             '|---|---|---|---|---|']
+    for title, stage, mode in rows:
+        scores = [scores_of(out, f'{stage}_s{s}')[mode] for s in SEEDS]
+        pick = lambda k: mean_spread([p[k] for p in scores]) if k in scores[0] else ''
+        lines.append(f'| {title} | {pick("valid")} | {pick("kept")} | {pick("shape_kept")} | '
+                     f'{pick("color_kept")} |')
+    return '\n'.join(lines)
+
+
 def plus_note(done):
     if 'dit_none_s0' not in done or 'prior' not in done:
         return ''
@@ -315,7 +357,9 @@ apart (the difference exceeds the spread) or overlap.
 
 ## 3. Text reaches held-out pairs
 
-Pending: the text model's targets (issue 13).
+{text_table(out)}
+
+The ceiling is what the DiT draws from the held-out images' own codes (section 2's last row).
 
 Grids (seed 0): `assets/results/<set>_s0.png`.
 
