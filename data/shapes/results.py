@@ -269,6 +269,19 @@ def differences_table(out):
     return '\n'.join(lines)
 
 
+def seeds_table(out, first, columns, rows):
+    """A table of the seeds' 'mean ± spread': columns [(title, score key, or {mode: key})], rows
+    [(title, stage, mode)]; a key the mode's scores lack leaves its cell empty."""
+    lines = [f'| {first} | ' + ' | '.join(title for title, _ in columns) + ' |',
+             '|---' * (len(columns) + 1) + '|']
+    for title, stage, mode in rows:
+        scores = [scores_of(out, f'{stage}_s{s}')[mode] for s in SEEDS]
+        keys = [key[mode] if isinstance(key, dict) else key for _, key in columns]
+        cells = [mean_spread([p[k] for p in scores]) if k in scores[0] else '' for k in keys]
+        lines.append(f'| {title} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
 def composition_table(out):
     rows = [('2 sources: the shape of one, the color of another, a held-out pair', 'compose2',
              'compose'),
@@ -277,15 +290,11 @@ def composition_table(out):
             ('3 sources, soft codes', 'compose3_soft', 'compose'),
             ("the prior's samples (uncond)", 'uncond', 'uncond'),
             ("the DiT's ceiling: recon of the ood split's codes", 'ceiling', 'recon')]
-    lines = ['| set | valid | from sources | novel | held-out pair shown |',
-             '|---|---|---|---|---|']
-    for title, stage, mode in rows:
-        scores = [scores_of(out, f'{stage}_s{s}')[mode] for s in SEEDS]
-        pick = lambda k: mean_spread([p[k] for p in scores]) if k in scores[0] else ''
-        unseen = 'kept' if mode == 'recon' else 'unseen_pair'
-        lines.append(f'| {title} | {pick("valid")} | {pick("from_sources")} | {pick("novel")} | '
-                     f'{pick(unseen)} |')
-    return '\n'.join(lines)
+    # recon's "kept" is the held-out image's own pair, shown
+    shown = dict(compose='unseen_pair', uncond='unseen_pair', recon='kept')
+    columns = [('valid', 'valid'), ('from sources', 'from_sources'), ('novel', 'novel'),
+               ('held-out pair shown', shown)]
+    return seeds_table(out, 'set', columns, rows)
 
 
 def text_table(out):
@@ -294,14 +303,9 @@ def text_table(out):
             ('captions of ood images (the 4 held-out pairs)', 'text_ood', 'text'),
             ('"a blue circle": the 4 held-out pairs', 'text_held', 'text'),
             ("the DiT's ceiling: recon of the ood split's codes", 'ceiling', 'recon')]
-    lines = ['| prompts | valid | shape and color kept | shape kept | color kept |',
-             '|---|---|---|---|---|']
-    for title, stage, mode in rows:
-        scores = [scores_of(out, f'{stage}_s{s}')[mode] for s in SEEDS]
-        pick = lambda k: mean_spread([p[k] for p in scores]) if k in scores[0] else ''
-        lines.append(f'| {title} | {pick("valid")} | {pick("kept")} | {pick("shape_kept")} | '
-                     f'{pick("color_kept")} |')
-    return '\n'.join(lines)
+    columns = [('valid', 'valid'), ('shape and color kept', 'kept'), ('shape kept', 'shape_kept'),
+               ('color kept', 'color_kept')]
+    return seeds_table(out, 'prompts', columns, rows)
 
 
 def plus_note(done):
