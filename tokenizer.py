@@ -1136,68 +1136,6 @@ def codebook_usage(codes, V):
     return dict(distinct=distinct, perplexity=perplexity, unique_codes=unique_codes)
 
 
-def mutual_information(codes, labels, V):
-    """Per position l, I(c_l; y) in nats between the token at l and a label, from the empirical
-    joint: sum over (v, y) of p(v, y) log(p(v, y) / (p(v) p(y)))."""
-    n_classes = int(labels.max()) + 1
-    mi = np.zeros(codes.shape[1])
-    for l in range(codes.shape[1]):
-        joint = np.bincount(codes[:, l].astype(np.int64) * n_classes + labels,
-                            minlength=V * n_classes).reshape(V, n_classes) / len(codes)
-        independent = joint.sum(1, keepdims=True) * joint.sum(0, keepdims=True)
-        seen = joint > 0
-        mi[l] = float((joint[seen] * np.log(joint[seen] / independent[seen])).sum())
-    return mi
-
-
-def nearest_codes(codes, labels, ref_codes, ref_labels, chunk=128):
-    """Each code's Hamming distance to its nearest reference code, and per label the share of
-    those nearest codes (all, when several tie) that carry the code's label."""
-    ref = torch.as_tensor(ref_codes.astype(np.int64))
-    dist, same = [], {name: [] for name in labels}
-    for start in range(0, len(codes), chunk):
-        block = torch.as_tensor(codes[start:start + chunk].astype(np.int64))
-        d = (block[:, None, :] != ref[None]).sum(-1)                      # (chunk, N_ref)
-        nearest = (d == d.min(1, keepdim=True).values).float()            # ties all count
-        dist.append(d.min(1).values.numpy())
-        for name, y in labels.items():
-            match = torch.as_tensor(y[start:start + chunk, None] == ref_labels[name][None])
-            same[name].append(((nearest * match).sum(1) / nearest.sum(1)).numpy())
-    return np.concatenate(dist), {name: np.concatenate(v) for name, v in same.items()}
-
-
-def compositionality(cfg, V, result, train_codes, train_labels, splits):
-    """How codes of held-out factor combinations read: the probe on each split, each code's
-    nearest training code, and per position the tokens' information about each factor. A
-    compositional code keeps reading right on ood, whose (shape, color) pairs training lacks."""
-    report = {}
-    for split, (codes, labels) in splits.items():
-        read = probe_predict(result, codes)
-        dist, same = nearest_codes(codes, labels, train_codes, train_labels)
-        report[split] = dict(probe={n: float((read[n] == labels[n]).mean()) for n in labels},
-                             nearest_hamming_median=float(np.median(dist)),
-                             nearest_same={n: float(v.mean()) for n, v in same.items()})
-    mi = {name: mutual_information(train_codes, y, V) for name, y in train_labels.items()}
-    print(f"compositionality: probe fit on {cfg['probe_train_split']} codes; nearest = the nearest "
-          f"{cfg['probe_train_split']} code(s) by Hamming distance")
-    def row(label, values, fmt):
-        print(f"{label:<34}" + ''.join(f"{v:>8{fmt}}" for v in values))
-    row('', splits, '')
-    for name in train_labels:
-        row('probe ' + name, [report[s]['probe'][name] for s in splits], '.3f')
-    row('nearest: median Hamming distance', [report[s]['nearest_hamming_median'] for s in splits],
-        '.0f')
-    for name in train_labels:
-        row('nearest: same ' + name, [report[s]['nearest_same'][name] for s in splits], '.3f')
-    print(f"mutual information of each position's token with each factor "
-          f"({cfg['probe_train_split']} codes, nats, min / mean / max over the "
-          f"{train_codes.shape[1]} positions):")
-    for name in train_labels:
-        print(f"  {name:<12} {mi[name].min():.3f} / {mi[name].mean():.3f} / {mi[name].max():.3f}")
-    report['mutual_information'] = {n: v.tolist() for n, v in mi.items()}
-    return report
-
-
 def probe(cfg):
     ckpt_path = os.path.join(cfg['out_dir'], 'tokenizer.pt')
     ckpt = load_checkpoint(ckpt_path)
@@ -1237,6 +1175,7 @@ def probe(cfg):
         ood_codes, ood_set = codes_for_split(ckpt, ckpt_path, model, cfg, ood)
         splits = {cfg['probe_eval_split']: (eval_codes, eval_labels),
                   ood: (ood_codes, split_labels(cfg['data_dir'], ood, ood_set))}
+        from data.shapes.score import compositionality     # the built-in data's analysis
         result['compositionality'] = compositionality(cfg, V_, result,
                                                       train_codes, train_labels, splits)
     path = os.path.join(cfg['out_dir'], 'probe.pt')

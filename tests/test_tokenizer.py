@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import conftest
 from conftest import ROOT
 import tokenizer as T
+from data.shapes import score as SC
 
 
 def tiny(shapes_dir, out_dir, **overrides):
@@ -484,13 +485,13 @@ def test_mutual_information_and_nearest_codes_measure_what_they_name():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, size=30000)
     codes = np.stack([labels * 2, rng.integers(0, 8, size=30000)], 1).astype(np.uint16)
-    mi = T.mutual_information(codes, labels, 8)
+    mi = SC.mutual_information(codes, labels, 8)
     assert mi[0] == pytest.approx(np.log(3), abs=2e-3)       # the token names the label: I = H(y)
     assert mi[1] < 2e-3                                       # independent of it: I = 0
     ref = np.array([[0, 0, 0], [0, 0, 1], [5, 5, 5]], dtype=np.uint16)
     ref_labels = {'f': np.array([0, 1, 1])}
     queries = np.array([[0, 0, 2], [5, 5, 5], [0, 0, 0]], dtype=np.uint16)
-    dist, same = T.nearest_codes(queries, {'f': np.array([0, 1, 0])}, ref, ref_labels)
+    dist, same = SC.nearest_codes(queries, {'f': np.array([0, 1, 0])}, ref, ref_labels)
     assert dist.tolist() == [1, 0, 0]
     # query 0 ties between a reference with its label and one without: half counts
     assert same['f'].tolist() == [0.5, 1.0, 1.0]
