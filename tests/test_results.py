@@ -75,7 +75,22 @@ def test_the_report_gives_the_mean_and_half_the_range_over_the_seeds(tmp_path):
     # uncond's seeds (0.4, 0.6) straddle every baseline's 0.5: the difference is 0, not apart
     assert '| valid | +0.000 | no | +0.000 | no | +0.000 | no |' in text
     assert '24,000 + 4,800 iterations' in text                  # 8 it/s for the prior's 600 s
+    assert 'the stages ran at\n`not recorded`: 2 stages' in text    # stamps without a commit
     assert '# prior: 10.0 min\npython prior.py --seed=0' in text
+
+
+def test_the_plain_dit_given_the_time_is_compared_with_its_better_weights(tmp_path):
+    out = tmp_path / 'out'
+    for ema, raw, chosen in [(0.0, 0.9, 'plain_plus_raw'), (0.96, 0.03, 'plain_plus')]:
+        for name, valid in [('plain_plus_s0', ema), ('plain_plus_raw_s0', raw)]:
+            os.makedirs(out / 'samples' / name, exist_ok=True)
+            json.dump({'plain': {'valid': valid}}, open(out / 'samples' / name / 'scores.json', 'w'))
+        assert R.plus_weights(str(out)) == chosen
+
+
+def test_a_stamp_names_the_commit_its_stage_ran_at(tmp_path):
+    done = R.run(str(tmp_path / 'out'), only=[('a', [sys.executable, '-c', 'pass'])])
+    assert done['a']['commit'] == R.git_commit() != ''
 
 
 def test_the_text_stages_prompt_each_seen_and_each_held_out_pair_once():

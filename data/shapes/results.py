@@ -147,6 +147,11 @@ def plus_iters(done, base=DIT_ITERS):
     return base + int(round(done['prior']['seconds'] / per_iter))
 
 
+def git_commit():
+    return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT,
+                          capture_output=True, text=True).stdout.strip() or 'unknown'
+
+
 def run(out=OUT, only=None):
     """Run every stage without a stamp, in order; returns {stage: stamp}."""
     os.makedirs(f'{out}/stamps', exist_ok=True)
@@ -178,7 +183,7 @@ def run(out=OUT, only=None):
         if code:
             raise SystemExit(f"stage {name} failed (exit {code}); see {out}/logs/{name}.log, fix, "
                              "and run again: the stages done are kept")
-        done[name] = dict(command=' '.join(command), seconds=spent)
+        done[name] = dict(command=' '.join(command), seconds=spent, commit=git_commit())
         with open(stamp + '.tmp', 'w') as f:
             json.dump(done[name], f, indent=1)
         os.replace(stamp + '.tmp', stamp)
@@ -223,6 +228,14 @@ def per_seed(out, stage, mode, key, seeds=SEEDS):
     return [scores_of(out, f'{stage}_s{s}')[mode][key] for s in seeds]
 
 
+def plus_weights(out):
+    """'plain_plus' (EMA) or 'plain_plus_raw': the plain DiT given the prior's time is compared
+    with its better weights, by valid share, so the baseline gets its best chance. A loss spike
+    late in a run can leave either one drawing noise (the two runs of this table: one each)."""
+    valid = {w: scores_of(out, f'{w}_s0')['plain']['valid'] for w in ('plain_plus', 'plain_plus_raw')}
+    return max(valid, key=valid.get)
+
+
 def separated(a, b):
     """Whether two sets' values over the seeds have ranges that do not overlap: the difference
     between them exceeds the spread from seed to seed."""
@@ -254,10 +267,11 @@ def fidelity_table(out):
 def differences_table(out):
     """uncond's mean minus each baseline's, score by score, and whether the seeds' ranges are
     apart ('yes') or overlap ('no')."""
-    others = [('plain', 'plain', SEEDS), ('plain_plus_raw', 'plain', (0,)),
-              ('class', 'class', SEEDS)]
-    lines = ['| score | uncond - plain | apart? | uncond - plain given the time (raw) | apart? | '
-             'uncond - class | apart? |', '|---|---|---|---|---|---|---|']
+    plus = plus_weights(out)
+    others = [('plain', 'plain', SEEDS), (plus, 'plain', (0,)), ('class', 'class', SEEDS)]
+    weights = 'raw' if plus.endswith('raw') else 'EMA'
+    lines = ['| score | uncond - plain | apart? | uncond - plain given the time '
+             f'({weights}) | apart? | uncond - class | apart? |', '|---|---|---|---|---|---|---|']
     for key, title in FIDELITY:
         mine = per_seed(out, 'uncond', 'uncond', key)
         cells = []
@@ -329,8 +343,14 @@ def commands(done):
 
 def report(done, out=OUT, path='docs/results.md', assets='assets/results'):
     """docs/results.md from the stages' scores, and their grids in assets/results/."""
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip() or 'unknown'
+    commit = git_commit()
+    # the stages may have run at earlier commits (a run resumed after a pull); stamps written
+    # before the stamps held a commit say nothing
+    ran_at = {}
+    for name, stamp in done.items():
+        ran_at.setdefault(stamp.get('commit', 'not recorded'), []).append(name)
+    ran_at = '; '.join(f'`{c}`: {len(names)} stages' if len(names) > 1 else f'`{c}`: {names[0]}'
+                       for c, names in ran_at.items())
     hours = sum(d['seconds'] for d in done.values()) / 3600
     os.makedirs(os.path.join(ROOT, assets), exist_ok=True)
     for grid in sorted(glob.glob(f'{out}/samples/*_s0/*.png')):
@@ -338,8 +358,9 @@ def report(done, out=OUT, path='docs/results.md', assets='assets/results'):
         shutil.copy(grid, os.path.join(ROOT, assets, f'{name}.png'))
     text = f"""# Results: the paper's claims on the built-in data
 
-Written by `make results` (data/shapes/results.py) at commit `{commit}`, on {platform.machine()}
-with {os.cpu_count()} CPU cores ({platform.python_version()}); {hours:.1f} hours of stages in all.
+Written by `make results` (data/shapes/results.py) at commit `{commit}` (the stages ran at
+{ran_at}), on {platform.machine()} with {os.cpu_count()} CPU cores ({platform.python_version()});
+{hours:.1f} hours of stages in all.
 Every set is {N_IMAGES:,} images read by the attribute reader; "±" is half the range over the
 training seeds {', '.join(map(str, SEEDS))}. Each stage's command and wall time are in
 `{out}/stamps/`.
