@@ -75,7 +75,7 @@ def test_the_report_gives_the_mean_and_half_the_range_over_the_seeds(tmp_path):
     # uncond's seeds (0.4, 0.6) straddle every baseline's 0.5: the difference is 0, not apart
     assert '| valid | +0.000 | no | +0.000 | no | +0.000 | no |' in text
     assert '24,000 + 4,800 iterations' in text                  # 8 it/s for the prior's 600 s
-    assert 'the stages ran at\n`not recorded`: 2 stages' in text    # stamps without a commit
+    assert "(the stages' commits:\nnot recorded for 2)" in text       # stamps without a commit
     assert '# prior: 10.0 min\npython prior.py --seed=0' in text
 
 

@@ -347,10 +347,10 @@ def report(done, out=OUT, path='docs/results.md', assets='assets/results'):
     # the stages may have run at earlier commits (a run resumed after a pull); stamps written
     # before the stamps held a commit say nothing
     ran_at = {}
-    for name, stamp in done.items():
-        ran_at.setdefault(stamp.get('commit', 'not recorded'), []).append(name)
-    ran_at = '; '.join(f'`{c}`: {len(names)} stages' if len(names) > 1 else f'`{c}`: {names[0]}'
-                       for c, names in ran_at.items())
+    for stamp in done.values():
+        c = f"`{stamp['commit']}`" if 'commit' in stamp else 'not recorded'
+        ran_at[c] = ran_at.get(c, 0) + 1
+    ran_at = ', '.join(f'{c} for {n}' for c, n in ran_at.items())
     hours = sum(d['seconds'] for d in done.values()) / 3600
     os.makedirs(os.path.join(ROOT, assets), exist_ok=True)
     for grid in sorted(glob.glob(f'{out}/samples/*_s0/*.png')):
@@ -358,7 +358,7 @@ def report(done, out=OUT, path='docs/results.md', assets='assets/results'):
         shutil.copy(grid, os.path.join(ROOT, assets, f'{name}.png'))
     text = f"""# Results: the paper's claims on the built-in data
 
-Written by `make results` (data/shapes/results.py) at commit `{commit}` (the stages ran at
+Written by `make results` (data/shapes/results.py) at commit `{commit}` (the stages' commits:
 {ran_at}), on {platform.machine()} with {os.cpu_count()} CPU cores ({platform.python_version()});
 {hours:.1f} hours of stages in all.
 Every set is {N_IMAGES:,} images read by the attribute reader; "±" is half the range over the
