@@ -57,6 +57,7 @@ from tqdm import tqdm
 
 from cluster import (exit_preempted, handle_preemption_signals, preemption_requested, resuming,
                      save_atomic, setup_distributed)
+from codes import check_codes, check_fits, load_codes, read_contract
 from configurator import configure
 from data.shapes.score import histogram_scores, load_meta, reconstruction_scores
 from vae import VAE_SCALE, load_vae, read_safetensors   # the frozen SD-VAE (ImageNet latents)
@@ -72,7 +73,7 @@ init_from = 'scratch'           # 'scratch' | 'resume' | DiT weights (DiT-XL-2-2
 auto_resume = False             # resume from out_dir's checkpoint if there is one (cluster jobs)
 data_dir = 'data/imagenet'      # <split>_images.npy in it, or <split>/<class>/<image> files
 train_split = 'train'
-codes_dir = 'out-imagenet-tokenizer'   # tokenizer.pt and codes_<split>.npy, for cond='dlc'
+codes_dir = 'out-imagenet-tokenizer'   # codes_<split>.npy and codes.json, for cond='dlc'
 latents_dir = ''                # latents_<split>.npy from --mode=extract; '' = train on pixels
 vae_path = ''                   # sd-vae-ft-ema diffusion_pytorch_model.{bin,safetensors}
 seed = 0
@@ -627,13 +628,9 @@ def read_conditions(cfg, split, n_items):
     """The condition of every item of a split, checked against the data: (N, L) codes, (N,)
     labels, or None. Returns (conditions, contract) where contract holds L and V."""
     if cfg['cond'] == 'dlc':
-        ckpt_path = os.path.join(cfg['codes_dir'], 'tokenizer.pt')
-        if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"tokenizer checkpoint '{ckpt_path}' not found: set "
-                                    "--codes_dir to the tokenizer's out_dir")
-        tok = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        path = os.path.join(cfg['codes_dir'], f'codes_{split}.npy')
-        return check_codes(path, tok['L'], tok['V'], n_items), dict(L=tok['L'], V=tok['V'])
+        contract = read_contract(cfg['codes_dir'])
+        codes = load_codes(cfg['codes_dir'], split, n_items, contract)
+        return codes, dict(L=contract['L'], V=contract['V'])
     if cfg['cond'] == 'none':
         return None, {}
     # classes: the folders', or on the built-in data the (shape, color) pair
@@ -647,25 +644,6 @@ def read_conditions(cfg, split, n_items):
         raise ValueError(f"split '{split}' of '{data_dir}' has labels up to {labels.max()}; "
                          "set --num_classes")
     return labels, {}
-
-
-def check_codes(path, L, V, n_items=None):
-    """Load a code dump and refuse it unless it fits the tokenizer and the dataset."""
-    fix = "write it again with python tokenizer.py --mode=dump for this tokenizer and split"
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"code dump '{path}' not found; {fix}")
-    codes = np.load(path)
-    if codes.ndim != 2 or codes.shape[1] != L:
-        raise ValueError(f"code dump '{path}' has shape {codes.shape}, but its tokenizer makes "
-                         f"codes of L={L} tokens; {fix}")
-    if not np.issubdtype(codes.dtype, np.unsignedinteger) or (codes.size and int(codes.max()) >= V):
-        raise ValueError(f"code dump '{path}' holds {codes.dtype} tokens up to "
-                         f"{int(codes.max())}, but its tokenizer has V={V}: tokens must be "
-                         f"unsigned integers < V; {fix}")
-    if n_items is not None and len(codes) != n_items:
-        raise ValueError(f"code dump '{path}' has {len(codes)} codes but the split has {n_items} "
-                         f"items; {fix}")
-    return codes
 
 
 class TrainingSet(torch.utils.data.Dataset):
@@ -1069,11 +1047,8 @@ def recon(cfg):
     n = min(cfg['n_recon'], len(images))
     conditions, contract = read_conditions(dict(cfg, cond=ckpt['cond']), cfg['split'],
                                            len(images))
-    if contract and (contract['L'], contract['V']) != (ckpt['L'], ckpt['V']):
-        raise ValueError(f"the tokenizer in {cfg['codes_dir']} makes codes of L={contract['L']}, "
-                         f"V={contract['V']}, but the DiT in {cfg['out_dir']} was trained on "
-                         f"L={ckpt['L']}, V={ckpt['V']}; point --codes_dir at the tokenizer the "
-                         "DiT was trained with")
+    if contract:
+        check_fits(contract, ckpt['L'], ckpt['V'], cfg['codes_dir'], f"the DiT in {cfg['out_dir']}")
     recons = images_from_codes(cfg, ckpt, conditions, n, 'recon')
     sources = np.stack([np.array(images[i]) for i in range(min(n, 32))])
     pairs = np.stack([sources, recons[:32]], axis=1).reshape(-1, *sources.shape[1:])
@@ -1094,7 +1069,10 @@ def decode(cfg):
     if not cfg['codes_path']:
         raise ValueError("--mode=decode reads the codes in --codes_path (an .npy dump, e.g. "
                          "prior.py's samples.npy)")
-    codes = check_codes(cfg['codes_path'], ckpt['L'], ckpt['V'])[:cfg['n_recon']]
+    if not os.path.exists(cfg['codes_path']):
+        raise FileNotFoundError(f"--codes_path '{cfg['codes_path']}' not found")
+    codes = check_codes(np.load(cfg['codes_path']), ckpt['L'], ckpt['V'], cfg['codes_path'],
+                        fix="give a dump of codes the DiT was trained on")[:cfg['n_recon']]
     images = images_from_codes(cfg, ckpt, codes, len(codes), 'decode')
     stem = os.path.splitext(cfg['codes_path'])[0]
     save_grid(images[:64], stem + '_images.png', ncol=16)

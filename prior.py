@@ -77,6 +77,7 @@ from tqdm import tqdm
 
 from cluster import (draw_in_chunks, exit_preempted, handle_preemption_signals,
                      preemption_requested, resuming, save_atomic, setup_distributed)
+from codes import check_fits, dump_path, load_codes, read_contract
 from configurator import configure
 from data.shapes.score import code_histograms
 
@@ -467,34 +468,13 @@ def model_score_fn(model, autocast=nullcontext()):
 # -----------------------------------------------------------------------------
 # Data: a code dump checked against the tokenizer that wrote it
 
-def tokenizer_contract(codes_dir):
-    path = os.path.join(codes_dir, 'tokenizer.pt')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"tokenizer checkpoint '{path}' (the codes' L and V) not found; "
-                                "train the tokenizer or point --codes_dir at its out_dir")
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    return int(ckpt['L']), int(ckpt['V'])
+def split_codes(cfg, split_key, contract=None):
+    """The dump of the split cfg[split_key] in codes_dir, checked against its sidecar."""
+    return load_codes(cfg['codes_dir'], cfg[split_key], contract=contract)
 
 
-def codes_path(cfg, split_key):
-    return os.path.join(cfg['codes_dir'], f"codes_{cfg[split_key]}.npy")
-
-
-def load_codes(path, L, V):
-    """Refuse a code dump that does not fit the tokenizer it claims to come from."""
-    fix = "re-dump the codes with the tokenizer in --codes_dir (python tokenizer.py --mode=dump)"
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"code dump '{path}' not found; {fix}")
-    codes = np.load(path)
-    if codes.ndim != 2 or codes.shape[1] != L:
-        raise ValueError(f"code dump '{path}' has shape {codes.shape}, but the tokenizer makes "
-                         f"L={L} tokens per code (expected (N, {L})); {fix}")
-    if not np.issubdtype(codes.dtype, np.unsignedinteger):
-        raise ValueError(f"code dump '{path}' has dtype {codes.dtype}, not unsigned ints; {fix}")
-    if codes.size and int(codes.max()) >= V:
-        raise ValueError(f"code dump '{path}' holds token {int(codes.max())} >= V={V}, the "
-                         f"tokenizer's vocabulary size; {fix}")
-    return codes
+def has_split(cfg, split_key):
+    return os.path.exists(dump_path(cfg['codes_dir'], cfg[split_key]))
 
 
 class EpochStream:
@@ -595,12 +575,12 @@ def train(cfg):
     os.makedirs(c['out_dir'], exist_ok=True)
     ckpt_path = os.path.join(c['out_dir'], 'prior.pt')
 
-    L, V = tokenizer_contract(c['codes_dir'])
-    codes = load_codes(codes_path(c, 'train_split'), L, V)
-    val_path = codes_path(c, 'val_split')
+    contract = read_contract(c['codes_dir'])
+    L, V = contract['L'], contract['V']
+    codes = split_codes(c, 'train_split', contract)
     val_codes = None
-    if os.path.exists(val_path):
-        val_codes = load_codes(val_path, L, V)[:c['n_eval'] or None]
+    if has_split(c, 'val_split'):
+        val_codes = split_codes(c, 'val_split', contract)[:c['n_eval'] or None]
     model_args = model_args_from(c, L, V)
     torch.manual_seed(c['seed'])
     model = SEDD(**model_args)
@@ -727,11 +707,8 @@ def load_prior(out_dir, device, weights='ema'):
 
 
 def check_contract(cfg, L, V):
-    contract = tokenizer_contract(cfg['codes_dir'])
-    if contract != (L, V):
-        raise ValueError(f"the prior in {cfg['out_dir']} models L={L}, V={V} codes but the "
-                         f"tokenizer in {cfg['codes_dir']} makes L={contract[0]}, V={contract[1]}; "
-                         "point --codes_dir at the tokenizer the prior was trained on")
+    check_fits(read_contract(cfg['codes_dir']), L, V, cfg['codes_dir'],
+               f"the prior in {cfg['out_dir']}")
 
 
 def generate(model, n, steps, sampler, eps, seeds, device, batch_size, remask_eta=0.0, given=None,
@@ -790,10 +767,11 @@ def report_samples(samples, cfg, n_reference=10000):
     """How sampled codes compare with the training codes: copies, and the tokenizer probe's
     factor histograms (each factor, and shape x color x background jointly). As a yardstick
     for the noise of a finite sample, the same distances for as many held-out codes."""
-    L, V = tokenizer_contract(cfg['codes_dir'])
-    train_codes = load_codes(codes_path(cfg, 'train_split'), L, V)
-    val_path = codes_path(cfg, 'val_split')
-    val_codes = load_codes(val_path, L, V)[:len(samples)] if os.path.exists(val_path) else None
+    contract = read_contract(cfg['codes_dir'])
+    L, V = contract['L'], contract['V']
+    train_codes = split_codes(cfg, 'train_split', contract)
+    val_codes = split_codes(cfg, 'val_split', contract)[:len(samples)] \
+        if has_split(cfg, 'val_split') else None
     seen = {row.tobytes() for row in train_codes.astype(np.uint16)}
     copies = lambda codes: float(np.mean([r.tobytes() in seen for r in codes.astype(np.uint16)]))
     report = dict(copies=copies(samples))
@@ -818,8 +796,8 @@ def eval_mode(cfg):
     model, ckpt = load_prior(cfg['out_dir'], device)
     L, V = ckpt['L'], ckpt['V']
     check_contract(cfg, L, V)
-    val_codes = load_codes(codes_path(cfg, 'val_split'), L, V)[:cfg['n_eval'] or None]
-    train_codes = load_codes(codes_path(cfg, 'train_split'), L, V)
+    val_codes = split_codes(cfg, 'val_split')[:cfg['n_eval'] or None]
+    train_codes = split_codes(cfg, 'train_split')
     bits = heldout_bits(model, val_codes, ckpt['noise_eps'], cfg['sample_batch_size'], device)
     entropy, cross = marginal_bits(train_codes, val_codes, V)
     print(f"held-out {cfg['val_split']} codes ({len(val_codes)}), bits per token:")

@@ -62,6 +62,7 @@ import prior as P
 import text2dlc as T2D
 import tokenizer as T
 from cluster import draw_in_chunks, save_atomic, setup_distributed
+from codes import check_fits, dump_path, load_codes, read_contract
 from configurator import configure
 from data.shapes.score import (composition_scores, factors_kept, held_out_pair_groups,
                                histogram_scores, load_meta, named_factors_kept, print_table,
@@ -78,7 +79,8 @@ n_samples = 64                  # images per mode
 diffusion_dir = 'out-diffusion'             # diffusion.pt, trained by diffusion.py
 class_dit = ''                  # class: a class-conditional DiT, its diffusion.pt or a bare
                                 # state dict (DiT-XL-2-256x256.pt); '' = diffusion_dir's
-tokenizer_dir = 'out-imagenet-tokenizer'    # tokenizer.pt: recon, compose
+tokenizer_dir = 'out-imagenet-tokenizer'    # tokenizer.pt: recon, compose (a folder of code
+                                            # dumps alone: the split's codes, one-hot)
 prior_dir = 'out-prior'                     # prior.pt: uncond
 text2dlc_dir = 'out-text2dlc'               # text2dlc.pt: text
 vae_path = ''                   # sd-vae-ft-ema weights, for a DiT on latents
@@ -264,8 +266,8 @@ class Sources:
     """Source images: items of the split, or files, in the view of the tokenizer's dumps (arrays:
     resized to the tokenizer's size; folders and files: ADM's center_crop_arr at that size, the
     view in which the paper encodes the images it composes)."""
-    def __init__(self, cfg, tok_ckpt):
-        self.size = tok_ckpt['image_size']
+    def __init__(self, cfg, size):
+        self.size = size
         self.dataset = None
         array = os.path.join(cfg['data_dir'], f"{cfg['split']}_images.npy")
         if os.path.exists(array) or os.path.isdir(os.path.join(cfg['data_dir'], cfg['split'])):
@@ -284,7 +286,15 @@ class Sources:
         return self.dataset[member]
 
     def logits(self, encoder, members, device):
-        """SEM logits (len(members), L, V) of source images."""
+        """SEM logits (len(members), L, V) of source images; for codes without an encoder (a
+        dump (N, L) and V), the one-hot of the items' codes, which any tau leaves one-hot."""
+        if isinstance(encoder, tuple):
+            if any(isinstance(m, str) for m in members):
+                raise ValueError("image files in --sources need a tokenizer checkpoint in "
+                                 "--tokenizer_dir; its folder holds only a code dump")
+            codes, V = encoder
+            codes = torch.from_numpy(codes[list(members)].astype(np.int64))
+            return torch.nn.functional.one_hot(codes, V).float().to(device)
         x = torch.cat([T.encoder_input(self[m][None], self.size, False, device) for m in members])
         return encoder.code_logits(x).float()
 
@@ -303,12 +313,19 @@ def run_mode(cfg, mode, rank, world, device):
     groups, sources, labels, prompts = None, None, None, None
     if mode in ('recon', 'compose'):
         path = os.path.join(cfg['tokenizer_dir'], 'tokenizer.pt')
-        tok_ckpt = T.load_checkpoint(path)
-        check_code_contract('tokenizer', path, tok_ckpt, info, dit_source)
-        encoder = T.encoder_from_checkpoint(tok_ckpt).to(device)
-        sources = Sources(cfg, tok_ckpt)
+        if os.path.exists(path):
+            tok_ckpt = T.load_checkpoint(path)
+            check_code_contract('tokenizer', path, tok_ckpt, info, dit_source)
+            encoder, size = T.encoder_from_checkpoint(tok_ckpt).to(device), tok_ckpt['image_size']
+            used[path] = tok_ckpt.get('iter_num')
+        else:       # codes with no encoder (the built-in data's oracle codes): the split's dump
+            contract = read_contract(cfg['tokenizer_dir'])
+            check_fits(contract, info['L'], info['V'], cfg['tokenizer_dir'], f"the DiT {dit_source}")
+            encoder = (load_codes(cfg['tokenizer_dir'], cfg['split'], contract=contract),
+                       contract['V'])
+            size, used[dump_path(cfg['tokenizer_dir'], cfg['split'])] = contract['image_size'], None
+        sources = Sources(cfg, size)
         groups = parse_groups(cfg, mode, len(sources))
-        used[path] = tok_ckpt.get('iter_num')
     elif mode == 'uncond':
         prior, prior_ckpt = P.load_prior(cfg['prior_dir'], device)
         path = os.path.join(cfg['prior_dir'], 'prior.pt')

@@ -69,6 +69,7 @@ import diffusion as D
 import prior as P
 from cluster import (draw_in_chunks, exit_preempted, handle_preemption_signals,
                      preemption_requested, resuming, save_atomic, setup_distributed)
+from codes import check_fits, dump_path, load_codes, read_contract
 from configurator import configure
 from data.shapes.score import load_meta, named_factors_kept, probe_predict
 
@@ -341,10 +342,10 @@ def generate(model, enc, ckpt, prompts, seeds, device, sampler='random_order', s
 # -----------------------------------------------------------------------------
 # Data: codes checked against the tokenizer, captions checked against the codes
 
-def load_pairs(cfg, split, L, V):
+def load_pairs(cfg, split, contract):
     """A split's code dump and captions: (codes (N, L), [[caption, alternatives..]] * N)."""
-    codes_path = os.path.join(cfg['codes_dir'], f'codes_{split}.npy')
-    codes = P.load_codes(codes_path, L, V)
+    codes_path = dump_path(cfg['codes_dir'], split)
+    codes = load_codes(cfg['codes_dir'], split, contract=contract)
     path = cfg['captions_path'].replace('{split}', split) if cfg['captions_path'] else \
         os.path.join(cfg['data_dir'], f'{split}_captions.txt')
     if not os.path.exists(path):
@@ -424,11 +425,12 @@ def train(cfg):
     os.makedirs(c['out_dir'], exist_ok=True)
     ckpt_path = os.path.join(c['out_dir'], 'text2dlc.pt')
 
-    L, V = P.tokenizer_contract(c['codes_dir'])
-    codes, captions = load_pairs(c, c['train_split'], L, V)
+    contract = read_contract(c['codes_dir'])
+    L, V = contract['L'], contract['V']
+    codes, captions = load_pairs(c, c['train_split'], contract)
     val = None
-    if c['eval_interval'] > 0 and os.path.exists(P.codes_path(c, 'val_split')):
-        val_codes, val_captions = load_pairs(c, c['val_split'], L, V)
+    if c['eval_interval'] > 0 and P.has_split(c, 'val_split'):
+        val_codes, val_captions = load_pairs(c, c['val_split'], contract)
         n = c['n_eval'] or len(val_codes)
         val = val_codes[:n], val_captions[:n]
     resume = None
@@ -601,10 +603,8 @@ def sample_mode(cfg):
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if 'cuda' in device else nullcontext()
     model, ckpt, enc = load_text2dlc(cfg['out_dir'], device)
     L, V = ckpt['L'], ckpt['V']
-    if P.tokenizer_contract(cfg['codes_dir']) != (L, V):
-        raise ValueError(f"the text2dlc model in {cfg['out_dir']} makes L={L}, V={V} codes but the "
-                         f"tokenizer in {cfg['codes_dir']} does not; point --codes_dir at the "
-                         "tokenizer it was trained on")
+    check_fits(read_contract(cfg['codes_dir']), L, V, cfg['codes_dir'],
+               f"the text model in {cfg['out_dir']}")
     prompts = read_prompts(cfg['prompts'])
     if cfg['cfg_scale'] != 1.0 and not ckpt['config']['caption_dropout']:
         print(f"note: guidance {cfg['cfg_scale']} with a model trained without caption_dropout: "

@@ -30,10 +30,13 @@ partner among the 2B - 1 others at temperature T. The SEM, codes and all downstr
 
 Modes:  python tokenizer.py [config.py] [--key=value ...]
     --mode=train   self-supervised training (torchrun for DDP), writes out_dir/tokenizer.pt
-    --mode=dump    writes out_dir/codes_<split>.npy, uint16 (N, L), row i = dataset item i;
+    --mode=dump    writes out_dir/codes_<split>.npy, uint16 (N, L), row i = dataset item i,
+                   for each split of dump_split, and the sidecar codes.json (L, V, image size,
+                   this checkpoint, split sizes) that the other components check them by;
                    folder images in the paper's view (ADM's center_crop_arr at image_size)
-    --mode=probe   linear probe on one-hot codes (L*V features): accuracy per label on a
-                   held-out split, codebook usage; saves out_dir/probe.pt
+    --mode=probe   linear probe on one-hot codes (L*V features) of the dumps: accuracy per
+                   label on a held-out split, codebook usage; saves out_dir/probe.pt (on the
+                   built-in data, python data/shapes/score.py codes reads it with the dumps)
     --mode=import  writes out_dir/tokenizer.pt from the paper's encoder (init_from = its DINOv2
                    fork's teacher_checkpoint.pth), for dump, probe and sample.py
 """
@@ -54,6 +57,7 @@ from tqdm import tqdm
 
 from cluster import (exit_preempted, handle_preemption_signals, preemption_requested, resuming,
                      save_atomic, setup_distributed)
+from codes import check_codes, dump_path, load_codes, write_codes
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -126,11 +130,10 @@ num_workers = 8                 # data loading processes for image folders
 log_interval = 20
 ckpt_interval = 1000
 # dump / probe
-dump_split = 'val'
+dump_split = 'val'              # one split or several: 'train,val'
 probe_train_split = 'train'
 probe_eval_split = 'val'
 probe_iters = 300
-probe_ood_split = 'ood'         # also read the codes of held-out factor combinations; '' = skip
 dump_batch_size = 256
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
@@ -829,31 +832,6 @@ def encoder_from_checkpoint(ckpt):
     return model.eval()
 
 
-def check_codes(codes, L, V, path, n_expected=None):
-    """Refuse a code dump that does not fit the tokenizer it claims to come from."""
-    fix = "re-run `python tokenizer.py --mode=dump` with the tokenizer checkpoint you train against"
-    if codes.ndim != 2 or codes.shape[1] != L:
-        raise ValueError(f"code dump '{path}' has shape {codes.shape}, but the tokenizer has L={L} "
-                         f"tokens per code (expected (N, {L})); {fix}")
-    if not np.issubdtype(codes.dtype, np.unsignedinteger):
-        raise ValueError(f"code dump '{path}' has dtype {codes.dtype}; expected unsigned "
-                         f"integers; {fix}")
-    if codes.size and int(codes.max()) >= V:
-        raise ValueError(f"code dump '{path}' holds token {int(codes.max())} >= V={V}, the "
-                         f"tokenizer's vocabulary size; {fix}")
-    if n_expected is not None and len(codes) != n_expected:
-        raise ValueError(f"code dump '{path}' has {len(codes)} rows but its dataset split has "
-                         f"{n_expected} items; {fix}")
-    return codes
-
-
-def load_codes(path, L, V, n_expected=None):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"code dump '{path}' not found; write it with "
-                                "python tokenizer.py --mode=dump")
-    return check_codes(np.load(path), L, V, path, n_expected)
-
-
 # -----------------------------------------------------------------------------
 # Training
 
@@ -1037,14 +1015,20 @@ def encoder_input(images, image_size, crop, device):
 
 
 def codes_for_split(ckpt, ckpt_path, model, cfg, split):
-    """The probe's codes of a split, computed unless a file newer than the checkpoint exists: for
-    arrays the dump itself; for folders probe_codes_<split>.npy, in DINOv2's evaluation view."""
+    """The probe's codes of a split: for arrays, the split's dump (--mode=dump writes it; one
+    older than the checkpoint is refused); for folders, probe_codes_<split>.npy, the codes of
+    DINOv2's evaluation view (a central crop), computed once per checkpoint."""
     size = load_size(ckpt['image_size'], cfg['data_dir'], split)
     dataset = open_split(cfg['data_dir'], split, size)
-    name = f'codes_{split}.npy' if isinstance(dataset, ImageArray) else f'probe_codes_{split}.npy'
-    path = os.path.join(cfg['out_dir'], name)
+    if isinstance(dataset, ImageArray):
+        path = dump_path(cfg['out_dir'], split)
+        if os.path.exists(path) and os.path.getmtime(path) < os.path.getmtime(ckpt_path):
+            raise ValueError(f"code dump '{path}' is older than {ckpt_path}; dump it again: python "
+                             f"tokenizer.py --mode=dump --dump_split={split} (same config)")
+        return load_codes(cfg['out_dir'], split, len(dataset)), dataset
+    path = os.path.join(cfg['out_dir'], f'probe_codes_{split}.npy')
     if os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(ckpt_path):
-        return load_codes(path, ckpt['L'], ckpt['V'], len(dataset)), dataset
+        return check_codes(np.load(path), ckpt['L'], ckpt['V'], path, len(dataset)), dataset
     codes = compute_codes(model, dataset, ckpt['image_size'], cfg['dump_batch_size'],
                           cfg['device'], f'codes {split}')
     save_atomic(codes, path)
@@ -1061,15 +1045,19 @@ def load_size(image_size, data_dir, split):
 
 
 def dump(cfg):
+    """codes_<split>.npy of each split in dump_split ('train,val,ood'), and the sidecar
+    codes.json that every consumer checks them against (codes.py)."""
     ckpt_path = os.path.join(cfg['out_dir'], 'tokenizer.pt')
     ckpt = load_checkpoint(ckpt_path)
     model = encoder_from_checkpoint(ckpt)
-    dataset = open_split(cfg['data_dir'], cfg['dump_split'], ckpt['image_size'])
-    codes = compute_codes(model, dataset, ckpt['image_size'], cfg['dump_batch_size'], cfg['device'],
-                          f"codes {cfg['dump_split']}")
-    path = os.path.join(cfg['out_dir'], f"codes_{cfg['dump_split']}.npy")
-    save_atomic(codes, path)
-    print(f"wrote {path}: {codes.shape} {codes.dtype}, L={ckpt['L']} V={ckpt['V']}")
+    for split in [s.strip() for s in cfg['dump_split'].split(',') if s.strip()]:
+        dataset = open_split(cfg['data_dir'], split, ckpt['image_size'])
+        codes = compute_codes(model, dataset, ckpt['image_size'], cfg['dump_batch_size'],
+                              cfg['device'], f"codes {split}")
+        write_codes(cfg['out_dir'], split, codes, ckpt['L'], ckpt['V'], ckpt['image_size'],
+                    ckpt_path)
+        print(f"wrote {dump_path(cfg['out_dir'], split)}: {codes.shape} {codes.dtype}, "
+              f"L={ckpt['L']} V={ckpt['V']}")
 
 
 def import_fork(cfg):
@@ -1170,14 +1158,6 @@ def probe(cfg):
     collapsed = [l for l, d in enumerate(usage['distinct']) if d == 1]
     if collapsed:
         print(f"warning: positions {collapsed} always hold the same token (collapsed)")
-    ood = cfg['probe_ood_split']
-    if ood and os.path.exists(os.path.join(cfg['data_dir'], f'{ood}_factors.npy')):
-        ood_codes, ood_set = codes_for_split(ckpt, ckpt_path, model, cfg, ood)
-        splits = {cfg['probe_eval_split']: (eval_codes, eval_labels),
-                  ood: (ood_codes, split_labels(cfg['data_dir'], ood, ood_set))}
-        from data.shapes.score import compositionality     # the built-in data's analysis
-        result['compositionality'] = compositionality(cfg, V_, result,
-                                                      train_codes, train_labels, splits)
     path = os.path.join(cfg['out_dir'], 'probe.pt')
     save_atomic(result, path)
     print(f"wrote {path}")

@@ -41,3 +41,4 @@ grad_clip = 3.0
 log_interval = 20
 ckpt_interval = 100
 dump_batch_size = 1000
+dump_split = 'train,val,ood'    # --mode=dump: every split of the built-in data

@@ -28,6 +28,12 @@ Written to out_dir:
     {split}_captions_varied.txt  per line: the full caption, then N_PARTIAL partial ones, by tabs
     meta.json             names, palettes, held-out pairs, split sizes
 
+The oracle code: each image's true factors as a code of L = 4 tokens (shape, color, background,
+size) from V = 6, a perfectly factorized code that every downstream script accepts like a
+tokenizer's dump (codes.py). It is the control that DLCs are read against: what the DiT, the
+prior and the text model do when the code holds each factor at a position of its own.
+    python data/shapes/prepare.py --oracle_codes=out-oracle   # codes_<split>.npy, codes.json
+
 Run from anywhere (a relative out_dir is taken from the repo root):
     python data/shapes/prepare.py [--size=64] [--n_train=30000] [--seed=0] ...
 """
@@ -52,9 +58,11 @@ out_dir = 'data/shapes'
 # the (shape, color) pairs only ood shows; the default: one pair per shape (so ood tests every
 # shape) and no color twice (so every color keeps at least two shapes in train), 4 of the 18
 held_out = 'circle:blue,square:yellow,triangle:red,triangle:cyan'
+# instead of making the data: write the oracle codes of the data in out_dir to this folder
+oracle_codes = ''
 # -----------------------------------------------------------------------------
-CONFIG = {k: globals()[k]
-          for k in ['size', 'n_train', 'n_val', 'n_ood', 'seed', 'out_dir', 'held_out']}
+CONFIG = {k: globals()[k] for k in
+          ['size', 'n_train', 'n_val', 'n_ood', 'seed', 'out_dir', 'held_out', 'oracle_codes']}
 
 FACTORS = ['shape', 'color', 'background', 'size']
 SHAPES = ['circle', 'square', 'triangle']
@@ -224,6 +232,21 @@ def make_dataset(out_dir, image_size=32, n_train=30000, n_val=2000, n_ood=2000, 
     return meta
 
 
+def write_oracle_codes(data_dir, codes_dir):
+    """Every split's factors as codes (N, 4) in codes_dir, with the sidecar (codes.py)."""
+    from codes import write_codes
+    data_dir, codes_dir = os.path.join(REPO_ROOT, data_dir), os.path.join(REPO_ROOT, codes_dir)
+    with open(os.path.join(data_dir, 'meta.json')) as f:
+        meta = json.load(f)
+    V = max(len(meta[name]) for name in FACTORS)
+    for split in meta['splits']:
+        factors = np.load(os.path.join(data_dir, f'{split}_factors.npy'))
+        write_codes(codes_dir, split, factors, len(FACTORS), V, meta['image_size'],
+                    f'oracle: the factors of {data_dir}')
+        print(f"{split}: {len(factors)} oracle codes (shape, color, background, size), L=4 V={V} "
+              f"-> {codes_dir}")
+
+
 def load_split(data_dir, split):
     """Load one split as a dict: images, factors, pos, captions (list of str), meta."""
     data_dir = os.path.join(REPO_ROOT, data_dir)
@@ -351,5 +374,8 @@ if __name__ == '__main__':
     sys.path.insert(0, REPO_ROOT)
     from configurator import configure
     cfg = configure(CONFIG, sys.argv[1:])
+    if cfg['oracle_codes']:
+        write_oracle_codes(cfg['out_dir'], cfg['oracle_codes'])
+        sys.exit()
     make_dataset(cfg['out_dir'], cfg['size'], cfg['n_train'], cfg['n_val'], cfg['n_ood'],
                  cfg['seed'], parse_held_out(cfg['held_out']))

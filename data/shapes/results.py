@@ -50,14 +50,14 @@ def stages(out=OUT):
     py = [sys.executable]
     tok, prior = f'{out}/tok', f'{out}/prior'
     dit = lambda name, seed: f'{out}/dit_{name}_s{seed}'
-    train_dit = lambda cond, seed, name=None, *extra: py + [
-        'diffusion.py', 'config/diffusion_shapes.py', f'--codes_dir={tok}',
+    train_dit = lambda cond, seed, name=None, *extra, codes=tok: py + [
+        'diffusion.py', 'config/diffusion_shapes.py', f'--codes_dir={codes}',
         f'--out_dir={dit(name or cond, seed)}', f'--cond={cond}', f'--seed={seed}',
         '--auto_resume=True', *(['--num_classes=18'] if cond == 'class' else []), *extra]
-    sample = lambda name, seed, *extra: py + [
+    sample = lambda name, seed, *extra, codes=tok, dlc='dlc': py + [
         'sample.py', 'config/sample_shapes.py', f'--out_dir={out}/samples/{name}_s{seed}',
-        f'--seed={seed}', f'--n_samples={N_IMAGES}', '--batch_size=100', f'--tokenizer_dir={tok}',
-        f'--prior_dir={prior}', f'--diffusion_dir={dit("dlc", seed)}', *extra]
+        f'--seed={seed}', f'--n_samples={N_IMAGES}', '--batch_size=100', f'--tokenizer_dir={codes}',
+        f'--prior_dir={prior}', f'--diffusion_dir={dit(dlc, seed)}', *extra]
     out_stages = [
         ('tokenizer', py + ['tokenizer.py', 'config/tokenizer_shapes.py', f'--out_dir={tok}',
                             '--auto_resume=True']),
@@ -79,10 +79,13 @@ def stages(out=OUT):
         return train_dit('none', 0, 'none_plus', f'--max_iters={plus_iters(done)}')
 
     text_model = lambda seed: f'{out}/text2dlc_s{seed}'
-    text = lambda name, seed, prompts: sample(name, seed, '--mode=text',
-                                              f'--text2dlc_dir={text_model(seed)}',
-                                              f'--prompts={prompts}')
+    text = lambda name, seed, prompts, model='', **codes: sample(
+        name, seed, '--mode=text', f'--text2dlc_dir={text_model(seed)}{model}',
+        f'--prompts={prompts}', **codes)
     seen, held = short_prompts()
+    oracle = f'{out}/oracle'
+    out_stages.append(('oracle_codes', py + ['data/shapes/prepare.py', f'--oracle_codes={oracle}']))
+    on_oracle = dict(codes=oracle, dlc='oracle')
     for seed in SEEDS:              # seed 0 whole first: an interrupted run has its numbers
         out_stages += [
             (f'dit_dlc_s{seed}', train_dit('dlc', seed)),
@@ -117,6 +120,23 @@ def stages(out=OUT):
             (f'text_seen_s{seed}', text('text_seen', seed, seen)),
             (f'text_ood_s{seed}', text('text_ood', seed, 'data/shapes/ood_captions.txt')),
             (f'text_held_s{seed}', text('text_held', seed, held)),
+        ]
+        # the oracle control: the same DiT and text model on the true factors as codes (a
+        # perfectly factorized code), the ceiling the DLC rows are read against
+        out_stages += [
+            (f'dit_oracle_s{seed}', train_dit('dlc', seed, 'oracle', codes=oracle)),
+            (f'oracle_ceiling_s{seed}', sample('oracle_ceiling', seed, '--mode=recon',
+                                               '--split=ood', **on_oracle)),
+            (f'oracle_compose2_s{seed}', sample('oracle_compose2', seed, '--mode=compose',
+                                                '--sources=held_out', **on_oracle)),
+            (f'text2dlc_oracle_s{seed}', py + ['text2dlc.py', 'config/text2dlc_shapes.py',
+                                               f'--codes_dir={oracle}',
+                                               f'--out_dir={text_model(seed)}_oracle',
+                                               f'--seed={seed}', '--auto_resume=True']),
+            (f'oracle_text_seen_s{seed}', text('oracle_text_seen', seed, seen, '_oracle',
+                                               **on_oracle)),
+            (f'oracle_text_held_s{seed}', text('oracle_text_held', seed, held, '_oracle',
+                                               **on_oracle)),
         ]
         if seed == 0:
             out_stages += [
@@ -283,13 +303,13 @@ def differences_table(out):
     return '\n'.join(lines)
 
 
-def seeds_table(out, first, columns, rows):
+def seeds_table(out, first, columns, rows, seeds=SEEDS):
     """A table of the seeds' 'mean ± spread': columns [(title, score key, or {mode: key})], rows
     [(title, stage, mode)]; a key the mode's scores lack leaves its cell empty."""
     lines = [f'| {first} | ' + ' | '.join(title for title, _ in columns) + ' |',
              '|---' * (len(columns) + 1) + '|']
     for title, stage, mode in rows:
-        scores = [scores_of(out, f'{stage}_s{s}')[mode] for s in SEEDS]
+        scores = [scores_of(out, f'{stage}_s{s}')[mode] for s in seeds]
         keys = [key[mode] if isinstance(key, dict) else key for _, key in columns]
         cells = [mean_spread([p[k] for p in scores]) if k in scores[0] else '' for k in keys]
         lines.append(f'| {title} | ' + ' | '.join(cells) + ' |')
@@ -320,6 +340,54 @@ def text_table(out):
     columns = [('valid', 'valid'), ('shape and color kept', 'kept'), ('shape kept', 'shape_kept'),
                ('color kept', 'color_kept')]
     return seeds_table(out, 'prompts', columns, rows)
+
+
+ORACLE_TITLE = '## 4. The oracle control: the same models on a perfectly factorized code'
+
+
+def oracle_section(out, done):
+    """The DiT and the text model trained on the true factors as codes (prepare.py
+    --oracle_codes), scored like the DLC rows of sections 2 and 3: what the models do when the
+    code is factorized, the ceiling the DLCs are read against."""
+    seeds = [s for s in SEEDS if f'oracle_text_held_s{s}' in done]
+    rows = [("recon of the ood split's oracle codes (the DiT's ceiling)", 'oracle_ceiling',
+             'recon'),
+            ('2 sources composed: the shape of one, the color of another', 'oracle_compose2',
+             'compose'),
+            ('text model, "a red square": the 14 seen pairs', 'oracle_text_seen', 'text'),
+            ('text model, "a blue circle": the 4 held-out pairs', 'oracle_text_held', 'text')]
+    shown = dict(compose='unseen_pair', recon='kept', text='kept')
+    columns = [('valid', 'valid'), ('from sources', 'from_sources'), ('novel', 'novel'),
+               ('held-out pair shown (text: the prompt\'s pair)', shown)]
+    table = seeds_table(out, 'oracle codes (shape, color, background, size)', columns, rows, seeds)
+    return f"""{ORACLE_TITLE}
+
+Each image's true factors as its code (L = 4, V = 6), given to the built-in DiT config and the
+built-in text model config unchanged; seeds {', '.join(map(str, seeds))}. A composed code draws
+each position from one of its two sources, so about a quarter of the compositions take the shape
+of the first and the color of the second.
+
+{table}
+
+Read against the DLC rows: section 2's ceiling and composition, section 3's short prompts."""
+
+
+def splice(section, path='docs/results.md'):
+    """Put a section (its '## ' title first) in place of the one of that title in path, or before
+    the commands; for stages run alone (--only), beside a report from an earlier full run."""
+    with open(os.path.join(ROOT, path)) as f:
+        text = f.read()
+    title = section.split('\n', 1)[0]
+    if title in text:
+        start = text.index(title)
+        end = text.find('\n## ', start + len(title))
+        text = text[:start] + section + '\n' + (text[end:] if end >= 0 else '')
+    else:
+        at = text.index('## The commands')
+        text = text[:at] + section + '\n\n' + text[at:]
+    with open(os.path.join(ROOT, path), 'w') as f:
+        f.write(text)
+    print(f'wrote {title!r} into {path}')
 
 
 def plus_note(done):
@@ -386,6 +454,8 @@ apart (the difference exceeds the spread) or overlap.
 
 The ceiling is what the DiT draws from the held-out images' own codes (section 2's last row).
 
+{oracle_section(out, done)}
+
 Grids (seed 0): `assets/results/<set>_s0.png`.
 
 ## The commands
@@ -409,5 +479,9 @@ if __name__ == '__main__':
     sys.path.insert(0, ROOT)                # score.py's imports, when run as a script
     if sys.argv[1:2] == ['--real']:
         score_real_images(sys.argv[2])
+    elif sys.argv[1:2] == ['--only=oracle']:     # the oracle stages alone, into the last report
+        done = run(only=[(n, c) for n, c in stages() if 'oracle' in n])
+        splice(oracle_section(OUT, done) + '\n\nTheir commands, run alone at commit '
+               f'`{git_commit()}`:\n\n```\n{commands(done)}\n```\n')
     else:
         report(run())
