@@ -71,7 +71,7 @@ def read_contract(codes_dir):
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)
     print(f"note: '{codes_dir}' has no {SIDECAR}; L and V read from {ckpt_path}. Dump the codes "
           "again (python tokenizer.py --mode=dump) to write it.")
-    return dict(L=int(ckpt['L']), V=int(ckpt['V']), image_size=int(ckpt['image_size']),
+    return dict(L=int(ckpt['L']), V=int(ckpt['V']), image_size=int(ckpt.get('image_size', 0)),
                 source=ckpt_path, splits={})
 
 
@@ -104,7 +104,8 @@ def load_codes(codes_dir, split, n_items=None, contract=None):
     if split in contract['splits'] and contract['splits'][split] != len(codes):
         raise ValueError(f"code dump '{path}' has {len(codes)} codes but {codes_dir}/{SIDECAR} "
                          f"records {contract['splits'][split]}: the dump and its sidecar come "
-                         "from different runs; dump the split again")
+                         "from different runs; write both again with python tokenizer.py "
+                         "--mode=dump")
     return check_codes(codes, contract['L'], contract['V'], path, n_items)
 
 

@@ -35,12 +35,13 @@ The file reads in that order, then the data, training and the modes; the frozen 
 Modes:  python diffusion.py [config.py] [--key=value ...]
     --mode=train     (torchrun for DDP) writes out_dir/diffusion.pt and sample grids
     --mode=extract   writes out_dir/latents_<split>.npy (float16) with the SD-VAE encoder
-    --mode=recon     the codes of a split -> DiT -> images: a PNG grid beside the sources and,
-                     on the built-in data, the attribute reader's scores
+    --mode=recon     the codes of a split -> DiT -> images: recon_<split>.npz and a PNG grid
+                     beside the sources (on the built-in data, data/shapes/score.py scores them)
     --mode=decode    any code dump (--codes_path: prior samples, composed codes) -> images: a
-                     PNG grid, an .npz and, on the built-in data, the reader's factor histograms
+                     PNG grid and an .npz
 """
 import copy
+import json
 import math
 import os
 import sys
@@ -59,7 +60,6 @@ from cluster import (exit_preempted, handle_preemption_signals, preemption_reque
                      save_atomic, setup_distributed)
 from codes import check_codes, check_fits, load_codes, read_contract
 from configurator import configure
-from data.shapes.score import histogram_scores, load_meta, reconstruction_scores
 from vae import VAE_SCALE, load_vae, read_safetensors   # the frozen SD-VAE (ImageNet latents)
 
 # -----------------------------------------------------------------------------
@@ -188,7 +188,10 @@ class SEMEmbedder(nn.Module):
             y = F.pad(y, (0, self.V + 1 - y.shape[-1]))
             table = self.embedding_table
             return torch.einsum('nlv,lvd->nd', y.to(table.dtype), table) / self.L
-        rows = self.embedding_table[torch.arange(self.L, device=y.device), y]   # (N, L, D)
+        # row y_l of table l, as an embedding lookup in the flattened tables: its backward adds
+        # in a fixed order on the CPU (indexing's index_put_ does not, so two runs would differ)
+        offsets = torch.arange(self.L, device=y.device) * (self.V + 1)
+        rows = F.embedding(y + offsets, self.embedding_table.flatten(0, 1))      # (N, L, D)
         return rows.mean(dim=1)
 
 
@@ -637,7 +640,8 @@ def read_conditions(cfg, split, n_items):
     data_dir, factors = cfg['data_dir'], os.path.join(cfg['data_dir'], f'{split}_factors.npy')
     if os.path.exists(factors):
         f = np.load(factors)
-        labels = f[:, 0] * len(load_meta(data_dir)['color']) + f[:, 1]
+        with open(os.path.join(data_dir, 'meta.json')) as meta:
+            labels = f[:, 0] * len(json.load(meta)['color']) + f[:, 1]
     else:
         labels = np.array(ImageFolder(os.path.join(data_dir, split), cfg['image_size']).labels)
     if labels.max() >= cfg['num_classes']:
@@ -731,15 +735,10 @@ def load_public_dit(model, path):
 
 
 def learning_rate_at(it, c):
-    """Linear warm-up, then constant (DiT's schedule). text2dlc.py shares this function and
-    its config may set lr_decay: then a cosine decay to min_lr at max_iters."""
+    """Linear warm-up, then constant (DiT's schedule)."""
     if it < c['warmup_iters']:
         return c['learning_rate'] * (it + 1) / c['warmup_iters']
-    if not c.get('lr_decay', False):
-        return c['learning_rate']
-    progress = (it - c['warmup_iters']) / max(1, c['max_iters'] - c['warmup_iters'])
-    cosine = 1 + math.cos(math.pi * min(1.0, progress))
-    return c['min_lr'] + 0.5 * (c['learning_rate'] - c['min_lr']) * cosine
+    return c['learning_rate']
 
 
 def ema_decay_at(it, c):
@@ -1052,11 +1051,12 @@ def recon(cfg):
     recons = images_from_codes(cfg, ckpt, conditions, n, 'recon')
     sources = np.stack([np.array(images[i]) for i in range(min(n, 32))])
     pairs = np.stack([sources, recons[:32]], axis=1).reshape(-1, *sources.shape[1:])
-    grid_path = os.path.join(cfg['out_dir'], f"recon_{cfg['split']}.png")
-    save_grid(pairs, grid_path, ncol=16)
-    print(f"wrote {grid_path} (source | reconstruction pairs); {n} samples, {cfg['sampler']} "
-          f"{cfg['num_sampling_steps']} steps, cfg {cfg['cfg_scale']}")
-    return reconstruction_scores(cfg['data_dir'], cfg['split'], recons)
+    stem = os.path.join(cfg['out_dir'], f"recon_{cfg['split']}")
+    save_grid(pairs, stem + '.png', ncol=16)
+    save_atomic(dict(arr_0=recons), stem + '.npz')
+    print(f"wrote {stem}.npz and {stem}.png (source | reconstruction pairs); {n} samples, "
+          f"{cfg['sampler']} {cfg['num_sampling_steps']} steps, cfg {cfg['cfg_scale']}")
+    return recons
 
 
 def decode(cfg):
@@ -1078,7 +1078,7 @@ def decode(cfg):
     save_grid(images[:64], stem + '_images.png', ncol=16)
     np.savez(stem + '_images.npz', arr_0=images)
     print(f"wrote {stem}_images.png and {stem}_images.npz ({len(images)} images)")
-    return histogram_scores(cfg['data_dir'], images)
+    return images
 
 
 if __name__ == '__main__':

@@ -52,8 +52,9 @@ learned absolute position embedding `pos_embed`, since position l of a DLC has i
 
 Modes:  python prior.py [config.py] [--key=value ...]
     --mode=train    (torchrun for DDP) codes_dir/codes_<train_split>.npy -> out_dir/prior.pt
-    --mode=sample   out_dir/prior.pt -> n_samples codes, out_dir/samples.npy (dump format), the
-                    share that copies a training code and (probe.pt) the factor histograms;
+    --mode=sample   out_dir/prior.pt -> n_samples codes, out_dir/samples.npy (dump format) and
+                    the share that copies a training code (data/shapes/score.py --samples reads
+                    their factors on the built-in data);
                     drawn in chunks of sample_batch_size kept in samples.npy.parts/, so a killed
                     run launched again with the same command (any number of processes)
                     continues where it stopped
@@ -79,7 +80,6 @@ from cluster import (draw_in_chunks, exit_preempted, handle_preemption_signals,
                      preemption_requested, resuming, save_atomic, setup_distributed)
 from codes import check_fits, dump_path, load_codes, read_contract
 from configurator import configure
-from data.shapes.score import code_histograms
 
 # -----------------------------------------------------------------------------
 # config: the defaults are the paper's ImageNet recipe (DDiT medium on DLC512, V = 256)
@@ -87,7 +87,7 @@ mode = 'train'                  # 'train' | 'sample' | 'eval'
 out_dir = 'out-prior'
 init_from = 'scratch'           # 'scratch' | 'resume' | a SEDD checkpoint of the same vocabulary
 auto_resume = False             # resume from out_dir's checkpoint if there is one (cluster jobs)
-codes_dir = 'out-imagenet-tokenizer'   # tokenizer.pt, codes_<split>.npy (probe.pt: the report)
+codes_dir = 'out-imagenet-tokenizer'   # codes_<split>.npy + codes.json (tokenizer.py --mode=dump)
 train_split = 'train'
 val_split = 'val'
 seed = 0
@@ -222,7 +222,7 @@ class EmbeddingLayer(nn.Module):
         nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
 
     def forward(self, x):
-        return self.embedding[x]
+        return F.embedding(x, self.embedding)       # deterministic backward (indexing's is not)
 
 
 class DDitFinalLayer(nn.Module):
@@ -240,7 +240,7 @@ class DDitFinalLayer(nn.Module):
 class SEDD(nn.Module):
     """forward(x (B, T) tokens in [0, V], sigma (B,)) -> log score ratios (B, T, V + 1), float32."""
     def __init__(self, vocab_size, seq_len, n_blocks, hidden_size, n_heads, cond_dim=128,
-                 dropout=0.1, caption_start=0, caption_pad=-1):
+                 dropout=0.1):
         super().__init__()
         self.vocab_size, self.seq_len = vocab_size, seq_len
         self.vocab_embed = EmbeddingLayer(hidden_size, vocab_size + 1)         # + the mask token
@@ -250,12 +250,6 @@ class SEDD(nn.Module):
         self.blocks = nn.ModuleList([DDiTBlock(hidden_size, n_heads, cond_dim, dropout=dropout)
                                      for _ in range(n_blocks)])
         self.output_layer = DDitFinalLayer(hidden_size, vocab_size + 1, cond_dim)
-        # text2dlc's option (0: off, SEDD's network): the tokens from caption_start on are also
-        # pooled, their mean embedding (padding and masked tokens left out) added to the noise
-        # level's, so that every block's adaLN sees the caption
-        self.caption_start, self.caption_pad = caption_start, caption_pad
-        if caption_start:
-            self.caption_map = nn.Linear(hidden_size, cond_dim)
         out = self.output_layer                       # adaLN-Zero: every block starts as identity
         for layer in [b.adaLN_modulation for b in self.blocks] + [out.adaLN_modulation, out.linear]:
             nn.init.zeros_(layer.weight)
@@ -263,19 +257,18 @@ class SEDD(nn.Module):
 
     def forward(self, x, sigma):
         h = self.vocab_embed(x) + self.pos_embed[:, :x.shape[1]]
-        c = self.sigma_map(sigma)
-        if self.caption_start:
-            words = x[:, self.caption_start:]
-            seen = ((words != self.caption_pad) & (words != self.vocab_size))[..., None]
-            mean = (self.vocab_embed(words) * seen).sum(1) / seen.sum(1).clamp_min(1)
-            c = c + self.caption_map(mean)
-        c = F.silu(c)
+        c = F.silu(self.condition(x, sigma))
         rotary = self.rotary_emb(x.shape[1], x.device)
         for block in self.blocks:
             h = block(h, rotary, c)
         out = self.output_layer(h, c).float()                     # scaled by sigma: from uniform
         out = out - torch.expm1(sigma.float()).log()[:, None, None] - math.log(self.vocab_size)
         return out.scatter(-1, x[..., None], 0.0)                 # staying put has ratio 1
+
+    def condition(self, x, sigma):
+        """What every block's adaLN reads: the noise level's embedding (text2dlc.py adds the
+        caption's)."""
+        return self.sigma_map(sigma)
 
 
 def sedd_state_dict(path):
@@ -690,9 +683,9 @@ def train(cfg):
 # -----------------------------------------------------------------------------
 # Sample and evaluate
 
-def model_from_checkpoint(ckpt, weights='ema'):
-    """The SEDD of a prior.pt or text2dlc.pt (older ones name scale_by_sigma, now always on)."""
-    model = SEDD(**{k: v for k, v in ckpt['model_args'].items() if k != 'scale_by_sigma'})
+def model_from_checkpoint(ckpt, weights='ema', network=SEDD):
+    """The network of a prior.pt (or text2dlc.pt, with its network) from its model_args."""
+    model = network(**ckpt['model_args'])
     model.load_state_dict(ckpt[weights])
     return model
 
@@ -763,12 +756,10 @@ def sample_mode(cfg):
     return full, report_samples(full, cfg)
 
 
-def report_samples(samples, cfg, n_reference=10000):
-    """How sampled codes compare with the training codes: copies, and the tokenizer probe's
-    factor histograms (each factor, and shape x color x background jointly). As a yardstick
-    for the noise of a finite sample, the same distances for as many held-out codes."""
+def report_samples(samples, cfg):
+    """The share of sampled codes that copy a training code, beside that of as many held-out
+    codes (on the built-in data, data/shapes/score.py --samples reads their factors)."""
     contract = read_contract(cfg['codes_dir'])
-    L, V = contract['L'], contract['V']
     train_codes = split_codes(cfg, 'train_split', contract)
     val_codes = split_codes(cfg, 'val_split', contract)[:len(samples)] \
         if has_split(cfg, 'val_split') else None
@@ -777,17 +768,6 @@ def report_samples(samples, cfg, n_reference=10000):
     report = dict(copies=copies(samples))
     yardstick = f" (held-out codes: {copies(val_codes):.3f})" if val_codes is not None else ''
     print(f"samples identical to a training code: {report['copies']:.3f}{yardstick}")
-    probe_path = os.path.join(cfg['codes_dir'], 'probe.pt')
-    if not os.path.exists(probe_path):
-        return report
-    probe = torch.load(probe_path, map_location='cpu', weights_only=True)
-    if (probe['L'], probe['V']) != (L, V):
-        raise ValueError(f"probe '{probe_path}' reads L={probe['L']}, V={probe['V']} codes, not "
-                         f"L={L}, V={V}")
-    reference = train_codes[np.random.default_rng(0).permutation(len(train_codes))[:n_reference]]
-    sets = {'samples': samples, **({'held-out': val_codes} if val_codes is not None else {})}
-    for name, tvs in code_histograms(probe, reference, sets).items():
-        report[f"tv_{name.replace(' x ', '_')}"] = tvs['samples']
     return report
 
 

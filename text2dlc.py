@@ -42,9 +42,8 @@ by the code and separator rows (extend_pretrained).
 
 Modes:  python text2dlc.py [config.py] [--key=value ...]
     --mode=train    (torchrun for DDP) codes_dir/codes_<split>.npy + captions -> text2dlc.pt
-    --mode=sample   prompts -> out_dir/text_codes.npy (the dump format) + text_codes_prompts.txt;
-                    on the built-in data, the tokenizer's probe reads the codes' factors against
-                    those the prompts name
+    --mode=sample   prompts -> out_dir/text_codes.npy (the dump format) + text_codes_prompts.txt
+                    (data/shapes/score.py --samples --prompts scores them on the built-in data)
 """
 import base64
 import copy
@@ -65,13 +64,12 @@ import torch.nn.functional as F
 import tiktoken
 from tqdm import tqdm
 
-import diffusion as D
 import prior as P
 from cluster import (draw_in_chunks, exit_preempted, handle_preemption_signals,
                      preemption_requested, resuming, save_atomic, setup_distributed)
 from codes import check_fits, dump_path, load_codes, read_contract
 from configurator import configure
-from data.shapes.score import load_meta, named_factors_kept, probe_predict
+from vae import read_safetensors
 
 # -----------------------------------------------------------------------------
 # config: the defaults are the paper's recipe, on SEDD's small model and the GPT-2 vocabulary
@@ -79,7 +77,7 @@ mode = 'train'                  # 'train' | 'sample'
 out_dir = 'out-text2dlc'
 init_from = 'scratch'           # 'scratch' | 'resume' | a GPT-2 SEDD (sedd-small, sedd-medium)
 auto_resume = False             # resume from out_dir's checkpoint if there is one (cluster jobs)
-codes_dir = 'out-imagenet-tokenizer'    # tokenizer.pt, codes_<split>.npy (probe.pt: the report)
+codes_dir = 'out-imagenet-tokenizer'    # codes_<split>.npy + codes.json (tokenizer.py --mode=dump)
 data_dir = 'data/imagenet'
 captions_path = ''              # '' = data_dir/<split>_captions.txt, or a path with {split}: a line
                                 # per item, in the dump's order; tab-separated captions: one drawn
@@ -219,6 +217,41 @@ def encode_captions(enc, captions, caption_len):
 
 
 # -----------------------------------------------------------------------------
+# The network: prior.py's SEDD, optionally also reading the caption through adaLN
+
+class CaptionSEDD(P.SEDD):
+    """SEDD's network whose adaLN also reads the caption (caption_adaln): the tokens from
+    caption_start on are pooled, their mean embedding (padding and masked tokens left out) mapped
+    and added to the noise level's, so every block sees the caption at every code position. With
+    caption_start = 0 it is SEDD's network, parameter for parameter."""
+    def __init__(self, vocab_size, seq_len, n_blocks, hidden_size, n_heads, cond_dim=128,
+                 dropout=0.1, caption_start=0, caption_pad=-1):
+        super().__init__(vocab_size, seq_len, n_blocks, hidden_size, n_heads, cond_dim, dropout)
+        self.caption_start, self.caption_pad = caption_start, caption_pad
+        if caption_start:
+            self.caption_map = nn.Linear(hidden_size, cond_dim)
+
+    def condition(self, x, sigma):
+        c = self.sigma_map(sigma)
+        if self.caption_start:
+            words = x[:, self.caption_start:]
+            seen = ((words != self.caption_pad) & (words != self.vocab_size))[..., None]
+            mean = (self.vocab_embed(words) * seen).sum(1) / seen.sum(1).clamp_min(1)
+            c = c + self.caption_map(mean)
+        return c
+
+
+def learning_rate_at(it, c):
+    """Linear warm-up, then (lr_decay) a cosine from learning_rate to min_lr at max_iters."""
+    if it < c['warmup_iters']:
+        return c['learning_rate'] * (it + 1) / c['warmup_iters']
+    if not c['lr_decay']:
+        return c['learning_rate']
+    progress = min(1.0, (it - c['warmup_iters']) / max(1, c['max_iters'] - c['warmup_iters']))
+    return c['min_lr'] + 0.5 * (c['learning_rate'] - c['min_lr']) * (1 + math.cos(math.pi * progress))
+
+
+# -----------------------------------------------------------------------------
 # Sequences, the loss, and the pretrained model's extension (pure functions)
 
 def sequences(codes, captions, lengths, n_text, V):
@@ -287,7 +320,7 @@ def read_pretrained(path):
                                 "the GPT-2 vocabulary (louaaron/sedd-small or sedd-medium: .pth, "
                                 ".bin or .safetensors), or 'scratch'")
     if path.endswith('.safetensors'):
-        return D.read_safetensors(path)               # vae.py's: no safetensors package
+        return read_safetensors(path)                 # vae.py's: no safetensors package
     return P.sedd_state_dict(path)
 
 
@@ -447,7 +480,7 @@ def train(cfg):
     if c['caption_adaln']:
         model_args.update(caption_start=L + 1, caption_pad=enc.eot_token)
     torch.manual_seed(c['seed'])
-    model = P.SEDD(**model_args)
+    model = CaptionSEDD(**model_args)
     if resume is None and c['init_from'] != 'scratch':
         new = extend_pretrained(model, read_pretrained(c['init_from']), n_text, V, c['init_from'])
         if master:
@@ -496,7 +529,7 @@ def train(cfg):
     t0, tokens = time.time(), 0
     while iter_num < stop:
         it = iter_num
-        lr = D.learning_rate_at(it, c)                      # warm-up, then cosine (diffusion.py's)
+        lr = learning_rate_at(it, c)                        # warm-up, then cosine
         for g in optimizer.param_groups:
             g['lr'] = lr
         # the whole global batch is drawn on every process (captions, noise), then sliced
@@ -579,7 +612,7 @@ def load_text2dlc(out_dir, device, weights='ema'):
         raise FileNotFoundError(f"text2dlc checkpoint '{path}' not found; train it with python "
                                 "text2dlc.py ...")
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    model = P.model_from_checkpoint(ckpt, weights)
+    model = P.model_from_checkpoint(ckpt, weights, CaptionSEDD)
     return model.to(device).eval(), ckpt, encoding_from_spec(ckpt['encoding'])
 
 
@@ -638,20 +671,7 @@ def sample_mode(cfg):
         f.write(''.join(p + '\n' for p in used))
     print(f"wrote {path}: {n} codes of L={L}, V={V} ({cfg['sampler']}, {cfg['num_steps'] or L} "
           f"steps, guidance {cfg['cfg_scale']}) and {os.path.splitext(path)[0]}_prompts.txt")
-    return full, probe_agreement(full, used, cfg)
-
-
-def probe_agreement(codes, prompts, cfg):
-    """On the built-in data: the share of codes whose factors, as the tokenizer's probe reads them,
-    are the ones the prompt names. It judges the text model alone, before any DiT."""
-    meta, probe_path = load_meta(cfg['data_dir']), os.path.join(cfg['codes_dir'], 'probe.pt')
-    if meta is None or not os.path.exists(probe_path):
-        return {}
-    read = probe_predict(torch.load(probe_path, map_location='cpu', weights_only=True), codes)
-    scores = named_factors_kept(read, prompts, meta)
-    print("the probe's reading of the codes against the factors the prompts name (share kept): " +
-          ', '.join(f"{k} {v:.3f}" for k, v in scores.items()))
-    return scores
+    return full, used
 
 
 if __name__ == '__main__':

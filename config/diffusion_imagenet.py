@@ -14,7 +14,7 @@
 out_dir = 'out-imagenet-dit'
 auto_resume = True                        # a relaunched or restarted job continues from out_dir
 data_dir = 'data/imagenet'
-codes_dir = 'out-imagenet-tokenizer'      # tokenizer.pt, codes_train.npy (tokenizer.py --mode=dump)
+codes_dir = 'out-imagenet-tokenizer'      # codes_train.npy + codes.json (tokenizer.py --mode=dump)
 latents_dir = 'out-imagenet-latents'
 vae_path = 'weights/sd-vae-ft-ema/diffusion_pytorch_model.safetensors'
 model = 'DiT-XL/2'

@@ -2,7 +2,7 @@
 # with DINOv2's recipe (DINO + iBOT + KoLeo, multi-crop), DLC512 = 512 tokens of 256.
 #
 #   torchrun --nproc_per_node=8 tokenizer.py config/tokenizer_imagenet.py
-#   python tokenizer.py config/tokenizer_imagenet.py --mode=dump --dump_split=train
+#   python tokenizer.py config/tokenizer_imagenet.py --mode=dump --dump_split=train,val
 #   python tokenizer.py config/tokenizer_imagenet.py --mode=probe
 #   # or the paper's own encoder, from its DINOv2 fork's eval/<iteration>/teacher_checkpoint.pth:
 #   python tokenizer.py config/tokenizer_imagenet.py --mode=import \

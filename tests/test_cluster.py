@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from codes import write_codes
 from conftest import ROOT
 import diffusion as D
 import prior as P
@@ -39,12 +40,10 @@ import test_tokenizer
 def dirs(shapes_dir, tmp_path_factory):
     """The data of each trainer's tiny config: the built-in images, toy codes, toy pairs."""
     codes = tmp_path_factory.mktemp('toy_codes')
-    torch.save(dict(L=8, V=8), codes / 'tokenizer.pt')
-    np.save(codes / 'codes_train.npy', test_prior.toy_codes(1024, 0))
+    write_codes(codes, 'train', test_prior.toy_codes(1024, 0), 8, 8, 32, 'toy codes')
     pairs = tmp_path_factory.mktemp('toy_pairs')
-    torch.save(dict(L=4, V=8), pairs / 'tokenizer.pt')
     codes_array, captions = test_text2dlc.toy_pairs(1024, 0)
-    np.save(pairs / 'codes_train.npy', codes_array)
+    write_codes(pairs, 'train', codes_array, 4, 8, 32, 'toy pairs')
     (pairs / 'train_captions.txt').write_text('\n'.join(captions) + '\n')
     return dict(shapes=shapes_dir, codes=str(codes), pairs=str(pairs))
 

@@ -2,6 +2,7 @@
 public DiT weights, the samplers, guidance, training (DDP, resume) and its input checks."""
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from codes import write_codes
 from conftest import ROOT, run_script
 from configurator import configure
 from test_vae import write_safetensors
 import diffusion as D
+from data.shapes import score as SC
 import tokenizer as T
 
 
@@ -331,8 +334,7 @@ def codes_dir(shapes_dir, tmp_path_factory):
                color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0, 0.0),
                solarize_prob=(0.0, 0.0, 0.0), log_interval=1)
     T.train(cfg)
-    for split in ['train', 'val']:
-        T.dump(dict(cfg, dump_split=split))
+    T.dump(dict(cfg, dump_split='train,val'))
     return out
 
 
@@ -384,16 +386,19 @@ def test_training_on_pixels_lowers_the_loss_and_writes_a_sample_grid(shapes_dir,
     assert (tmp_path / 'samples_0000040.png').exists()
     ckpt = D.load_checkpoint(str(tmp_path / 'diffusion.pt'))
     assert ckpt['L'] == 4 and ckpt['V'] == 8 and ckpt['space'] == 'pixel' and ckpt['cond'] == 'dlc'
-    scores = D.recon(dict(cfg, split='val', n_recon=8, micro_batch_size=4))
-    assert set(scores) >= {'valid', 'shape', 'shape_and_color'}
+    recons = D.recon(dict(cfg, split='val', n_recon=8, micro_batch_size=4))
     assert (tmp_path / 'recon_val.png').exists()
+    assert np.array_equal(np.load(tmp_path / 'recon_val.npz')['arr_0'], recons)
+    # the scorer reads the written reconstructions against the split's items
+    scores = SC.score_images(str(tmp_path / 'recon_val.npz'), shapes_dir, 'val')
+    assert set(scores) >= {'valid', 'shape', 'shape_and_color'}
     # any code dump (here the val codes again, as prior samples would be) decodes to images
     codes_path = tmp_path / 'some_codes.npy'
     np.save(codes_path, np.load(os.path.join(codes_dir, 'codes_val.npy'))[:6])
-    scores = D.decode(dict(cfg, mode='decode', codes_path=str(codes_path), n_recon=6,
-                           micro_batch_size=4))
-    assert 'valid' in scores and 'tv_shape' in scores
+    D.decode(dict(cfg, mode='decode', codes_path=str(codes_path), n_recon=6, micro_batch_size=4))
     assert np.load(tmp_path / 'some_codes_images.npz')['arr_0'].shape == (6, 32, 32, 3)
+    scores = SC.score_images(str(tmp_path / 'some_codes_images.npz'), shapes_dir)
+    assert 'valid' in scores and 'tv_shape' in scores
     np.save(codes_path, np.full((6, 4), 8, dtype=np.uint16))
     with pytest.raises(ValueError, match='V=8'):
         D.decode(dict(cfg, mode='decode', codes_path=str(codes_path)))
@@ -401,15 +406,15 @@ def test_training_on_pixels_lowers_the_loss_and_writes_a_sample_grid(shapes_dir,
 
 @pytest.mark.parametrize('bad, message', [
     (lambda c: c[:, :3], r'shape \(512, 3\).*L=4'),
-    (lambda c: np.where(c == c.max(), 8, c).astype(np.uint16), r'up to 8.*V=8'),
-    (lambda c: c[:100], r'100 codes.*512 items'),
+    (lambda c: np.where(c == c.max(), 8, c).astype(np.uint16), r'token 8 >= V=8'),
+    (lambda c: c[:100], r'100 codes.*512'),
 ])
 def test_codes_that_do_not_match_the_tokenizer_or_the_data_are_refused(shapes_dir, codes_dir,
                                                                         tmp_path, bad, message):
     good = np.load(os.path.join(codes_dir, 'codes_train.npy'))
     bad_dir = tmp_path / 'codes'
     bad_dir.mkdir()
-    os.link(os.path.join(codes_dir, 'tokenizer.pt'), bad_dir / 'tokenizer.pt')
+    shutil.copy(os.path.join(codes_dir, 'codes.json'), bad_dir / 'codes.json')
     np.save(bad_dir / 'codes_train.npy', bad(good))
     with pytest.raises(ValueError, match=message) as err:
         D.train(tiny_cfg(shapes_dir, bad_dir, tmp_path / 'out'))
@@ -482,3 +487,19 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shapes_dir,
     state = torch.load(tmp_path / 'diffusion.pt', weights_only=True)
     assert state['iter_num'] == 2
     assert all(torch.isfinite(v).all() for v in state['model'].values())
+
+
+def test_two_runs_on_the_same_codes_end_with_bitwise_equal_weights(shapes_dir, codes_dir,
+                                                                   tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)            # the code embedding's backward once summed in any order
+    try:
+        for run in ('a', 'b'):
+            D.train(tiny_cfg(shapes_dir, codes_dir, tmp_path / run, max_iters=6,
+                             batch_size=64, micro_batch_size=64))
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (torch.load(tmp_path / r / 'diffusion.pt', weights_only=True) for r in 'ab')
+    for part in ('model', 'ema'):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)

@@ -3,6 +3,7 @@ exactly known distribution, infilling, loading SEDD weights, and training (DDP, 
 import itertools
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from codes import write_codes
 from conftest import ROOT, kill_then_continue_on_two, run_script
 import prior as P
 
@@ -363,9 +365,8 @@ def rules_hold(codes):
 @pytest.fixture(scope='module')
 def toy_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp('toy_codes')
-    torch.save(dict(L=8, V=8), out / 'tokenizer.pt')                 # the contract prior.py reads
-    np.save(out / 'codes_train.npy', toy_codes(4096, 0))
-    np.save(out / 'codes_val.npy', toy_codes(512, 1))
+    write_codes(out, 'train', toy_codes(4096, 0), 8, 8, 32, 'toy codes')   # + the sidecar
+    write_codes(out, 'val', toy_codes(512, 1), 8, 8, 32, 'toy codes')
     return str(out)
 
 
@@ -427,9 +428,9 @@ def test_two_processes_sample_the_same_codes_as_one(toy_dir, tmp_path):
     # a tokenizer that makes other codes than the prior models is refused by sample and eval
     other = tmp_path / 'other_tokenizer'
     other.mkdir()
-    torch.save(dict(L=16, V=8), other / 'tokenizer.pt')
+    write_codes(other, 'train', np.zeros((4, 16), np.uint16), 16, 8, 32, 'other codes')
     for fn in (P.sample_mode, P.eval_mode):
-        with pytest.raises(ValueError, match=r'models L=8, V=8.*makes L=16, V=8'):
+        with pytest.raises(ValueError, match=r'L=16, V=8.*prior.*trained on L=8, V=8'):
             fn(dict(cfg, codes_dir=str(other)))
 
 
@@ -458,7 +459,7 @@ def test_stop_and_resume_equals_an_uninterrupted_run(toy_dir, tmp_path):
 def test_a_dump_that_does_not_fit_the_tokenizer_is_refused(toy_dir, tmp_path, bad, message):
     bad_dir = tmp_path / 'codes'
     bad_dir.mkdir()
-    torch.save(dict(L=8, V=8), bad_dir / 'tokenizer.pt')
+    shutil.copy(os.path.join(toy_dir, 'codes.json'), bad_dir / 'codes.json')
     np.save(bad_dir / 'codes_train.npy', bad(np.load(os.path.join(toy_dir, 'codes_train.npy'))))
     with pytest.raises(ValueError, match=message) as err:
         P.train(tiny_cfg(str(bad_dir), tmp_path / 'out'))
@@ -510,3 +511,18 @@ def test_a_killed_sample_run_continues_on_any_number_of_processes_as_if_uninterr
         in capsys.readouterr().out
     assert np.array_equal(np.load(path), whole) and np.array_equal(codes, whole)
     assert not os.path.exists(parts)
+
+
+def test_two_runs_on_the_same_codes_end_with_bitwise_equal_weights(toy_dir, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)            # the token embedding's backward once summed in any order
+    try:
+        for run in ('a', 'b'):
+            P.train(tiny_cfg(toy_dir, tmp_path / run, max_iters=6, batch_size=64,
+                             micro_batch_size=64))
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (torch.load(tmp_path / r / 'prior.pt', weights_only=True) for r in 'ab')
+    for part in ('model', 'ema'):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)

@@ -53,30 +53,47 @@ def test_the_report_gives_the_mean_and_half_the_range_over_the_seeds(tmp_path):
              'compose3': 'compose', 'compose2_soft': 'compose', 'compose3_soft': 'compose',
              'ceiling': 'recon', 'plain_plus': 'plain', 'plain_plus_raw': 'plain', 'real_val': 'real',
              'uncond_cfg1': 'uncond', 'class_cfg1': 'class', 'text_val': 'text',
-             'text_seen': 'text', 'text_ood': 'text', 'text_held': 'text'}
+             'text_seen': 'text', 'text_ood': 'text', 'text_held': 'text',
+             'oracle_ceiling': 'recon', 'oracle_compose2': 'compose', 'oracle_text_seen': 'text',
+             'oracle_text_held': 'text'}
     for stage, mode in modes.items():
         for seed in (0, 1):
             name = stage if stage == 'real_val' else f'{stage}_s{seed}'
             os.makedirs(out / 'samples' / name, exist_ok=True)
-            value = 0.4 + 0.2 * seed if stage in ('uncond', 'text_seen') else 0.5
+            value = 0.4 + 0.2 * seed if stage in ('uncond', 'text_seen', 'oracle_ceiling') else 0.5
             scores = {mode: {k: value for k in keys}}
             json.dump(scores, open(out / 'samples' / name / 'scores.json', 'w'))
     done = {'prior': dict(seconds=600.0, command=f'{sys.executable} prior.py --seed=0'),
             'dit_none_s0': dict(seconds=3000.0, command='python diffusion.py')}
+    done.update({f'oracle_text_held_s{s}': dict(seconds=0.0, command='python sample.py')
+                 for s in (0, 1)})
+    os.makedirs(out / 'oracle')
+    json.dump(dict(share=[[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0.9, 0], [0, 0, 0, 0.7]],
+                   alone=[1, 1, 1, 1], shape_not_color=1), open(out / 'oracle' /
+                                                                'factorization.json', 'w'))
     R.report(done, str(out), str(tmp_path / 'results.md'), str(tmp_path / 'assets'))
     text = (tmp_path / 'results.md').read_text()
     uncond = next(l for l in text.splitlines() if l.startswith('| prior -> DLC -> DiT'))
     assert uncond.count('0.500 ± 0.100') == 8                   # every column of the table
     assert "| the prior's samples (uncond) | 0.500 ± 0.100 |" in text
     assert '1.0 hours' in text
+    assert ("| recon of the ood split's oracle codes (the DiT's ceiling) | 0.500 ± 0.100 | "
+            "0.500 ± 0.100 | 0.500 ± 0.100 | 0.500 ± 0.100 |") in text
+    assert '| oracle | 1.00, 1 | 1.00, 1 | 0.90, 1 | 0.70, 1 | 1 |' in text
     assert ('| "a red square": the 14 seen (shape, color) pairs | 0.500 ± 0.100 | 0.500 ± 0.100 | '
             '0.500 ± 0.100 | 0.500 ± 0.100 |') in text
     assert '| real images: the val split (held out of training) | 0.500 |' in text
     # uncond's seeds (0.4, 0.6) straddle every baseline's 0.5: the difference is 0, not apart
     assert '| valid | +0.000 | no | +0.000 | no | +0.000 | no |' in text
     assert '24,000 + 4,800 iterations' in text                  # 8 it/s for the prior's 600 s
-    assert "(the stages' commits:\nnot recorded for 2)" in text       # stamps without a commit
+    assert "(the stages' commits:\nnot recorded for 4)" in text       # stamps without a commit
     assert '# prior: 10.0 min\npython prior.py --seed=0' in text
+    # the oracle stages run alone are spliced into that report, in place of their section
+    R.splice(R.ORACLE_TITLE + '\n\nnew numbers', str(tmp_path / 'results.md'))
+    again = (tmp_path / 'results.md').read_text()
+    assert again.count(R.ORACLE_TITLE) == 1 and 'new numbers\n\n## The commands' in again
+    assert again.split(R.ORACLE_TITLE)[0] == text.split(R.ORACLE_TITLE)[0]
+    assert again.split('## The commands')[1] == text.split('## The commands')[1]
 
 
 def test_the_plain_dit_given_the_time_is_compared_with_its_better_weights(tmp_path):

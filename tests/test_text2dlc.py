@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from codes import write_codes
 from conftest import run_script
 from test_prior import sedd_small_state_dict
 from test_vae import write_safetensors
@@ -95,8 +96,8 @@ def test_extending_sedd_small_keeps_every_text_row_and_the_mask_and_adds_codes_a
     with pytest.raises(FileNotFoundError, match='nowhere.pth'):
         X.read_pretrained(str(tmp_path / 'nowhere.pth'))
     # with caption_adaln the pooled caption's projection is new too, and said to be
-    pooled = P.SEDD(vocab_size=n_text + V + 1, seq_len=L + 1 + T, caption_start=L + 1,
-                    caption_pad=50256, **P.PRIOR_MODELS['small'])
+    pooled = X.CaptionSEDD(vocab_size=n_text + V + 1, seq_len=L + 1 + T, caption_start=L + 1,
+                           caption_pad=50256, **P.PRIOR_MODELS['small'])
     new = X.extend_pretrained(pooled, state, n_text, V)
     assert 'caption_map.weight' in new and 'caption_map.bias' in new
     assert torch.equal(pooled.state_dict()['blocks.0.attn_qkv.weight'],
@@ -141,8 +142,9 @@ def test_the_loss_is_the_masked_cross_entropy_weighted_by_one_over_the_mask_prob
 def test_caption_adaln_gives_every_block_the_mean_embedding_of_the_visible_caption_words():
     n_text, V, L, T = 10, 4, 3, 5
     mask_id, pad_id = n_text + V + 1, 9
-    model = P.SEDD(vocab_size=mask_id, seq_len=L + 1 + T, n_blocks=2, hidden_size=32, n_heads=2,
-                   cond_dim=16, dropout=0.0, caption_start=L + 1, caption_pad=pad_id)
+    model = X.CaptionSEDD(vocab_size=mask_id, seq_len=L + 1 + T, n_blocks=2, hidden_size=32,
+                          n_heads=2, cond_dim=16, dropout=0.0, caption_start=L + 1,
+                          caption_pad=pad_id)
     seen = []
     model.caption_map.register_forward_hook(lambda m, args, out: seen.append(args[0]))
     x = torch.tensor([[14, 11, 15, 14, 5, 15, 6, 9, 9],       # words 5 and 6; one masked, pads
@@ -170,9 +172,19 @@ def test_caption_adaln_gives_every_block_the_mean_embedding_of_the_visible_capti
     # a checkpoint rebuilds it from model_args
     args = dict(vocab_size=mask_id, seq_len=L + 1 + T, n_blocks=2, hidden_size=32, n_heads=2,
                 cond_dim=16, dropout=0.0, caption_start=L + 1, caption_pad=pad_id)
-    again = P.model_from_checkpoint(dict(model_args=args, ema=model.state_dict()))
+    again = P.model_from_checkpoint(dict(model_args=args, ema=model.state_dict()), 'ema',
+                                    X.CaptionSEDD)
     with torch.no_grad():
         torch.testing.assert_close(again(x, torch.ones(2)), model(x, torch.ones(2)))
+
+
+def test_the_learning_rate_warms_up_then_follows_a_cosine_to_min_lr():
+    c = dict(X.CONFIG, learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
+    lrs = [X.learning_rate_at(it, c) for it in range(111)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[60] == pytest.approx(5.5e-4) and lrs[110] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert X.learning_rate_at(60, dict(c, lr_decay=False)) == 1e-3
 
 
 # -- generation -------------------------------------------------------------------------------
@@ -222,10 +234,9 @@ def toy_pairs(n, seed):
 @pytest.fixture(scope='module')
 def toy_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp('toy_pairs')
-    torch.save(dict(L=4, V=8), out / 'tokenizer.pt')               # the contract text2dlc reads
     for split, n, seed in [('train', 2048, 0), ('val', 256, 1)]:
         codes, captions = toy_pairs(n, seed)
-        np.save(out / f'codes_{split}.npy', codes)
+        write_codes(out, split, codes, 4, 8, 32, 'toy pairs')      # the dump and its sidecar
         (out / f'{split}_captions.txt').write_text('\n'.join(captions) + '\n')
     return str(out)
 
@@ -344,9 +355,8 @@ def test_stop_and_resume_equals_an_uninterrupted_run(toy_dir, tmp_path):
 def test_captions_or_codes_that_do_not_fit_are_refused_with_the_file_named(toy_dir, tmp_path):
     bad = tmp_path / 'bad'
     bad.mkdir()
-    torch.save(dict(L=4, V=8), bad / 'tokenizer.pt')
     codes, captions = toy_pairs(64, 0)
-    np.save(bad / 'codes_train.npy', codes)
+    write_codes(bad, 'train', codes, 4, 8, 32, 'toy pairs')
     (bad / 'train_captions.txt').write_text('\n'.join(captions[:60]) + '\n')
     with pytest.raises(ValueError,
                        match=r'train_captions.txt.*60 lines.*codes_train.npy.*64 codes'):

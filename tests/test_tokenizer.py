@@ -1,5 +1,6 @@
 """Claims about the SEM encoder (tokenizer.py): the head, the DLC, loading DINOv2 weights,
 training (loss, DDP, resume, crash safety) and the code dumps."""
+import json
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import conftest
+from codes import load_codes, read_contract
 from conftest import ROOT
 import tokenizer as T
 from data.shapes import score as SC
@@ -412,17 +414,22 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shapes_dir,
 @pytest.fixture(scope='module')
 def trained(shapes_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp('trained')
-    cfg = tiny(shapes_dir, out, max_iters=4, dump_split='val')
+    cfg = tiny(shapes_dir, out, max_iters=4, dump_split='train,val,ood')
     T.train(cfg)
     T.dump(cfg)
     return cfg
 
 
-def test_dump_writes_one_code_per_item_in_dataset_order(trained):
+def test_dump_writes_one_code_per_item_in_dataset_order_and_its_sidecar(trained):
     ckpt = T.load_checkpoint(os.path.join(trained['out_dir'], 'tokenizer.pt'))
-    codes = T.load_codes(os.path.join(trained['out_dir'], 'codes_val.npy'), ckpt['L'], ckpt['V'],
-                         256)
+    codes = load_codes(trained['out_dir'], 'val', 256)
     assert codes.dtype == np.uint16 and codes.shape == (256, 4)
+    contract = read_contract(trained['out_dir'])
+    n_items = {split: len(np.load(os.path.join(trained['data_dir'], f'{split}_factors.npy')))
+               for split in ('train', 'val', 'ood')}
+    assert (contract['L'], contract['V'], contract['image_size']) == (4, 8, ckpt['image_size'])
+    assert contract['splits'] == n_items
+    assert contract['source'] == os.path.join(trained['out_dir'], 'tokenizer.pt')
     model = T.encoder_from_checkpoint(ckpt)
     images = np.load(os.path.join(trained['data_dir'], 'val_images.npy'))[[0, 7, 200]]
     direct = model.encode(T.normalize(T.to_float_images(torch.from_numpy(images), 'cpu')))
@@ -432,16 +439,17 @@ def test_dump_writes_one_code_per_item_in_dataset_order(trained):
 @pytest.mark.parametrize('bad, message', [
     (lambda c: c[:, :3], r'shape \(256, 3\).*L=4'),
     (lambda c: np.where(c == c.max(), 8, c).astype(np.uint16), r'token 8 >= V=8'),
-    (lambda c: c[:100], r'100 rows.*256 items'),
+    (lambda c: c[:100], r'100 codes.*256'),
     (lambda c: c.astype(np.float32), r'dtype float32'),
 ])
-def test_a_dump_that_disagrees_with_its_checkpoint_is_refused(trained, tmp_path, bad, message):
+def test_a_dump_that_disagrees_with_its_sidecar_is_refused(trained, tmp_path, bad, message):
     good = np.load(os.path.join(trained['out_dir'], 'codes_val.npy'))
+    shutil.copy(os.path.join(trained['out_dir'], 'codes.json'), tmp_path / 'codes.json')
     path = tmp_path / 'codes_val.npy'
     np.save(path, bad(good))
     with pytest.raises(ValueError, match=message) as err:
-        T.load_codes(str(path), 4, 8, 256)
-    assert str(path) in str(err.value) and 'tokenizer.py --mode=dump' in str(err.value)
+        load_codes(str(tmp_path), 'val', 256)
+    assert str(path) in str(err.value) and 'dump' in str(err.value)
 
 
 def test_probe_reads_a_factor_that_the_codes_hold():
@@ -466,19 +474,47 @@ def test_probe_mode_reports_every_factor_and_saves_the_probe(trained, capsys):
     factors = np.load(os.path.join(trained['data_dir'], 'val_factors.npy'))
     pred = T.probe_predict(saved, codes)
     assert (pred['color'] == factors[:, 1]).mean() == pytest.approx(result['accuracy']['color'])
+    assert 'distinct tokens per position' in capsys.readouterr().out
+
+
+def test_the_scorer_reads_held_out_pairs_with_the_probe_and_reports_factorization(trained,
+                                                                                   capsys):
+    T.probe(dict(trained, probe_train_split='train', probe_eval_split='val'))
+    report = SC.score_codes(trained['out_dir'], trained['data_dir'])
     out = capsys.readouterr().out
-    assert 'distinct tokens per position' in out and 'compositionality' in out
-    # the held-out pairs are read by the same probe, from the ood split's own dump
-    report = saved['compositionality']
-    ood_codes = np.load(os.path.join(trained['out_dir'], 'codes_ood.npy'))
+    assert 'factorization' in out and 'biased' in out and 'shape and not color' in out
+    saved = torch.load(os.path.join(trained['out_dir'], 'probe.pt'), weights_only=True)
+    ood_pred = T.probe_predict(saved, np.load(os.path.join(trained['out_dir'], 'codes_ood.npy')))
     ood_factors = np.load(os.path.join(trained['data_dir'], 'ood_factors.npy'))
-    assert ood_codes.shape == (len(ood_factors), 4)
-    ood_pred = T.probe_predict(saved, ood_codes)
     for i, name in enumerate(['shape', 'color']):
         read_right = (ood_pred[name] == ood_factors[:, i]).mean()
-        assert report['ood']['probe'][name] == pytest.approx(read_right)
-    assert report['val']['probe']['color'] == pytest.approx(result['accuracy']['color'])
-    assert len(report['mutual_information']['shape']) == 4
+        assert report['compositionality']['ood']['probe'][name] == pytest.approx(read_right)
+    assert np.asarray(report['share']).shape == (4, 4)
+    with open(os.path.join(trained['out_dir'], 'factorization.json')) as f:
+        assert json.load(f)['shape_not_color'] == report['shape_not_color']
+    # sampled codes: the val dump stands in for a prior's samples and a text model's codes
+    val_path = os.path.join(trained['out_dir'], 'codes_val.npy')
+    tv = SC.score_samples(val_path, trained['out_dir'], trained['data_dir'])
+    assert set(tv) >= {'tv_shape', 'tv_color', 'tv_shape_color_background'}
+    captions = os.path.join(trained['data_dir'], 'val_captions.txt')
+    kept = SC.score_samples(val_path, trained['out_dir'], trained['data_dir'], captions)
+    val_pred = T.probe_predict(saved, np.load(val_path))
+    val_factors = np.load(os.path.join(trained['data_dir'], 'val_factors.npy'))
+    assert kept['color'] == pytest.approx((val_pred['color'] == val_factors[:, 1]).mean())
+
+
+def test_factorization_tells_a_factorized_code_from_an_entangled_one():
+    rng = np.random.default_rng(0)
+    factors = np.stack([rng.integers(0, 3, 20000), rng.integers(0, 6, 20000),
+                        rng.integers(0, 3, 20000), rng.integers(0, 2, 20000)], 1)
+    oracle = SC.factorization(factors, factors)           # one factor per position, exactly
+    assert np.allclose(np.diag(oracle['share']), 1, atol=0.01)
+    assert oracle['alone'].tolist() == [1, 1, 1, 1]
+    # shape and color in one token: it carries both, so neither alone; a token of noise: nothing
+    entangled = np.stack([factors[:, 0] * 6 + factors[:, 1], rng.integers(0, 8, 20000)], 1)
+    report = SC.factorization(entangled, factors)
+    assert report['carrying'][:2].tolist() == [1, 1] and report['alone'].sum() == 0
+    assert report['share'][1].max() < 0.01
 
 
 def test_mutual_information_and_nearest_codes_measure_what_they_name():
@@ -514,7 +550,7 @@ def test_image_folders_are_read_in_sorted_order_and_a_corrupt_image_is_named(tra
     ckpt = T.load_checkpoint(str(out / 'tokenizer.pt'))
     cfg = dict(trained, data_dir=str(tmp_path / 'folder'), out_dir=str(out), dump_split='val')
     T.dump(cfg)
-    codes = T.load_codes(str(out / 'codes_val.npy'), ckpt['L'], ckpt['V'], 6)
+    codes = load_codes(str(out), 'val', 6)
     dataset = T.open_split(str(tmp_path / 'folder'), 'val', 37)
     assert dataset.labels == [0, 0, 0, 1, 1, 1] and dataset.files[0].endswith('a_class/0.png')
     assert codes.shape == (6, 4)

@@ -235,14 +235,14 @@ def make_dataset(out_dir, image_size=32, n_train=30000, n_val=2000, n_ood=2000, 
 def write_oracle_codes(data_dir, codes_dir):
     """Every split's factors as codes (N, 4) in codes_dir, with the sidecar (codes.py)."""
     from codes import write_codes
+    source = f'oracle: the factors of {data_dir}'
     data_dir, codes_dir = os.path.join(REPO_ROOT, data_dir), os.path.join(REPO_ROOT, codes_dir)
     with open(os.path.join(data_dir, 'meta.json')) as f:
         meta = json.load(f)
     V = max(len(meta[name]) for name in FACTORS)
     for split in meta['splits']:
         factors = np.load(os.path.join(data_dir, f'{split}_factors.npy'))
-        write_codes(codes_dir, split, factors, len(FACTORS), V, meta['image_size'],
-                    f'oracle: the factors of {data_dir}')
+        write_codes(codes_dir, split, factors, len(FACTORS), V, meta['image_size'], source)
         print(f"{split}: {len(factors)} oracle codes (shape, color, background, size), L=4 V={V} "
               f"-> {codes_dir}")
 

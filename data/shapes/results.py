@@ -61,8 +61,11 @@ def stages(out=OUT):
     out_stages = [
         ('tokenizer', py + ['tokenizer.py', 'config/tokenizer_shapes.py', f'--out_dir={tok}',
                             '--auto_resume=True']),
+        ('dump', py + ['tokenizer.py', 'config/tokenizer_shapes.py', f'--out_dir={tok}',
+                       '--mode=dump']),
         ('probe', py + ['tokenizer.py', 'config/tokenizer_shapes.py', f'--out_dir={tok}',
                         '--mode=probe']),
+        ('codes_report', py + ['data/shapes/score.py', f'--codes_dir={tok}']),
         ('prior', py + ['prior.py', 'config/prior_shapes.py', f'--codes_dir={tok}',
                         f'--out_dir={prior}', '--auto_resume=True']),
         # the floor: real images held out of training, scored like the generated ones
@@ -84,7 +87,8 @@ def stages(out=OUT):
         f'--prompts={prompts}', **codes)
     seen, held = short_prompts()
     oracle = f'{out}/oracle'
-    out_stages.append(('oracle_codes', py + ['data/shapes/prepare.py', f'--oracle_codes={oracle}']))
+    out_stages += [('oracle_codes', py + ['data/shapes/prepare.py', f'--oracle_codes={oracle}']),
+                   ('oracle_report', py + ['data/shapes/score.py', f'--codes_dir={oracle}'])]
     on_oracle = dict(codes=oracle, dlc='oracle')
     for seed in SEEDS:              # seed 0 whole first: an interrupted run has its numbers
         out_stages += [
@@ -350,6 +354,8 @@ def oracle_section(out, done):
     --oracle_codes), scored like the DLC rows of sections 2 and 3: what the models do when the
     code is factorized, the ceiling the DLCs are read against."""
     seeds = [s for s in SEEDS if f'oracle_text_held_s{s}' in done]
+    if not seeds:
+        return f"{ORACLE_TITLE}\n\nNot measured: the oracle stages have not run."
     rows = [("recon of the ood split's oracle codes (the DiT's ceiling)", 'oracle_ceiling',
              'recon'),
             ('2 sources composed: the shape of one, the color of another', 'oracle_compose2',
@@ -369,7 +375,31 @@ of the first and the color of the second.
 
 {table}
 
-Read against the DLC rows: section 2's ceiling and composition, section 3's short prompts."""
+Read against the DLC rows: section 2's ceiling and composition, section 3's short prompts.
+
+How the codes' positions carry the factors (data/shapes/score.py --codes_dir; train codes): per
+factor, the best position's I(token; factor | the other factors) as a share of H(factor | the
+others), and how many positions carry the factor alone (share >= 0.5, every other < 0.1).
+
+{factorization_table(out)}"""
+
+
+def factorization_table(out):
+    """The factorization report of the run's DLCs and of the oracle codes, as far as written."""
+    from data.shapes.prepare import FACTORS
+    lines = ['| codes | ' + ' | '.join(f'{f}: best share, alone' for f in FACTORS) +
+             ' | positions with shape, not color |', '|---' * (len(FACTORS) + 2) + '|']
+    for title, folder in [('DLCs (the built-in tokenizer)', 'tok'), ('oracle', 'oracle')]:
+        path = f'{out}/{folder}/factorization.json'
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            report = json.load(f)
+        best = np.asarray(report['share']).max(0)
+        lines.append(f'| {title} | ' + ' | '.join(f"{b:.2f}, {a}" for b, a in
+                                                  zip(best, report['alone'])) +
+                     f" | {report['shape_not_color']} |")
+    return '\n'.join(lines)
 
 
 def splice(section, path='docs/results.md'):
@@ -454,9 +484,9 @@ apart (the difference exceeds the spread) or overlap.
 
 The ceiling is what the DiT draws from the held-out images' own codes (section 2's last row).
 
-{oracle_section(out, done)}
-
 Grids (seed 0): `assets/results/<set>_s0.png`.
+
+{oracle_section(out, done)}
 
 ## The commands
 

@@ -1,11 +1,18 @@
 """
-Scores of generated images and codes on the built-in data, shared by diffusion.py, prior.py,
-text2dlc.py and sample.py so that they all measure the same thing the same way.
+Scores of generated images and codes on the built-in data, shared by sample.py and by this file
+as a script, so that everything is measured the same way. The trainers only write arrays.
 
 Images are judged by the attribute reader of prepare.py (read_attributes): valid (one clean
-shape), then the factors it reads against those the image should have. Codes are judged by the
-tokenizer's linear probe (probe.pt, written by tokenizer.py --mode=probe), which reads factors
-(or, on ImageNet, classes) from codes alone, before any DiT draws them.
+shape), then the factors it reads against those the image should have. Codes are judged by how
+their positions carry the factors (factorization) and by the tokenizer's linear probe (probe.pt,
+written by tokenizer.py --mode=probe), which reads factors from codes alone, before any DiT.
+
+    python data/shapes/score.py --codes_dir=out-shapes       a folder of dumps: factorization, and
+                                                             with probe.pt the held-out pairs' rows
+    python data/shapes/score.py --images=X.npz [--split=val] images: against the split's items
+                                                             (recon), or the factor histograms
+    python data/shapes/score.py --samples=X.npy --codes_dir=D [--prompts=P.txt]
+                                                             sampled codes read by D's probe
 
     reconstruction_scores   recon: the share of images that keep their source's factors
     factors_kept            recon and class in sample.py: shape and color kept
@@ -16,17 +23,25 @@ tokenizer's linear probe (probe.pt, written by tokenizer.py --mode=probe), which
     nearest_distances       per image, the pixel distance to the nearest training image (copies?)
     held_out_pair_groups    composition sources whose shape and color make a held-out pair
     code_histograms         sampled codes: the probe's factor histograms against training codes
-    compositionality        tokenizer.py --mode=probe: how the codes of held-out pairs read
+    factorization           per position and factor, I(token; factor | the other factors)
+    compositionality        how the probe and the nearest training code read held-out pairs
     print_table             the table of every sample.py mode's scores
 """
 import json
 import os
+import sys
 
 import numpy as np
 import torch
 
+if __name__ == '__main__':              # run as a script: the repository's modules
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from codes import check_codes, dump_path, load_codes, read_contract
 from data.shapes.prepare import FACTORS, parse_caption, read_attributes
 from tokenizer import probe_predict     # the tokenizer's linear probe reads factors from codes
+
+
+USAGE = 'usage:\n' + __doc__.split('\n\n')[2]
 
 
 def load_meta(data_dir):
@@ -232,7 +247,68 @@ def print_table(results):
 
 
 # -----------------------------------------------------------------------------
-# The tokenizer's codes of held-out pairs (tokenizer.py --mode=probe, on the ood split)
+# Codes of the built-in data: are they factorized, and how do held-out pairs read?
+#     python data/shapes/score.py --codes_dir=out-shapes      (after tokenizer.py --mode=dump,
+#                                                              and --mode=probe for the probe rows)
+
+def entropy(*columns):
+    """The plug-in joint entropy (nats) of non-negative integer columns (N,)."""
+    key = np.zeros(len(columns[0]), dtype=np.int64)
+    for c in columns:                          # one integer per row: mixed radix
+        key = key * (int(c.max()) + 1) + c
+    counts = np.bincount(np.unique(key, return_inverse=True)[1].reshape(-1))
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def conditional_mi(token, factor, given):
+    """I(token; factor | given) in nats, plug-in, minus the same estimate with the factor shuffled
+    within each value of `given` (what a token carrying nothing scores on this many samples)."""
+    def cmi(f):
+        return entropy(token, given) + entropy(f, given) - entropy(token, f, given) - entropy(given)
+    shuffled = factor.copy()
+    rng = np.random.default_rng(0)
+    for g in np.unique(given):
+        at = np.flatnonzero(given == g)
+        shuffled[at] = factor[rng.permutation(at)]
+    return max(cmi(factor) - cmi(shuffled), 0.0)
+
+
+def factorization(codes, factors, carries=0.5, alone=0.1):
+    """Per position l and factor f: I(c_l; f | the other factors), and that as a share of
+    H(f | the other factors), the most any token can carry of f. A position carries f when its
+    share is >= carries, and carries it alone when every other factor's share is < alone. A
+    factorized code has positions that carry one factor alone; an entangled one mixes them. Unlike
+    a probe, this does not reward a code for reading shape from color (which training allows)."""
+    n_factors = factors.shape[1]
+    info = np.zeros((codes.shape[1], n_factors))
+    ceiling = np.zeros(n_factors)
+    for j in range(n_factors):
+        others = np.delete(factors, j, axis=1)
+        given = np.unique(others, axis=0, return_inverse=True)[1].reshape(-1)
+        ceiling[j] = entropy(factors[:, j], given) - entropy(given)
+        for l in range(codes.shape[1]):
+            info[l, j] = conditional_mi(codes[:, l].astype(np.int64), factors[:, j], given)
+    share = info / ceiling
+    carry = share >= carries
+    pure = carry & ((share >= alone).sum(1, keepdims=True) == 1)
+    return dict(info=info, share=share, ceiling=ceiling, carrying=carry.sum(0), alone=pure.sum(0))
+
+
+def print_factorization(report, names, split):
+    info, share = report['info'], report['share']
+    print(f"factorization ({split} codes): per factor f, I(token; f | the other factors) in nats "
+          "at the best position, as a share of H(f | the others), and how many positions carry f "
+          "(share >= 0.5), and carry it alone (every other factor < 0.1):")
+    print(f"  {'factor':<12}{'H(f|others)':>12}{'best I':>8}{'share':>7}{'carry':>7}{'alone':>7}")
+    for j, name in enumerate(names):
+        l = int(share[:, j].argmax())
+        print(f"  {name:<12}{report['ceiling'][j]:>12.3f}{info[l, j]:>8.3f}{share[l, j]:>7.2f}"
+              f"{report['carrying'][j]:>7d}{report['alone'][j]:>7d}")
+    shape_not_color = int(((share[:, 0] >= 0.5) & (share[:, 1] < 0.1)).sum())
+    print(f"  positions carrying shape and not color: {shape_not_color} of {len(share)}")
+    return shape_not_color
+
 
 def mutual_information(codes, labels, V):
     """Per position l, I(c_l; y) in nats between the token at l and a label, from the empirical
@@ -264,20 +340,24 @@ def nearest_codes(codes, labels, ref_codes, ref_labels, chunk=128):
     return np.concatenate(dist), {name: np.concatenate(v) for name, v in same.items()}
 
 
-def compositionality(cfg, V, result, train_codes, train_labels, splits):
+def compositionality(probe, V, train_codes, train_labels, splits):
     """How codes of held-out factor combinations read: the probe on each split, each code's
-    nearest training code, and per position the tokens' information about each factor. A
-    compositional code keeps reading right on ood, whose (shape, color) pairs training lacks."""
+    nearest training code, and per position the tokens' information about each factor. These
+    rows are biased against a factorized code: the probe and the nearest training code learn
+    from training pairs, where color predicts shape (a classifier on the oracle code reads ood
+    pairs right about a quarter of the time). Judge codes by the factorization report and by
+    what the DiT draws from them."""
     report = {}
     for split, (codes, labels) in splits.items():
-        read = probe_predict(result, codes)
+        read = probe_predict(probe, codes)
         dist, same = nearest_codes(codes, labels, train_codes, train_labels)
         report[split] = dict(probe={n: float((read[n] == labels[n]).mean()) for n in labels},
                              nearest_hamming_median=float(np.median(dist)),
                              nearest_same={n: float(v.mean()) for n, v in same.items()})
     mi = {name: mutual_information(train_codes, y, V) for name, y in train_labels.items()}
-    print(f"compositionality: probe fit on {cfg['probe_train_split']} codes; nearest = the nearest "
-          f"{cfg['probe_train_split']} code(s) by Hamming distance")
+    print("compositionality (biased: the probe and the nearest code learn from training pairs, "
+          "in which color predicts shape): probe fit on train codes; nearest = the nearest train "
+          "code(s) by Hamming distance")
     def row(label, values, fmt):
         print(f"{label:<34}" + ''.join(f"{v:>8{fmt}}" for v in values))
     row('', splits, '')
@@ -287,10 +367,89 @@ def compositionality(cfg, V, result, train_codes, train_labels, splits):
         '.0f')
     for name in train_labels:
         row('nearest: same ' + name, [report[s]['nearest_same'][name] for s in splits], '.3f')
-    print(f"mutual information of each position's token with each factor "
-          f"({cfg['probe_train_split']} codes, nats, min / mean / max over the "
-          f"{train_codes.shape[1]} positions):")
+    print(f"mutual information of each position's token with each factor (train codes, nats, "
+          f"min / mean / max over the {train_codes.shape[1]} positions):")
     for name in train_labels:
         print(f"  {name:<12} {mi[name].min():.3f} / {mi[name].mean():.3f} / {mi[name].max():.3f}")
     report['mutual_information'] = {n: v.tolist() for n, v in mi.items()}
     return report
+
+
+def score_codes(codes_dir, data_dir='data/shapes'):
+    """The factorization report of a folder of dumps (a tokenizer's, or the oracle's), and with
+    its probe.pt the compositionality rows; saved to codes_dir/factorization.json."""
+    contract, meta = read_contract(codes_dir), load_meta(data_dir)
+    factors = {split: np.load(os.path.join(data_dir, f'{split}_factors.npy'))
+               for split in ('train', 'val', 'ood')}
+    codes = {split: load_codes(codes_dir, split, len(f), contract)
+             for split, f in factors.items() if os.path.exists(dump_path(codes_dir, split))}
+    print(f"codes in {codes_dir}: L={contract['L']} V={contract['V']} ({contract['source']})")
+    report = factorization(codes['train'], factors['train'])
+    out = dict(shape_not_color=print_factorization(report, FACTORS, 'train'),
+               **{k: np.asarray(v).tolist() for k, v in report.items()})
+    probe_path = os.path.join(codes_dir, 'probe.pt')
+    if os.path.exists(probe_path):
+        probe = torch.load(probe_path, map_location='cpu', weights_only=True)
+        labels = lambda split: {name: factors[split][:, j] for j, name in enumerate(FACTORS)}
+        splits = {split: (codes[split], labels(split)) for split in ('val', 'ood') if split in codes}
+        out['compositionality'] = compositionality(probe, contract['V'], codes['train'],
+                                                   labels('train'), splits)
+    with open(os.path.join(codes_dir, 'factorization.json'), 'w') as f:
+        json.dump(out, f, indent=1)
+    return out
+
+
+def score_images(path, data_dir='data/shapes', split=''):
+    """Generated images (an .npz, arr_0 uint8 NHWC: diffusion.py --mode=recon or decode, sample.py)
+    read by the attribute reader: against items 0..n-1 of split (reconstructions), or without a
+    split, their factor histograms against the training set's."""
+    images = np.load(path)['arr_0']
+    return reconstruction_scores(data_dir, split, images) if split else \
+        histogram_scores(data_dir, images)
+
+
+def score_samples(path, codes_dir, data_dir='data/shapes', prompts='', n_reference=10000):
+    """Sampled codes (an .npy: prior.py's samples, text2dlc.py's text codes) read by the
+    tokenizer's probe (codes_dir/probe.pt): with prompts (a file, one per code), the share whose
+    factors are the ones the prompt names, which judges a text model before any DiT draws its
+    codes; without, the total variation of the factor histograms to the training codes', beside
+    that of as many held-out codes (the noise of a finite sample)."""
+    contract = read_contract(codes_dir)
+    samples = check_codes(np.load(path), contract['L'], contract['V'], path,
+                          fix=f"sample codes of the kind in {codes_dir}")
+    probe_path = os.path.join(codes_dir, 'probe.pt')
+    if not os.path.exists(probe_path):
+        raise FileNotFoundError(f"'{probe_path}' not found: fit it with python tokenizer.py "
+                                f"--mode=probe --out_dir={codes_dir}")
+    probe = torch.load(probe_path, map_location='cpu', weights_only=True)
+    if prompts:
+        with open(prompts, encoding='utf-8') as f:
+            named = f.read().splitlines()
+        if len(named) != len(samples):
+            raise ValueError(f"'{prompts}' has {len(named)} prompts for {len(samples)} codes in "
+                             f"'{path}'; give the _prompts.txt written beside the codes")
+        scores = named_factors_kept(probe_predict(probe, samples), named, load_meta(data_dir))
+        print("the probe's reading of the codes against the factors the prompts name (share "
+              "kept): " + ', '.join(f"{k} {v:.3f}" for k, v in scores.items()))
+        return scores
+    train = load_codes(codes_dir, 'train', contract=contract)
+    reference = train[np.random.default_rng(0).permutation(len(train))[:n_reference]]
+    sets = {'samples': samples}
+    if os.path.exists(dump_path(codes_dir, 'val')):
+        sets['held-out'] = load_codes(codes_dir, 'val', contract=contract)[:len(samples)]
+    return {f"tv_{name.replace(' x ', '_')}": tvs['samples']
+            for name, tvs in code_histograms(probe, reference, sets).items()}
+
+
+if __name__ == '__main__':
+    from configurator import configure
+    cfg = configure(dict(codes_dir='', images='', samples='', prompts='', split='',
+                         data_dir='data/shapes'), sys.argv[1:])
+    if cfg['images']:
+        score_images(cfg['images'], cfg['data_dir'], cfg['split'])
+    elif cfg['samples'] and cfg['codes_dir']:
+        score_samples(cfg['samples'], cfg['codes_dir'], cfg['data_dir'], cfg['prompts'])
+    elif cfg['codes_dir']:
+        score_codes(cfg['codes_dir'], cfg['data_dir'])
+    else:
+        raise SystemExit(USAGE)
