@@ -7,6 +7,11 @@ bench.py: training throughput of the components, and MFU on CUDA.
         --sample_steps=1024
     python bench.py --component=text2dlc --prior_model=small --L=512 --V=256 --caption_len=128 \
         --batch_size=16
+    python bench.py --component=contract --contract_gb=2
+
+contract: the peak host memory of learning a code dump's L and V from a tokenizer checkpoint of
+contract_gb GB (a synthetic one, written to a temporary folder), in a fresh process each way: the
+whole file loaded, codes.py without a sidecar (the checkpoint memory-mapped), and with one.
 
 The DiT runs on latents (image_size / 8, 4 channels) when image_size >= 64, else on pixels.
 The prior reports training tok/s (tokens = codes x L) and sampling codes/s at sample_steps; the
@@ -14,7 +19,10 @@ text model (prior_model's size, a vocabulary of n_text + V + 2) tok/s over [code
 MFU = achieved FLOP/s / peak (bf16 dense: 989 TFLOP/s for an H100 SXM, set --peak_tflops).
 FLOPs of a train step are counted as 3 x the forward pass's matmul FLOPs (forward + backward).
 """
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 
@@ -22,7 +30,7 @@ import torch
 
 from configurator import configure
 
-component = 'dit'               # 'dit' | 'tokenizer' | 'prior' | 'text2dlc'
+component = 'dit'               # 'dit' | 'tokenizer' | 'prior' | 'text2dlc' | 'contract'
 model = 'DiT-XL/2'
 prior_model = 'medium'          # a key of prior.PRIOR_MODELS
 sample_steps = 128              # prior: sampler steps for the codes/s figure
@@ -36,10 +44,12 @@ steps = 10
 warmup = 3
 compile = False
 peak_tflops = 989.0
+contract_gb = 2.0               # contract: the size of the synthetic tokenizer checkpoint
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 CONFIG = {k: globals()[k] for k in ['component', 'model', 'prior_model', 'sample_steps',
                                     'image_size', 'L', 'V', 'n_text', 'caption_len', 'batch_size',
-                                    'steps', 'warmup', 'compile', 'peak_tflops', 'device']}
+                                    'steps', 'warmup', 'compile', 'peak_tflops', 'device',
+                                    'contract_gb']}
 
 
 def dit_step_fn(c):
@@ -165,8 +175,41 @@ def sync(c):
         torch.cuda.synchronize()
 
 
+def contract_memory(c):
+    """Each way of reading the contract, in a child process: its peak RSS above that of a
+    process that has imported torch."""
+    # VmHWM, the peak resident set of this address space (ru_maxrss would carry the parent's)
+    child = ("import sys, torch; sys.path.insert(0, {root!r}); import codes; "
+             "peak = lambda: int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]); "
+             "base = peak(); L = {read}; print(L, (peak() - base) / 1024)")
+    root = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = os.path.join(d, 'tok', 'tokenizer.pt')
+        os.makedirs(os.path.dirname(ckpt))
+        weights = torch.zeros(int(c['contract_gb'] * 2 ** 30) // 4)
+        torch.save(dict(model={'w': weights}, L=c['L'], V=c['V'], image_size=c['image_size']), ckpt)
+        del weights
+        import codes
+        codes.write_codes(os.path.join(d, 'dump'), 'val', torch.zeros(1, c['L']).numpy(), c['L'],
+                          c['V'], c['image_size'], ckpt)
+        ways = {'torch.load of the whole checkpoint': f"torch.load({ckpt!r}, weights_only=True)['L']",
+                'codes.read_contract, no sidecar (mmap)':
+                    f"codes.read_contract({os.path.dirname(ckpt)!r})['L']",
+                'codes.read_contract, codes.json':
+                    f"codes.read_contract({os.path.join(d, 'dump')!r})['L']"}
+        print(f"reading L and V beside a {c['contract_gb']:g} GB tokenizer checkpoint: peak host "
+              "memory above a process that imported torch")
+        for name, read in ways.items():
+            out = subprocess.run([sys.executable, '-c', child.format(root=root, read=read)],
+                                 capture_output=True, text=True, check=True).stdout.split()
+            print(f"  {name:<40} {float(out[-1]):8.0f} MB   (L = {out[-2]})")
+
+
 if __name__ == '__main__':
     c = configure(CONFIG, sys.argv[1:])
+    if c['component'] == 'contract':
+        contract_memory(c)
+        sys.exit()
     torch.backends.cuda.matmul.allow_tf32 = True
     step_fns = {'dit': dit_step_fn, 'tokenizer': tokenizer_step_fn, 'prior': prior_step_fn,
                 'text2dlc': text2dlc_step_fn}

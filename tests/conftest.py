@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -101,3 +102,19 @@ def kill_then_continue_on_two(script, args, parts, n_chunks, tmp_path):
     assert all(during[name] == v for name, v in before.items())     # nothing done is redrawn
     assert all(v[4] == 2 for v in new(during))
     return during
+
+
+def assert_two_runs_bitwise_equal(train, cfgs, ckpt_name):
+    """train(cfg) for each of two configs (the same but their out_dir) with 2 threads, the way
+    a CPU run sums in parallel; their checkpoints' model and EMA weights must be bitwise equal."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for cfg in cfgs:
+            train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (torch.load(os.path.join(c['out_dir'], ckpt_name), weights_only=True) for c in cfgs)
+    for part in ('model', 'ema'):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)

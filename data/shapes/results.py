@@ -2,6 +2,8 @@
 The paper's claims measured against baselines on the built-in data: `make results`.
 
     python data/shapes/results.py            # every stage not done yet, then docs/results.md
+    python data/shapes/results.py --only=oracle [--report]    # the oracle stages (or only their
+                                             # report) into section 4 of docs/results.md
 
 1. Fidelity. 2,000 images from the prior -> DLC -> DiT pipeline (uncond) against 2,000 from a
    DiT trained with no condition (plain; also one given the extra CPU time the prior's training
@@ -18,6 +20,10 @@ The paper's claims measured against baselines on the built-in data: `make result
    prompts ("a red square") of the 14 seen pairs, then ood captions and short prompts of the 4
    held-out pairs, each code decoded by the seed's DLC DiT: the prompt's shape and color kept,
    against the DiT's ceiling on the held-out pairs.
+4. The oracle control. The true factors as codes (prepare.py --oracle_codes, a perfectly
+   factorized code), given to the same DiT and text model configs: the held-out pairs' recon,
+   composition and short prompts, the ceiling the DLC rows of 2 and 3 are read against; and
+   the factorization report of both kinds of codes (score.py).
 
 Every stage is a command of the repository's scripts with the built-in configs, run in order.
 A stage that finished leaves a stamp (out-results/stamps/<stage>.json, with its wall time) and
@@ -509,9 +515,14 @@ if __name__ == '__main__':
     sys.path.insert(0, ROOT)                # score.py's imports, when run as a script
     if sys.argv[1:2] == ['--real']:
         score_real_images(sys.argv[2])
-    elif sys.argv[1:2] == ['--only=oracle']:     # the oracle stages alone, into the last report
-        done = run(only=[(n, c) for n, c in stages() if 'oracle' in n])
-        splice(oracle_section(OUT, done) + '\n\nTheir commands, run alone at commit '
-               f'`{git_commit()}`:\n\n```\n{commands(done)}\n```\n')
+    elif sys.argv[1:2] == ['--only=oracle']:    # the oracle stages alone, into the last report
+        oracle = [(n, c) for n, c in stages() if 'oracle' in n]
+        if sys.argv[2:3] != ['--report']:           # --report: the stages finished so far
+            run(only=oracle)
+        done = {n: json.load(open(f'{OUT}/stamps/{n}.json')) for n, _ in oracle
+                if os.path.exists(f'{OUT}/stamps/{n}.json')}
+        ran_at = sorted({d.get('commit', '?') for d in done.values()})
+        splice(oracle_section(OUT, done) + '\n\nThese stages ran alone, after the others, at '
+               f"commit {', '.join(ran_at)}:\n\n```\n{commands(done)}\n```\n")
     else:
         report(run())
