@@ -375,8 +375,8 @@ def oracle_section(out, done):
     return f"""{ORACLE_TITLE}
 
 Each image's true factors as its code (L = 4, V = 6), given to the built-in DiT config and the
-built-in text model config unchanged; seeds {', '.join(map(str, seeds))}. A composed code draws
-each position from one of its two sources, so about a quarter of the compositions take the shape
+built-in text model config unchanged (seeds: {', '.join(map(str, seeds))}). A composed code
+draws each position from one of its two sources, so about a quarter of the compositions take the shape
 of the first and the color of the second.
 
 {table}
@@ -440,9 +440,20 @@ def commands(done):
     """Each stage's command and wall time, as a reader would type it."""
     lines = []
     for name, stamp in done.items():
-        command = stamp['command'].replace(sys.executable, 'python').replace(ROOT + '/', '')
+        interpreter, _, rest = stamp['command'].partition(' ')    # any checkout's python
+        command = ('python ' + rest if os.path.basename(interpreter).startswith('python')
+                   else stamp['command'])
+        command = command.replace(ROOT + '/', '')
         lines += [f"# {name}: {stamp['seconds'] / 60:.1f} min", command]
     return '\n'.join(lines)
+
+
+def copy_grids(out, assets='assets/results', stages='*'):
+    """The seed-0 grid of each sample stage, as assets/results/<stage>_s0.png."""
+    os.makedirs(os.path.join(ROOT, assets), exist_ok=True)
+    for grid in sorted(glob.glob(f'{out}/samples/{stages}_s0/*.png')):
+        name = os.path.basename(os.path.dirname(grid))
+        shutil.copy(grid, os.path.join(ROOT, assets, f'{name}.png'))
 
 
 def report(done, out=OUT, path='docs/results.md', assets='assets/results'):
@@ -456,10 +467,7 @@ def report(done, out=OUT, path='docs/results.md', assets='assets/results'):
         ran_at[c] = ran_at.get(c, 0) + 1
     ran_at = ', '.join(f'{c} for {n}' for c, n in ran_at.items())
     hours = sum(d['seconds'] for d in done.values()) / 3600
-    os.makedirs(os.path.join(ROOT, assets), exist_ok=True)
-    for grid in sorted(glob.glob(f'{out}/samples/*_s0/*.png')):
-        name = os.path.basename(os.path.dirname(grid))
-        shutil.copy(grid, os.path.join(ROOT, assets, f'{name}.png'))
+    copy_grids(out, assets)
     text = f"""# Results: the paper's claims on the built-in data
 
 Written by `make results` (data/shapes/results.py) at commit `{commit}` (the stages' commits:
@@ -522,7 +530,9 @@ if __name__ == '__main__':
         done = {n: json.load(open(f'{OUT}/stamps/{n}.json')) for n, _ in oracle
                 if os.path.exists(f'{OUT}/stamps/{n}.json')}
         ran_at = sorted({d.get('commit', '?') for d in done.values()})
-        splice(oracle_section(OUT, done) + '\n\nThese stages ran alone, after the others, at '
-               f"commit {', '.join(ran_at)}:\n\n```\n{commands(done)}\n```\n")
+        copy_grids(OUT, stages='oracle*')
+        splice(oracle_section(OUT, done) + '\n\nThese stages ran by themselves (--only=oracle) '
+               f"after the others, at commit {', '.join(ran_at)}; wall times, partly shared with "
+               f"other jobs:\n\n```\n{commands(done)}\n```\n")
     else:
         report(run())
