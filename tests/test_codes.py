@@ -12,6 +12,7 @@ import torch
 import codes as C
 import diffusion as D
 import prior as P
+import sample as S
 from data.shapes.prepare import write_oracle_codes
 from test_diffusion import tiny_cfg as dit_cfg
 from test_prior import tiny_cfg as prior_cfg
@@ -44,6 +45,25 @@ def test_a_dit_and_a_prior_train_from_a_dump_whose_tokenizer_is_absent(shapes_di
     P.train(prior_cfg(oracle_dir, tmp_path / 'prior', max_iters=2))
     prior = torch.load(tmp_path / 'prior' / 'prior.pt', weights_only=True)
     assert (prior['L'], prior['V']) == (4, 6)
+
+
+def test_sample_py_reconstructs_and_composes_from_a_dump_alone(shapes_dir, oracle_dir, tmp_path):
+    D.train(dit_cfg(shapes_dir, oracle_dir, tmp_path / 'dit', max_iters=2))
+    cfg = dict(S.CONFIG, out_dir=str(tmp_path / 'samples'), device='cpu', n_samples=8,
+               batch_size=4, diffusion_dir=str(tmp_path / 'dit'), tokenizer_dir=oracle_dir,
+               data_dir=shapes_dir, split='val', dit_sampler='ddpm', dit_steps=3)
+    S.main(dict(cfg, mode='recon'))
+    val = np.load(os.path.join(shapes_dir, 'val_factors.npy'))
+    assert np.array_equal(np.load(tmp_path / 'samples' / 'recon_codes.npy'), val[:8])
+    S.main(dict(cfg, mode='compose', sources='0+1,2+3,4+5,6+7'))
+    composed = np.load(tmp_path / 'samples' / 'compose_codes.npy')
+    for i, code in enumerate(composed):                  # every token from one of the sources
+        a, b = val[2 * (i % 4)], val[2 * (i % 4) + 1]
+        assert ((code == a) | (code == b)).all(), (code, a, b)
+    (tmp_path / 'cat.png').write_bytes(b'')
+    with pytest.raises(ValueError, match='image files in --sources need a tokenizer'):
+        S.main(dict(cfg, mode='compose', sources=f"0+{tmp_path / 'cat.png'}",
+                    out_dir=str(tmp_path / 'x')))
 
 
 def test_a_sidecar_that_disagrees_with_its_dump_is_refused_with_the_file_and_the_fix(
