@@ -109,9 +109,10 @@ def load_codes(codes_dir, split, n_items=None, contract=None):
     return check_codes(codes, contract['L'], contract['V'], path, n_items)
 
 
-def check_fits(contract, L, V, codes_dir, what):
-    """The codes in codes_dir must be the kind `what` (a checkpoint) was trained on."""
+def check_fits(contract, L, V, codes_dir, what, flag='--codes_dir'):
+    """The codes in codes_dir must be the kind `what` (a checkpoint) was trained on; the message
+    names the script's option (flag) that points at them."""
     if (contract['L'], contract['V']) != (L, V):
         raise ValueError(f"the codes in {codes_dir} have L={contract['L']}, V={contract['V']} "
                          f"({contract.get('source', 'its sidecar')}), but {what} was trained on L={L}, V={V}; point "
-                         "--codes_dir at the codes it was trained on")
+                         f"{flag} at the codes it was trained on")

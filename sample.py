@@ -320,7 +320,8 @@ def run_mode(cfg, mode, rank, world, device):
             used[path] = tok_ckpt.get('iter_num')
         else:       # codes with no encoder (the built-in data's oracle codes): the split's dump
             contract = read_contract(cfg['tokenizer_dir'])
-            check_fits(contract, info['L'], info['V'], cfg['tokenizer_dir'], f"the DiT {dit_source}")
+            check_fits(contract, info['L'], info['V'], cfg['tokenizer_dir'], f"the DiT {dit_source}",
+                       '--tokenizer_dir')
             encoder = (load_codes(cfg['tokenizer_dir'], cfg['split'], contract=contract),
                        contract['V'])
             size, used[dump_path(cfg['tokenizer_dir'], cfg['split'])] = contract['image_size'], None

@@ -1028,7 +1028,8 @@ def codes_for_split(ckpt, ckpt_path, model, cfg, split):
         return load_codes(cfg['out_dir'], split, len(dataset)), dataset
     path = os.path.join(cfg['out_dir'], f'probe_codes_{split}.npy')
     if os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(ckpt_path):
-        return check_codes(np.load(path), ckpt['L'], ckpt['V'], path, len(dataset)), dataset
+        return check_codes(np.load(path), ckpt['L'], ckpt['V'], path, len(dataset),
+                           fix="delete it: --mode=probe computes it again"), dataset
     codes = compute_codes(model, dataset, ckpt['image_size'], cfg['dump_batch_size'],
                           cfg['device'], f'codes {split}')
     save_atomic(codes, path)

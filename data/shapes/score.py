@@ -262,20 +262,24 @@ def entropy(*columns):
 
 
 def conditional_mi(token, factor, given):
-    """I(token; factor | given) in nats, plug-in, minus the same estimate with the factor shuffled
-    within each value of `given` (what a token carrying nothing scores on this many samples)."""
-    def cmi(f):
-        return entropy(token, given) + entropy(f, given) - entropy(token, f, given) - entropy(given)
-    shuffled = factor.copy()
-    rng = np.random.default_rng(0)
+    """The plug-in I(token; factor | given) in nats."""
+    return entropy(token, given) + entropy(factor, given) - entropy(token, factor, given) \
+        - entropy(given)
+
+
+def shuffled_within(factor, given, seed=0):
+    """The factor permuted within each value of `given`: a column that tells a token nothing
+    beyond `given`, whose plug-in information is the estimator's bias on this many samples."""
+    shuffled, rng = factor.copy(), np.random.default_rng(seed)
     for g in np.unique(given):
         at = np.flatnonzero(given == g)
         shuffled[at] = factor[rng.permutation(at)]
-    return max(cmi(factor) - cmi(shuffled), 0.0)
+    return shuffled
 
 
 def factorization(codes, factors, carries=0.5, alone=0.1):
-    """Per position l and factor f: I(c_l; f | the other factors), and that as a share of
+    """Per position l and factor f: I(c_l; f | the other factors) less its bias (the same with f
+    shuffled within each cell of the others), and that as a share of
     H(f | the other factors), the most any token can carry of f. A position carries f when its
     share is >= carries, and carries it alone when every other factor's share is < alone. A
     factorized code has positions that carry one factor alone; an entangled one mixes them. Unlike
@@ -287,8 +291,11 @@ def factorization(codes, factors, carries=0.5, alone=0.1):
         others = np.delete(factors, j, axis=1)
         given = np.unique(others, axis=0, return_inverse=True)[1].reshape(-1)
         ceiling[j] = entropy(factors[:, j], given) - entropy(given)
+        shuffled = shuffled_within(factors[:, j], given)
         for l in range(codes.shape[1]):
-            info[l, j] = conditional_mi(codes[:, l].astype(np.int64), factors[:, j], given)
+            token = codes[:, l].astype(np.int64)
+            info[l, j] = max(conditional_mi(token, factors[:, j], given)
+                             - conditional_mi(token, shuffled, given), 0.0)
     share = info / ceiling
     carry = share >= carries
     pure = carry & ((share >= alone).sum(1, keepdims=True) == 1)
