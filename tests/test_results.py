@@ -1,5 +1,6 @@
 """Claims about `make results` (data/shapes/results.py): a stage that finished is not run again,
-an interrupted run continues where it stopped, and the report averages the seeds."""
+an interrupted run continues where it stopped, the report averages the seeds, and each claim's
+verdict is computed from its numbers."""
 import json
 import os
 import sys
@@ -45,34 +46,40 @@ def test_the_plain_dit_gets_the_priors_training_time_in_iterations():
     assert R.plus_iters(done) == 30000                         # 10 it/s for 600 s more
 
 
-def test_the_report_gives_the_mean_and_half_the_range_over_the_seeds(tmp_path):
-    out = tmp_path / 'out'
-    keys = ['valid', 'tv_shape', 'tv_color', 'tv_background', 'tv_size', 'tv_joint', 'coverage',
-            'nearest', 'from_sources', 'novel', 'unseen_pair', 'kept', 'shape_kept', 'color_kept']
-    modes = {'uncond': 'uncond', 'plain': 'plain', 'class': 'class', 'compose2': 'compose',
-             'compose3': 'compose', 'compose2_soft': 'compose', 'compose3_soft': 'compose',
-             'ceiling': 'recon', 'plain_plus': 'plain', 'plain_plus_raw': 'plain', 'real_val': 'real',
-             'uncond_cfg1': 'uncond', 'class_cfg1': 'class', 'text_val': 'text',
-             'text_seen': 'text', 'text_ood': 'text', 'text_held': 'text',
-             'oracle_ceiling': 'recon', 'oracle_compose2': 'compose', 'oracle_text_seen': 'text',
-             'oracle_text_held': 'text'}
-    for stage, mode in modes.items():
+KEYS = ['valid', 'tv_shape', 'tv_color', 'tv_background', 'tv_size', 'tv_joint', 'coverage',
+        'nearest', 'from_sources', 'novel', 'unseen_pair', 'kept', 'shape_kept', 'color_kept']
+MODES = {'uncond': 'uncond', 'plain': 'plain', 'class': 'class', 'compose2': 'compose',
+         'compose3': 'compose', 'compose2_soft': 'compose', 'compose3_soft': 'compose',
+         'ceiling': 'recon', 'plain_plus': 'plain', 'plain_plus_raw': 'plain', 'real_val': 'real',
+         'uncond_cfg1': 'uncond', 'class_cfg1': 'class', 'text_val': 'text',
+         'text_seen': 'text', 'text_ood': 'text', 'text_held': 'text',
+         'oracle_ceiling': 'recon', 'oracle_compose2': 'compose', 'oracle_text_seen': 'text',
+         'oracle_text_held': 'text'}
+
+
+def fake_run(out, value):
+    """An out-results folder whose every score is value(stage, seed)."""
+    for stage, mode in MODES.items():
         for seed in (0, 1):
             name = stage if stage == 'real_val' else f'{stage}_s{seed}'
             os.makedirs(out / 'samples' / name, exist_ok=True)
-            value = 0.4 + 0.2 * seed if stage in ('uncond', 'text_seen', 'oracle_ceiling') else 0.5
-            scores = {mode: {k: value for k in keys}}
+            scores = {mode: {k: value(stage, seed) for k in KEYS}}
             json.dump(scores, open(out / 'samples' / name / 'scores.json', 'w'))
+    os.makedirs(out / 'oracle', exist_ok=True)
+    json.dump(dict(share=[[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0.9, 0], [0, 0, 0, 0.7]],
+                   alone=[1, 1, 1, 1], shape_not_color=1), open(out / 'oracle' /
+                                                                'factorization.json', 'w'))
     done = {'prior': dict(seconds=600.0, command=f'{sys.executable} prior.py --seed=0'),
             'dit_none_s0': dict(seconds=3000.0, command='python diffusion.py')}
     done.update({f'oracle_text_held_s{s}': dict(seconds=0.0, command='python sample.py')
                  for s in (0, 1)})
-    os.makedirs(out / 'oracle')
-    json.dump(dict(share=[[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0.9, 0], [0, 0, 0, 0.7]],
-                   alone=[1, 1, 1, 1], shape_not_color=1), open(out / 'oracle' /
-                                                                'factorization.json', 'w'))
-    R.report(done, str(out), str(tmp_path / 'results.md'), str(tmp_path / 'assets'))
-    text = (tmp_path / 'results.md').read_text()
+    return R.collect(done, str(out))
+
+
+def test_the_report_gives_the_mean_and_half_the_range_over_the_seeds(tmp_path):
+    res = fake_run(tmp_path / 'out', lambda stage, seed: 0.4 + 0.2 * seed
+                   if stage in ('uncond', 'text_seen', 'oracle_ceiling') else 0.5)
+    text = R.render(json.loads(json.dumps(res)))         # what docs/results.json gives back
     uncond = next(l for l in text.splitlines() if l.startswith('| prior -> DLC -> DiT'))
     assert uncond.count('0.500 ± 0.100') == 8                   # every column of the table
     assert "| the prior's samples (uncond) | 0.500 ± 0.100 |" in text
@@ -86,23 +93,61 @@ def test_the_report_gives_the_mean_and_half_the_range_over_the_seeds(tmp_path):
     # uncond's seeds (0.4, 0.6) straddle every baseline's 0.5: the difference is 0, not apart
     assert '| valid | +0.000 | no | +0.000 | no | +0.000 | no |' in text
     assert '24,000 + 4,800 iterations' in text                  # 8 it/s for the prior's 600 s
-    assert "(the stages' commits:\nnot recorded for 4)" in text       # stamps without a commit
+    assert "The stages' commits: not recorded for 4." in text   # stamps without a commit
     assert '# prior: 10.0 min\npython prior.py --seed=0' in text
-    # the oracle stages run alone are spliced into that report, in place of their section
-    R.splice(R.ORACLE_TITLE + '\n\nnew numbers', str(tmp_path / 'results.md'))
-    again = (tmp_path / 'results.md').read_text()
-    assert again.count(R.ORACLE_TITLE) == 1 and 'new numbers\n\n## The commands' in again
-    assert again.split(R.ORACLE_TITLE)[0] == text.split(R.ORACLE_TITLE)[0]
-    assert again.split('## The commands')[1] == text.split('## The commands')[1]
 
 
-def test_the_plain_dit_given_the_time_is_compared_with_its_better_weights(tmp_path):
-    out = tmp_path / 'out'
+def verdicts(text):
+    return [line for line in text.splitlines() if 'Verdict' in line or line.startswith('- ')
+            or line.startswith('  **')]
+
+
+def test_each_claims_verdict_follows_its_numbers(tmp_path):
+    """The same report says yes where the numbers pass a claim's test and no where they fail."""
+    good = {'uncond': 0.1, 'plain': 0.5, 'plain_plus': 0.5, 'plain_plus_raw': 0.5, 'class': 0.5,
+            'compose2': 0.3, 'text_held': 0.4, 'text_seen': 0.6, 'oracle_ceiling': 0.9,
+            'oracle_compose2': 0.3, 'oracle_text_held': 0.4, 'oracle_text_seen': 0.6}
+    # uncond is the pipeline (its joint TV) and the prior's held-out rate (below composition)
+    text = R.render(fake_run(tmp_path / 'good', lambda stage, seed: good.get(stage, 0.2)))
+    assert [v.count('**yes**') for v in verdicts(text) if '**' in v] == [2, 1, 1, 1, 1, 1]
+    # uncond worse than every DiT, the oracle's composition the one claim still above the prior
+    bad = dict(good, uncond=0.6, compose2=0.05, text_held=0.2, oracle_ceiling=0.8,
+               oracle_compose2=0.7, oracle_text_held=0.1)
+    text = R.render(fake_run(tmp_path / 'bad', lambda stage, seed: bad.get(stage, 0.2)))
+    assert [v.count('**no**') for v in verdicts(text) if '**' in v] == [2, 1, 1, 1, 0, 1]
+    # a difference inside the seed spread is not enough
+    text = R.render(fake_run(tmp_path / 'spread', lambda stage, seed: [0.05, 0.2][seed]
+                             if stage == 'compose2' else good.get(stage, 0.2)))
+    assert "composed codes show a held-out pair more often than the prior's samples, by more " \
+           "than the seed spread: **no** (0.125 ± 0.075 against 0.100" in text.replace('\n', ' ')
+
+
+def test_an_earlier_report_takes_the_stages_run_again_in_the_stage_order(tmp_path):
+    earlier = dict(stages={'prior': dict(seconds=1.0), 'dit_oracle_s0': dict(seconds=1.0)},
+                   scores={'uncond_s0': 1, 'oracle_ceiling_s0': 1}, factorization={'tok': 1})
+    again = dict(stages={'oracle_codes': dict(seconds=2.0), 'dit_oracle_s0': dict(seconds=2.0)},
+                 scores={'oracle_ceiling_s0': 2}, factorization={'oracle': 2})
+    res = R.merge(earlier, again)
+    assert list(res['stages']) == ['prior', 'oracle_codes', 'dit_oracle_s0']
+    assert res['stages']['dit_oracle_s0']['seconds'] == 2.0
+    assert res['scores'] == {'uncond_s0': 1, 'oracle_ceiling_s0': 2}
+    assert res['factorization'] == {'tok': 1, 'oracle': 2}
+
+
+def test_the_plain_dit_given_the_time_is_compared_with_its_better_weights():
     for ema, raw, chosen in [(0.0, 0.9, 'plain_plus_raw'), (0.96, 0.03, 'plain_plus')]:
-        for name, valid in [('plain_plus_s0', ema), ('plain_plus_raw_s0', raw)]:
-            os.makedirs(out / 'samples' / name, exist_ok=True)
-            json.dump({'plain': {'valid': valid}}, open(out / 'samples' / name / 'scores.json', 'w'))
-        assert R.plus_weights(str(out)) == chosen
+        res = dict(scores={'plain_plus_s0': {'plain': {'valid': ema}},
+                           'plain_plus_raw_s0': {'plain': {'valid': raw}}})
+        assert R.plus_weights(res) == chosen
+
+
+def test_the_committed_report_is_drawn_from_the_committed_results():
+    """docs/results.md is what docs/results.json renders to: no number edited by hand."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, 'docs', 'results.json')) as f:
+        res = json.load(f)
+    with open(os.path.join(root, 'docs', 'results.md')) as f:
+        assert f.read() == R.render(res)
 
 
 def test_a_stamp_names_the_commit_its_stage_ran_at(tmp_path):

@@ -1,9 +1,9 @@
 """
 The paper's claims measured against baselines on the built-in data: `make results`.
 
-    python data/shapes/results.py            # every stage not done yet, then docs/results.md
-    python data/shapes/results.py --only=oracle [--report]    # the oracle stages (or only their
-                                             # report) into section 4 of docs/results.md
+    python data/shapes/results.py                # every stage not done yet, then the report
+    python data/shapes/results.py --only=oracle  # the oracle stages, merged into the last report
+    python data/shapes/results.py --report       # redraw docs/results.md from docs/results.json
 
 1. Fidelity. 2,000 images from the prior -> DLC -> DiT pipeline (uncond) against 2,000 from a
    DiT trained with no condition (plain; also one given the extra CPU time the prior's training
@@ -29,6 +29,8 @@ Every stage is a command of the repository's scripts with the built-in configs, 
 A stage that finished leaves a stamp (out-results/stamps/<stage>.json, with its wall time) and
 is not run again; one that was interrupted runs again with the same command, which continues
 (the trainers resume from out_dir with --auto_resume=True, sample.py from its chunks).
+The report is two files: docs/results.json, every stamp and score it shows, and docs/results.md,
+drawn from that file alone, with each claim's verdict computed from its table.
 """
 import glob
 import json
@@ -234,10 +236,32 @@ def score_real_images(out_dir, data_dir='data/shapes', split='val'):
         json.dump({'real': histogram_scores(data_dir, np.asarray(images))}, f, indent=1)
 
 
-def scores_of(out, name):
-    """{mode: scores} of a sample.py stage (its scores.json)."""
-    with open(f'{out}/samples/{name}/scores.json') as f:
-        return json.load(f)
+def collect(done, out=OUT):
+    """Everything the report shows, gathered from the stages' outputs: their stamps, each sample
+    stage's scores.json, both kinds of codes' factorization report, and the machine. The report
+    is drawn from this alone (it is saved as docs/results.json), so it can be redrawn without
+    out-results (--report)."""
+    scores = {}
+    for path in sorted(glob.glob(f'{out}/samples/*/scores.json')):
+        with open(path) as f:
+            scores[os.path.basename(os.path.dirname(path))] = json.load(f)
+    factorization = {}          # per factor, the best position's share and the positions alone
+    for codes in ('tok', 'oracle'):
+        path = f'{out}/{codes}/factorization.json'
+        if os.path.exists(path):
+            with open(path) as f:
+                report = json.load(f)
+            factorization[codes] = dict(best_share=np.asarray(report['share']).max(0).tolist(),
+                                        alone=report['alone'],
+                                        shape_not_color=report['shape_not_color'])
+    machine = (f'{platform.machine()} with {os.cpu_count()} CPU cores '
+               f'(Python {platform.python_version()})')
+    return dict(stages=done, scores=scores, factorization=factorization, machine=machine)
+
+
+def scores_of(res, name):
+    """{mode: scores} of a sample.py stage."""
+    return res['scores'][name]
 
 
 def mean_spread(values):
@@ -254,15 +278,15 @@ FIDELITY = [('valid', 'valid'), ('tv_shape', 'TV shape'), ('tv_color', 'TV color
             ('nearest', 'nearest training image (RMS, 0-255)')]
 
 
-def per_seed(out, stage, mode, key, seeds=SEEDS):
-    return [scores_of(out, f'{stage}_s{s}')[mode][key] for s in seeds]
+def per_seed(res, stage, mode, key, seeds=SEEDS):
+    return [scores_of(res, f'{stage}_s{s}')[mode][key] for s in seeds]
 
 
-def plus_weights(out):
+def plus_weights(res):
     """'plain_plus' (EMA) or 'plain_plus_raw': the plain DiT given the prior's time is compared
     with its better weights, by valid share, so the baseline gets its best chance. A loss spike
-    late in a run can leave either one drawing noise (the two runs of this table: one each)."""
-    valid = {w: scores_of(out, f'{w}_s0')['plain']['valid'] for w in ('plain_plus', 'plain_plus_raw')}
+    late in a run can leave either one drawing noise."""
+    valid = {w: scores_of(res, f'{w}_s0')['plain']['valid'] for w in ('plain_plus', 'plain_plus_raw')}
     return max(valid, key=valid.get)
 
 
@@ -272,7 +296,11 @@ def separated(a, b):
     return max(a) < min(b) or max(b) < min(a)
 
 
-def fidelity_table(out):
+def yes_no(answer):
+    return '**yes**' if answer else '**no**'
+
+
+def fidelity_table(res):
     rows = [('prior -> DLC -> DiT (uncond)', 'uncond', 'uncond'),
             ("DiT with cond='none' (plain)", 'plain', 'plain'),
             ('class-conditional DiT, true labels at the training frequencies', 'class', 'class'),
@@ -281,7 +309,7 @@ def fidelity_table(out):
     lines = ['| set | ' + ' | '.join(title for _, title in FIDELITY) + ' |',
              '|---' * (len(FIDELITY) + 1) + '|']
     for title, stage, mode in rows:
-        lines.append(f'| {title} | ' + ' | '.join(mean_spread(per_seed(out, stage, mode, k))
+        lines.append(f'| {title} | ' + ' | '.join(mean_spread(per_seed(res, stage, mode, k))
                                                    for k, _ in FIDELITY) + ' |')
     for title, stage, mode in [("plain, given the prior's training time in more iterations "
                                 "(seed 0)", 'plain_plus_s0', 'plain'),
@@ -289,44 +317,59 @@ def fidelity_table(out):
                                 'plain'),
                                ('real images: the val split (held out of training)', 'real_val',
                                 'real')]:
-        scores = scores_of(out, stage)[mode]
+        scores = scores_of(res, stage)[mode]
         lines.append(f'| {title} | ' + ' | '.join(f'{scores[k]:.3f}' for k, _ in FIDELITY) + ' |')
     return '\n'.join(lines)
 
 
-def differences_table(out):
+def differences_table(res):
     """uncond's mean minus each baseline's, score by score, and whether the seeds' ranges are
     apart ('yes') or overlap ('no')."""
-    plus = plus_weights(out)
+    plus = plus_weights(res)
     others = [('plain', 'plain', SEEDS), (plus, 'plain', (0,)), ('class', 'class', SEEDS)]
     weights = 'raw' if plus.endswith('raw') else 'EMA'
     lines = ['| score | uncond - plain | apart? | uncond - plain given the time '
              f'({weights}) | apart? | uncond - class | apart? |', '|---|---|---|---|---|---|---|']
     for key, title in FIDELITY:
-        mine = per_seed(out, 'uncond', 'uncond', key)
+        mine = per_seed(res, 'uncond', 'uncond', key)
         cells = []
         for stage, mode, seeds in others:
-            theirs = per_seed(out, stage, mode, key, seeds)
+            theirs = per_seed(res, stage, mode, key, seeds)
             cells += [f'{np.mean(mine) - np.mean(theirs):+.3f}',
                       'yes' if separated(mine, theirs) else 'no']
         lines.append(f'| {title} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
-def seeds_table(out, first, columns, rows, seeds=SEEDS):
+def fidelity_verdict(res):
+    """Claim 1 holds when uncond's joint TV is below both DiTs that have no condition at all, by
+    more than the seed spread. The class DiT is given the true labels: reported, not required."""
+    mine = per_seed(res, 'uncond', 'uncond', 'tv_joint')
+    plain = per_seed(res, 'plain', 'plain', 'tv_joint')
+    plus = per_seed(res, plus_weights(res), 'plain', 'tv_joint', (0,))
+    klass = per_seed(res, 'class', 'class', 'tv_joint')
+    below = lambda theirs: np.mean(mine) < np.mean(theirs) and separated(mine, theirs)
+    return (f"Verdict: the pipeline's joint TV ({mean_spread(mine)}) is below that of both DiTs "
+            f"without a condition (plain {mean_spread(plain)}; given the prior's time "
+            f"{mean_spread(plus)}) by more than the seed spread: {yes_no(below(plain) and below(plus))}. "
+            f"Below the class-conditional DiT's, which is given the true labels "
+            f"({mean_spread(klass)}): {yes_no(below(klass))}.")
+
+
+def seeds_table(res, first, columns, rows, seeds=SEEDS):
     """A table of the seeds' 'mean ± spread': columns [(title, score key, or {mode: key})], rows
     [(title, stage, mode)]; a key the mode's scores lack leaves its cell empty."""
     lines = [f'| {first} | ' + ' | '.join(title for title, _ in columns) + ' |',
              '|---' * (len(columns) + 1) + '|']
     for title, stage, mode in rows:
-        scores = [scores_of(out, f'{stage}_s{s}')[mode] for s in seeds]
+        scores = [scores_of(res, f'{stage}_s{s}')[mode] for s in seeds]
         keys = [key[mode] if isinstance(key, dict) else key for _, key in columns]
         cells = [mean_spread([p[k] for p in scores]) if k in scores[0] else '' for k in keys]
         lines.append(f'| {title} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
-def composition_table(out):
+def composition_table(res):
     rows = [('2 sources: the shape of one, the color of another, a held-out pair', 'compose2',
              'compose'),
             ('3 sources: the same and a random third', 'compose3', 'compose'),
@@ -338,10 +381,22 @@ def composition_table(out):
     shown = dict(compose='unseen_pair', uncond='unseen_pair', recon='kept')
     columns = [('valid', 'valid'), ('from sources', 'from_sources'), ('novel', 'novel'),
                ('held-out pair shown', shown)]
-    return seeds_table(out, 'set', columns, rows)
+    return seeds_table(res, 'set', columns, rows)
 
 
-def text_table(out):
+def composition_verdict(res, stage='compose2', seeds=SEEDS):
+    """Composition reaches held-out pairs when two sources' composed codes show one more often
+    than the prior's samples do (those show a held-out pair only by the DiT's mistakes), by more
+    than the seed spread."""
+    composed = per_seed(res, stage, 'compose', 'unseen_pair', seeds)
+    prior = per_seed(res, 'uncond', 'uncond', 'unseen_pair')
+    reached = np.mean(composed) > np.mean(prior) and separated(composed, prior)
+    return (f"Verdict: two sources' composed codes show a held-out pair more often than the "
+            f"prior's samples, by more than the seed spread: {yes_no(reached)} "
+            f"({mean_spread(composed)} against {mean_spread(prior)}).")
+
+
+def text_table(res):
     rows = [('captions of val images', 'text_val', 'text'),
             ('"a red square": the 14 seen (shape, color) pairs', 'text_seen', 'text'),
             ('captions of ood images (the 4 held-out pairs)', 'text_ood', 'text'),
@@ -349,19 +404,27 @@ def text_table(out):
             ("the DiT's ceiling: recon of the ood split's codes", 'ceiling', 'recon')]
     columns = [('valid', 'valid'), ('shape and color kept', 'kept'), ('shape kept', 'shape_kept'),
                ('color kept', 'color_kept')]
-    return seeds_table(out, 'prompts', columns, rows)
+    return seeds_table(res, 'prompts', columns, rows)
 
 
-ORACLE_TITLE = '## 4. The oracle control: the same models on a perfectly factorized code'
+def text_verdict(res, held='text_held', seen='text_seen', seeds=SEEDS):
+    """Text reaches held-out pairs when a prompt naming one is drawn as its pair at least half as
+    often as a prompt naming a seen pair."""
+    held_kept = per_seed(res, held, 'text', 'kept', seeds)
+    seen_kept = per_seed(res, seen, 'text', 'kept', seeds)
+    return (f"Verdict: short prompts of held-out pairs are drawn as their pair at least half as "
+            f"often as those of seen pairs: {yes_no(np.mean(held_kept) >= np.mean(seen_kept) / 2)} "
+            f"({mean_spread(held_kept)} against {mean_spread(seen_kept)}).")
 
 
-def oracle_section(out, done):
+def oracle_section(res):
     """The DiT and the text model trained on the true factors as codes (prepare.py
     --oracle_codes), scored like the DLC rows of sections 2 and 3: what the models do when the
     code is factorized, the ceiling the DLCs are read against."""
-    seeds = [s for s in SEEDS if f'oracle_text_held_s{s}' in done]
+    title = '## 4. The oracle control: the same models on a perfectly factorized code'
+    seeds = [s for s in SEEDS if f'oracle_text_held_s{s}' in res['scores']]
     if not seeds:
-        return f"{ORACLE_TITLE}\n\nNot measured: the oracle stages have not run."
+        return f"{title}\n\nNot measured: the oracle stages have not run."
     rows = [("recon of the ood split's oracle codes (the DiT's ceiling)", 'oracle_ceiling',
              'recon'),
             ('2 sources composed: the shape of one, the color of another', 'oracle_compose2',
@@ -371,69 +434,53 @@ def oracle_section(out, done):
     shown = dict(compose='unseen_pair', recon='kept', text='kept')
     columns = [('valid', 'valid'), ('from sources', 'from_sources'), ('novel', 'novel'),
                ('held-out pair shown (text: the prompt\'s pair)', shown)]
-    table = seeds_table(out, 'oracle codes (shape, color, background, size)', columns, rows, seeds)
-    return f"""{ORACLE_TITLE}
+    table = seeds_table(res, 'oracle codes (shape, color, background, size)', columns, rows, seeds)
+    ceiling = per_seed(res, 'oracle_ceiling', 'recon', 'kept', seeds)
+    return f"""{title}
 
 Each image's true factors as its code (L = 4, V = 6), given to the built-in DiT config and the
 built-in text model config unchanged (seeds: {', '.join(map(str, seeds))}). A composed code
-draws each position from one of its two sources, so about a quarter of the compositions take the shape
-of the first and the color of the second.
+draws each position from one of its two sources, so about a quarter of the compositions take the
+shape of the first and the color of the second.
 
 {table}
 
-Read against the DLC rows: section 2's ceiling and composition, section 3's short prompts.
+Verdicts, read against the DLC rows of sections 2 and 3:
+- the DiT draws the held-out pairs from their oracle codes in at least 0.85 of the ood images:
+  {yes_no(np.mean(ceiling) >= 0.85)} ({mean_spread(ceiling)});
+- {composition_verdict(res, 'oracle_compose2', seeds)[len('Verdict: '):]}
+- {text_verdict(res, 'oracle_text_held', 'oracle_text_seen', seeds)[len('Verdict: '):]}
 
 How the codes' positions carry the factors (data/shapes/score.py --codes_dir; train codes): per
 factor, the best position's I(token; factor | the other factors) as a share of H(factor | the
 others), and how many positions carry the factor alone (share >= 0.5, every other < 0.1).
 
-{factorization_table(out)}"""
+{factorization_table(res)}"""
 
 
-def factorization_table(out):
+def factorization_table(res):
     """The factorization report of the run's DLCs and of the oracle codes, as far as written."""
     from data.shapes.prepare import FACTORS
     lines = ['| codes | ' + ' | '.join(f'{f}: best share, alone' for f in FACTORS) +
              ' | positions with shape, not color |', '|---' * (len(FACTORS) + 2) + '|']
-    for title, folder in [('DLCs (the built-in tokenizer)', 'tok'), ('oracle', 'oracle')]:
-        path = f'{out}/{folder}/factorization.json'
-        if not os.path.exists(path):
+    for title, codes in [('DLCs (the built-in tokenizer)', 'tok'), ('oracle', 'oracle')]:
+        report = res['factorization'].get(codes)
+        if report is None:
             continue
-        with open(path) as f:
-            report = json.load(f)
-        best = np.asarray(report['share']).max(0)
         lines.append(f'| {title} | ' + ' | '.join(f"{b:.2f}, {a}" for b, a in
-                                                  zip(best, report['alone'])) +
+                                                  zip(report['best_share'], report['alone'])) +
                      f" | {report['shape_not_color']} |")
     return '\n'.join(lines)
-
-
-def splice(section, path='docs/results.md'):
-    """Put a section (its '## ' title first) in place of the one of that title in path, or before
-    the commands; for stages run alone (--only), beside a report from an earlier full run."""
-    with open(os.path.join(ROOT, path)) as f:
-        text = f.read()
-    title = section.split('\n', 1)[0]
-    if title in text:
-        start = text.index(title)
-        end = text.find('\n## ', start + len(title))
-        text = text[:start] + section + '\n' + (text[end:] if end >= 0 else '')
-    else:
-        at = text.index('## The commands')
-        text = text[:at] + section + '\n\n' + text[at:]
-    with open(os.path.join(ROOT, path), 'w') as f:
-        f.write(text)
-    print(f'wrote {title!r} into {path}')
 
 
 def plus_note(done):
     if 'dit_none_s0' not in done or 'prior' not in done:
         return ''
-    extra = plus_iters(done) - DIT_ITERS
+    ran = done.get('dit_none_plus_s0', {}).get('command', '').split('--max_iters=')
+    extra = (int(ran[1].split()[0]) if len(ran) > 1 else plus_iters(done)) - DIT_ITERS
     return (f"The plain DiT given the prior's time: {DIT_ITERS:,} + {extra:,} iterations, because "
             f"the prior's training took {done['prior']['seconds']:,.0f} s and the plain DiT's "
-            f"{DIT_ITERS:,} iterations {done['dit_none_s0']['seconds']:,.0f} s. These are wall "
-            "times on this machine with whatever else ran beside them (see the commands below).")
+            f"{DIT_ITERS:,} iterations {done['dit_none_s0']['seconds']:,.0f} s.")
 
 
 def commands(done):
@@ -448,72 +495,91 @@ def commands(done):
     return '\n'.join(lines)
 
 
-def copy_grids(out, assets='assets/results', stages='*'):
+def copy_grids(out, assets='assets/results'):
     """The seed-0 grid of each sample stage, as assets/results/<stage>_s0.png."""
     os.makedirs(os.path.join(ROOT, assets), exist_ok=True)
-    for grid in sorted(glob.glob(f'{out}/samples/{stages}_s0/*.png')):
+    for grid in sorted(glob.glob(f'{out}/samples/*_s0/*.png')):
         name = os.path.basename(os.path.dirname(grid))
         shutil.copy(grid, os.path.join(ROOT, assets, f'{name}.png'))
 
 
-def report(done, out=OUT, path='docs/results.md', assets='assets/results'):
-    """docs/results.md from the stages' scores, and their grids in assets/results/."""
-    commit = git_commit()
-    # the stages may have run at earlier commits (a run resumed after a pull); stamps written
-    # before the stamps held a commit say nothing
-    ran_at = {}
+def render(res):
+    """docs/results.md's text, from the collected results alone."""
+    done = res['stages']
+    ran_at = {}                 # the stages may have run at several commits (a resumed run)
     for stamp in done.values():
         c = f"`{stamp['commit']}`" if 'commit' in stamp else 'not recorded'
         ran_at[c] = ran_at.get(c, 0) + 1
     ran_at = ', '.join(f'{c} for {n}' for c, n in ran_at.items())
     hours = sum(d['seconds'] for d in done.values()) / 3600
-    copy_grids(out, assets)
-    text = f"""# Results: the paper's claims on the built-in data
+    provenance = f"\n{res['provenance']}\n" if res.get('provenance') else ''
+    return f"""# Results: the paper's claims on the built-in data
 
-Written by `make results` (data/shapes/results.py) at commit `{commit}` (the stages' commits:
-{ran_at}), on {platform.machine()} with {os.cpu_count()} CPU cores ({platform.python_version()});
-{hours:.1f} hours of stages in all.
+Written by `make results` (data/shapes/results.py) from docs/results.json, the stages' scores and
+stamps; on {res['machine']}, {hours:.1f} hours of stages in all (their wall times are below).
+The stages' commits: {ran_at}.
 Every set is {N_IMAGES:,} images read by the attribute reader; "±" is half the range over the
-training seeds {', '.join(map(str, SEEDS))}. Each stage's command and wall time are in
-`{out}/stamps/`.
+training seeds {', '.join(map(str, SEEDS))}. A verdict line is computed from its table.
+{provenance}
+## 1. Fidelity: does a prior over DLCs with a DLC-conditioned DiT draw the data better than DiTs without DLCs?
 
-## 1. Fidelity: a prior over DLCs and a DLC-conditioned DiT, against DiTs without DLCs
-
-{fidelity_table(out)}
+{fidelity_table(res)}
 
 uncond against each baseline: the difference of the means, and whether the seeds' ranges are
 apart (the difference exceeds the spread) or overlap.
 
-{differences_table(out)}
+{differences_table(res)}
 
 {plus_note(done)}
 
-## 2. Composition makes combinations that no training image has
+{fidelity_verdict(res)}
 
-{composition_table(out)}
+## 2. Composition: do two images' DLCs, composed, draw (shape, color) pairs no training image has?
 
-## 3. Text reaches held-out pairs
+{composition_table(res)}
 
-{text_table(out)}
+{composition_verdict(res)}
+
+## 3. Text: are prompts that name a held-out (shape, color) pair drawn as that pair?
+
+{text_table(res)}
 
 The ceiling is what the DiT draws from the held-out images' own codes (section 2's last row).
 
+{text_verdict(res)}
+
 Grids (seed 0): `assets/results/<set>_s0.png`.
 
-{oracle_section(out, done)}
+{oracle_section(res)}
 
 ## The commands
 
 Every stage, in the order of the stage list, with its wall time (a stage interrupted and
-continued counts each of its runs):
+continued counts each of its runs; wall times include whatever else ran on the machine):
 
 ```
 {commands(done)}
 ```
 """
+
+
+def merge(earlier, res):
+    """An earlier run's results with some stages run again (or added): theirs replace the
+    earlier ones; the stages stay in the stage list's order."""
+    for key in ('stages', 'scores', 'factorization'):
+        earlier[key].update(res[key])
+    order = [n for n, _ in stages()]
+    earlier['stages'] = dict(sorted(earlier['stages'].items(), key=lambda kv: order.index(kv[0])))
+    return earlier
+
+
+def report(res, path='docs/results.md'):
+    """docs/results.json (the collected results) and docs/results.md drawn from it."""
+    with open(os.path.join(ROOT, os.path.splitext(path)[0] + '.json'), 'w') as f:
+        json.dump(res, f, indent=1)
     with open(os.path.join(ROOT, path), 'w') as f:
-        f.write(text)
-    print(f'wrote {path}')
+        f.write(render(res))
+    print(f'wrote {path} and its .json')
 
 
 if __name__ == '__main__':
@@ -523,16 +589,16 @@ if __name__ == '__main__':
     sys.path.insert(0, ROOT)                # score.py's imports, when run as a script
     if sys.argv[1:2] == ['--real']:
         score_real_images(sys.argv[2])
-    elif sys.argv[1:2] == ['--only=oracle']:    # the oracle stages alone, into the last report
-        oracle = [(n, c) for n, c in stages() if 'oracle' in n]
-        if sys.argv[2:3] != ['--report']:           # --report: the stages finished so far
-            run(only=oracle)
-        done = {n: json.load(open(f'{OUT}/stamps/{n}.json')) for n, _ in oracle
-                if os.path.exists(f'{OUT}/stamps/{n}.json')}
-        ran_at = sorted({d.get('commit', '?') for d in done.values()})
-        copy_grids(OUT, stages='oracle*')
-        splice(oracle_section(OUT, done) + '\n\nThese stages ran by themselves (--only=oracle) '
-               f"after the others, at commit {', '.join(ran_at)}; wall times, partly shared with "
-               f"other jobs:\n\n```\n{commands(done)}\n```\n")
+    elif sys.argv[1:2] == ['--report']:         # redraw docs/results.md from docs/results.json
+        with open('docs/results.json') as f:
+            report(json.load(f))
     else:
-        report(run())
+        # --only=oracle: the oracle stages alone, merged into the results of an earlier run
+        only = [(n, c) for n, c in stages() if 'oracle' in n] if '--only=oracle' in sys.argv else None
+        done = run(only=only)
+        copy_grids(OUT)
+        res = collect(done)
+        if only is not None and os.path.exists('docs/results.json'):
+            with open('docs/results.json') as f:
+                res = merge(json.load(f), res)
+        report(res)
