@@ -23,7 +23,7 @@ Elastic restarts. Under torchrun --max-restarts=N, a worker that dies (SIGKILL, 
 lost node) makes torchrun stop the others and start the whole group again; the new group finds
 the last checkpoint (auto_resume) and continues from it. What is lost is the iterations since.
 Export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the README's script does): with torchrun's shared
-store a restarted group can read the dead group's addresses (docs/experiments.md).
+store a restarted group can read the dead group's addresses (docs/choices.md).
 
 Sampling (sample.py, prior.py and text2dlc.py --mode=sample) draws in chunks that are saved as
 they are drawn, so a killed 50,000-image run continues on any number of processes.

@@ -123,8 +123,9 @@ num_workers = 8
 log_interval = 100
 ckpt_interval = 5000
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items()
-               if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
+config_keys = [k for k, v in globals().items()       # (VAE_SCALE is vae.py's constant)
+               if not k.startswith('_') and k != 'VAE_SCALE'
+               and isinstance(v, (int, float, bool, str, tuple))]
 CONFIG = {k: globals()[k] for k in config_keys}
 
 
@@ -742,9 +743,8 @@ def learning_rate_at(it, c):
 
 
 def ema_decay_at(it, c):
-    """The warm-up (1 + it) / (10 + it) matters in short runs, where a plain 0.999 would keep
-    much of the initial network in the average. From iteration 89,990 on (0.9999) both averages
-    follow one recursion, their gap shrinking by 0.9999 a step: 2e-18 of it at 500,400."""
+    """The EMA's decay at iteration it: with ema_warmup, (1 + it) / (10 + it) up to ema_decay,
+    so that a short run does not keep much of the initial network in its average."""
     return min(c['ema_decay'], (1 + it) / (10 + it)) if c['ema_warmup'] else c['ema_decay']
 
 

@@ -548,8 +548,8 @@ def train(cfg):
         share = c['t_one_share']
         if c['t_one_share_end'] >= 0:
             share += (c['t_one_share_end'] - share) * it / c['max_iters']
-        if share > 0:                    # drawn last: share 0 keeps the old stream. 1 - eps: the
-            # sampler's first noise level (p = 0.999, sigma 6.9; t = 1 itself has sigma = inf)
+        if share > 0:                    # drawn last, so share 0 leaves the draws above as they are.
+            # 1 - eps: the sampler's first noise level (p = 0.999, sigma 6.9; t = 1 has sigma inf)
             t_all[torch.rand(B, generator=gen) < share] = 1 - c['noise_eps']
         masked = noise(x0, noisable, t_all, u_all, mask_id, c['noise_eps'])[1]
         n_masked = masked.sum().clamp_min(1).item()

@@ -1,6 +1,6 @@
 # The built-in image generator: a tiny DiT on 32 x 32 pixels of data/shapes, conditioned on the
-# DLCs of the built-in tokenizer (run config/tokenizer_shapes.py and its probe first: the probe
-# writes out-shapes/codes_{train,val,ood}.npy). Trials: docs/experiments.md, diffusion.py.
+# DLCs of the built-in tokenizer (run config/tokenizer_shapes.py and its --mode=dump first: it
+# writes out-shapes/codes_{train,val,ood}.npy). Why each setting: docs/choices.md, diffusion.py.
 # python diffusion.py config/diffusion_shapes.py
 # python diffusion.py config/diffusion_shapes.py --mode=recon
 out_dir = 'out-shapes-dit'
@@ -11,15 +11,15 @@ model = 'DiT-Ti/8'              # depth 4, width 128, patch 8: 16 tokens, 2.5x p
 head_hidden = 512               # each 8 x 8 patch drawn through a hidden layer (not in DiT)
 image_size = 32
 cond = 'dlc'
-objective = 'flow'              # learns far faster than eps prediction here (docs/experiments.md)
+objective = 'flow'              # learns far faster than eps prediction here
 flow_output = 'x0'              # predict the clean image: flat backgrounds come easily
 flow_t_mean = 0.8               # t = sigmoid(N(0.8, 0.8)): most draws at high noise (shapes form)
 flow_t_std = 0.8
 hflip = True
 batch_size = 32                 # small batches, many steps: better per CPU-minute than 128
 micro_batch_size = 32
-max_iters = 24000               # about 17 min alone on 2 CPU cores (750 img/s), with the grids
-learning_rate = 2e-3            # with the hidden layer, 0.588 at 12,000 iterations (1e-3: 0.442)
+max_iters = 24000               # about 20 minutes on 2 CPU cores, with the grids
+learning_rate = 2e-3            # with the hidden layer, better than 1e-3 (docs/choices.md)
 warmup_iters = 100
 ema_decay = 0.999
 sampler = 'euler'

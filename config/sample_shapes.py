@@ -1,8 +1,10 @@
-# The built-in pipeline: every sample.py mode on data/shapes, with the demo's checkpoints
-# (the tokenizer in out-shapes, the DiT in out-shapes-dit, the prior in out-shapes-prior, the text
-# model in out-shapes-text2dlc and a class-conditional DiT in out-shapes-dit-class), scored by the
-# attribute reader.
-# python sample.py config/sample_shapes.py --mode=recon,uncond,compose,class,text
+# The built-in pipeline on data/shapes, scored by the attribute reader, with the checkpoints of
+# the README's built-in commands: the tokenizer in out-shapes, the DiT in out-shapes-dit, the prior
+# in out-shapes-prior, the text model in out-shapes-text2dlc (make demo passes its own folders).
+# python sample.py config/sample_shapes.py --mode=recon,uncond,compose,text
+# class and plain also need a class-conditional DiT (--class_dit) or one trained with cond='none'
+# (--plain_dit): python diffusion.py config/diffusion_shapes.py --cond=class --num_classes=18
+#   --out_dir=out-shapes-dit-class
 out_dir = 'out-shapes-samples'
 device = 'cpu'
 n_samples = 200

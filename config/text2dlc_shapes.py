@@ -1,6 +1,6 @@
 # The built-in text model: a tiny DDiT over [DLC][sep][caption] on the built-in tokenizer's codes
 # (L = 32, V = 32) and the captions of data/shapes, on a 2-core CPU. Run config/tokenizer_shapes.py
-# and its probe first (the probe writes out-shapes/codes_{train,val}.npy).
+# and its --mode=dump first (it writes out-shapes/codes_{train,val,ood}.npy).
 # python text2dlc.py config/text2dlc_shapes.py
 # python text2dlc.py config/text2dlc_shapes.py --mode=sample --prompts='a red square|a blue circle'
 out_dir = 'out-shapes-text2dlc'
@@ -15,16 +15,16 @@ caption_len = 16
 model = 'tiny'                  # 4 blocks, width 128
 dropout = 0.0
 caption_adaln = True            # the caption's mean word embedding also goes to every block's
-                                # adaLN, so the shape word is used (val captions 0.51 -> 0.72)
+                                # adaLN, so the shape word is used (docs/choices.md)
 noise_caption = False
 caption_dropout = 0.1
 t_min = 0.25                    # noise levels t ~ U(0.25, 1), not U(0, 1): the codes fit sooner
 t_one_share = 1.0               # and a share of the sequences at t = 1, every code masked: all of
 t_one_share_end = 0.0           # them at first, none at the end, so the shape word is learned
-                                # (the README; docs/experiments.md)
+                                # (docs/choices.md)
 batch_size = 32
 micro_batch_size = 32
-max_iters = 5000                # 8 min 56 s alone on 2 CPU cores (9.3 it/s with the evaluations)
+max_iters = 5000                # about 10 minutes on 2 CPU cores, with the evaluations
 learning_rate = 1e-3
 min_lr = 1e-5
 warmup_iters = 100
@@ -35,4 +35,4 @@ log_interval = 100
 ckpt_interval = 1000
 sampler = 'random_order'
 temperature = 0.2
-cfg_scale = 2.0                 # guidance on the prompt: short prompts 0.36 -> 0.43
+cfg_scale = 2.0                 # guidance on the prompt: short prompts kept more often

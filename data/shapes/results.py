@@ -36,6 +36,7 @@ import glob
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -196,7 +197,7 @@ def run(out=OUT, only=None):
                 done[name] = json.load(f)
             continue
         command = command(done) if callable(command) else command
-        print(f"== {name}: {' '.join(command)}", flush=True)
+        print(f"== {name}: {shlex.join(command)}", flush=True)
         # the time of earlier runs of an interrupted stage counts too: the plain DiT's extra
         # iterations are computed from the stamps' times
         partial = stamp + '.partial'
@@ -215,7 +216,7 @@ def run(out=OUT, only=None):
         if code:
             raise SystemExit(f"stage {name} failed (exit {code}); see {out}/logs/{name}.log, fix, "
                              "and run again: the stages done are kept")
-        done[name] = dict(command=' '.join(command), seconds=spent, commit=git_commit())
+        done[name] = dict(command=shlex.join(command), seconds=spent, commit=git_commit())
         with open(stamp + '.tmp', 'w') as f:
             json.dump(done[name], f, indent=1)
         os.replace(stamp + '.tmp', stamp)
