@@ -1060,8 +1060,8 @@ def recon(cfg):
 
 
 def decode(cfg):
-    """Any code dump (prior samples, composed codes) -> images: a PNG grid, an .npz (arr_0,
-    uint8 NHWC) and, on the built-in data, the attribute reader's factor histogram."""
+    """Any code dump (prior samples, composed codes) -> images: the first n_recon as a PNG grid
+    and an .npz (arr_0, uint8 NHWC), which data/shapes/score.py --images scores."""
     ckpt = load_checkpoint(os.path.join(cfg['out_dir'], 'diffusion.pt'))
     if ckpt['cond'] != 'dlc':
         raise ValueError(f"--mode=decode needs a DLC-conditioned DiT; {cfg['out_dir']} has "

@@ -172,3 +172,14 @@ def test_a_difference_exceeds_the_spread_only_when_the_seeds_ranges_are_apart():
     assert R.separated([0.5], [0.6, 0.7])
     assert not R.separated([0.90, 0.70], [0.69, 0.71])          # means differ, ranges overlap
     assert not R.separated([0.5, 0.5], [0.5])
+
+
+def test_the_readmes_measured_claims_are_the_reports_numbers():
+    """Every 'mean ± spread' the README quotes is one of docs/results.md's: one source."""
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    read = lambda *p: open(os.path.join(root, *p)).read()
+    pattern = r'\d+\.\d{3} ± \d+\.\d{3}'
+    quoted = set(re.findall(pattern, read('README.md')))
+    assert len(quoted) >= 10
+    assert quoted <= set(re.findall(pattern, read('docs', 'results.md')))

@@ -584,7 +584,7 @@ def report(res, path='docs/results.md'):
 
 
 if __name__ == '__main__':
-    # SIGTERM (a session or job ending) unwinds like ^C, so an interrupted stage keeps its time
+    # SIGTERM (a job or its time limit ending) unwinds like ^C, so an interrupted stage keeps its time
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
     os.chdir(ROOT)
     sys.path.insert(0, ROOT)                # score.py's imports, when run as a script
