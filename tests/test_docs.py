@@ -91,6 +91,9 @@ def commands_in(text, name):
         found.append((prose.count('\n', 0, span.start()) + 1, ' '.join(span.group(1).split())))
     commands = []
     for n, line in sorted(found):
+        script = re.match(r'(\w+\.py) --\w', line)      # `bench.py --component=dit ...` in a table
+        if script and os.path.exists(os.path.join(ROOT, script.group(1))):
+            line = 'python ' + line
         if not START.match(line):
             continue
         try:
