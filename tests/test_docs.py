@@ -143,17 +143,6 @@ def options_of(script):
     return 'flags', frozenset(flags)
 
 
-def script_of(config):
-    """config/<script>_<name>.py belongs to <script>.py; else to the script that a command in
-    its header comment runs it with (`# python X.py config/<file>.py`)."""
-    script = os.path.basename(config).split('_')[0] + '.py'
-    if os.path.isfile(os.path.join(ROOT, script)):
-        return script
-    name = re.escape(os.path.relpath(config, ROOT))
-    header = re.search(rf'(\S+\.py) {name}', open(config).read())
-    return header.group(1) if header else None
-
-
 def config_file_keys(path):
     """The names a config file sets, as configurator.configure reads them."""
     scope = {}
@@ -220,14 +209,6 @@ def test_the_docs_hold_commands_of_every_kind():
 def test_every_documented_command_fits_the_code(command):
     problems = check(command.argv) if command.argv else ['a quote is never closed']
     assert not problems, f"{command.where}: {command.text}\n  " + '\n  '.join(problems)
-
-
-@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(ROOT, 'config', '*.py'))))
-def test_every_config_file_sets_only_keys_of_its_script(path):
-    script = script_of(path)
-    assert script and os.path.isfile(os.path.join(ROOT, script)), f'{path}: whose is it?'
-    unknown = config_file_keys(path) - options_of(script)[1]
-    assert not unknown, f'{path}: {script} has no key {sorted(unknown)}'
 
 
 FAKE_DOC = """\

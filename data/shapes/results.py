@@ -350,7 +350,7 @@ def fidelity_verdict(res):
     plus = per_seed(res, plus_weights(res), 'plain', 'tv_joint', (0,))
     klass = per_seed(res, 'class', 'class', 'tv_joint')
     below = lambda theirs: np.mean(mine) < np.mean(theirs) and separated(mine, theirs)
-    return (f"Verdict: the pipeline's joint TV ({mean_spread(mine)}) is below that of both DiTs "
+    return (f"the pipeline's joint TV ({mean_spread(mine)}) is below that of both DiTs "
             f"without a condition (plain {mean_spread(plain)}; given the prior's time "
             f"{mean_spread(plus)}) by more than the seed spread: {yes_no(below(plain) and below(plus))}. "
             f"Below the class-conditional DiT's, which is given the true labels "
@@ -392,7 +392,7 @@ def composition_verdict(res, stage='compose2', seeds=SEEDS):
     composed = per_seed(res, stage, 'compose', 'unseen_pair', seeds)
     prior = per_seed(res, 'uncond', 'uncond', 'unseen_pair')
     reached = np.mean(composed) > np.mean(prior) and separated(composed, prior)
-    return (f"Verdict: two sources' composed codes show a held-out pair more often than the "
+    return (f"two sources' composed codes show a held-out pair more often than the "
             f"prior's samples, by more than the seed spread: {yes_no(reached)} "
             f"({mean_spread(composed)} against {mean_spread(prior)}).")
 
@@ -413,7 +413,7 @@ def text_verdict(res, held='text_held', seen='text_seen', seeds=SEEDS):
     often as a prompt naming a seen pair."""
     held_kept = per_seed(res, held, 'text', 'kept', seeds)
     seen_kept = per_seed(res, seen, 'text', 'kept', seeds)
-    return (f"Verdict: short prompts of held-out pairs are drawn as their pair at least half as "
+    return (f"short prompts of held-out pairs are drawn as their pair at least half as "
             f"often as those of seen pairs: {yes_no(np.mean(held_kept) >= np.mean(seen_kept) / 2)} "
             f"({mean_spread(held_kept)} against {mean_spread(seen_kept)}).")
 
@@ -449,8 +449,8 @@ shape of the first and the color of the second.
 Verdicts, read against the DLC rows of sections 2 and 3:
 - the DiT draws the held-out pairs from their oracle codes in at least 0.85 of the ood images:
   {yes_no(np.mean(ceiling) >= 0.85)} ({mean_spread(ceiling)});
-- {composition_verdict(res, 'oracle_compose2', seeds)[len('Verdict: '):]}
-- {text_verdict(res, 'oracle_text_held', 'oracle_text_seen', seeds)[len('Verdict: '):]}
+- {composition_verdict(res, 'oracle_compose2', seeds)}
+- {text_verdict(res, 'oracle_text_held', 'oracle_text_seen', seeds)}
 
 How the codes' positions carry the factors (data/shapes/score.py --codes_dir; train codes): per
 factor, the best position's I(token; factor | the other factors) as a share of H(factor | the
@@ -477,6 +477,7 @@ def factorization_table(res):
 def plus_note(done):
     if 'dit_none_s0' not in done or 'prior' not in done:
         return ''
+    # the iterations it ran are in its command; recomputing them needs the stamps' exact seconds
     ran = done.get('dit_none_plus_s0', {}).get('command', '').split('--max_iters=')
     extra = (int(ran[1].split()[0]) if len(ran) > 1 else plus_iters(done)) - DIT_ITERS
     return (f"The plain DiT given the prior's time: {DIT_ITERS:,} + {extra:,} iterations, because "
@@ -533,13 +534,13 @@ apart (the difference exceeds the spread) or overlap.
 
 {plus_note(done)}
 
-{fidelity_verdict(res)}
+Verdict: {fidelity_verdict(res)}
 
 ## 2. Composition: do two images' DLCs, composed, draw (shape, color) pairs no training image has?
 
 {composition_table(res)}
 
-{composition_verdict(res)}
+Verdict: {composition_verdict(res)}
 
 ## 3. Text: are prompts that name a held-out (shape, color) pair drawn as that pair?
 
@@ -547,7 +548,7 @@ apart (the difference exceeds the spread) or overlap.
 
 The ceiling is what the DiT draws from the held-out images' own codes (section 2's last row).
 
-{text_verdict(res)}
+Verdict: {text_verdict(res)}
 
 Grids (seed 0): `assets/results/<set>_s0.png`.
 
