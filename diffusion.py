@@ -98,6 +98,9 @@ run_iters = -1                  # stop this run after so many iterations (resume
 learning_rate = 1e-4
 weight_decay = 0.0
 warmup_iters = 0                # linear warm-up, then a constant learning rate (DiT's)
+cooldown_frac = 0.0             # > 0: the lr falls linearly to 0 over this last share of max_iters
+optimizer = 'adamw'             # 'adamw' (DiT's) | 'muon': the blocks' matrices by Muon, the rest AdamW
+muon_lr = 2e-3                  # optimizer='muon': the matrices' lr (updates at AdamW's RMS)
 grad_clip = 1.0                 # max gradient norm; 0 = no clipping (the paper's DiT)
 ema_decay = 0.9999
 ema_warmup = True               # decay min(ema_decay, (1 + it) / (10 + it)); False: ema_decay
@@ -735,11 +738,71 @@ def load_public_dit(model, path):
     model.load_state_dict(state, strict=True)
 
 
-def learning_rate_at(it, c):
-    """Linear warm-up, then constant (DiT's schedule)."""
+def learning_rate_at(it, c, peak):
+    """Linear warm-up, then constant (DiT's schedule); with cooldown_frac > 0, a linear fall to 0
+    over the last share of max_iters (warm-up, stable, decay: short runs end on a settled net)."""
     if it < c['warmup_iters']:
-        return c['learning_rate'] * (it + 1) / c['warmup_iters']
-    return c['learning_rate']
+        return peak * (it + 1) / c['warmup_iters']
+    cooldown = int(c['cooldown_frac'] * c['max_iters'])
+    if cooldown > 0 and it >= c['max_iters'] - cooldown:
+        return peak * (c['max_iters'] - it) / cooldown
+    return peak
+
+
+def orthogonalize(G, steps=5):
+    """Newton-Schulz: a batch of matrices (B, m, n) mapped near the orthogonal factor U V^T of
+    their SVDs, by the quintic iteration with Muon's coefficients (Jordan et al. 2024)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G / (G.norm(dim=(1, 2), keepdim=True) + 1e-7)
+    wide = X.shape[1] <= X.shape[2]
+    X = X if wide else X.mT
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X if wide else X.mT
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D matrices: Nesterov momentum, then each update orthogonalized and scaled to
+    the RMS of an AdamW update (0.2 sqrt(max(m, n))), so that AdamW's learning rates carry over.
+    Matrices of one shape go through one batched float32 Newton-Schulz: on a CPU, per-matrix
+    bfloat16 products (torch.optim.Muon's) cost as much as the rest of a tiny DiT's step."""
+    def __init__(self, params, lr, momentum=0.95, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            by_shape = {}
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - group['momentum'])
+                by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, group['momentum'])))
+            for shape, pairs in by_shape.items():
+                updates = orthogonalize(torch.stack([u for _, u in pairs]).float())
+                lr = group['lr'] * 0.2 * math.sqrt(max(shape))
+                for (p, _), u in zip(pairs, updates):
+                    p.mul_(1 - group['lr'] * group['weight_decay']).add_(u.to(p.dtype), alpha=-lr)
+
+
+def make_optimizers(model, c):
+    """AdamW on every parameter (DiT's); or Muon on the transformer blocks' matrices and AdamW on
+    the rest (embeddings, code tables, the final layer, biases and norms), as in modded-nanogpt.
+    Weight decay, if any, on matrices only."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    muon = [p for n, p in params if c['optimizer'] == 'muon' and n.startswith('blocks.')
+            and p.ndim == 2]
+    rest = [p for _, p in params if not any(p is q for q in muon)]
+    adamw = torch.optim.AdamW(
+        [dict(params=[p for p in rest if p.ndim >= 2], weight_decay=c['weight_decay']),
+         dict(params=[p for p in rest if p.ndim < 2], weight_decay=0.0)],
+        lr=c['learning_rate'], betas=(0.9, 0.999), fused=True)
+    if not muon:
+        return [(adamw, c['learning_rate'])]
+    return [(adamw, c['learning_rate']), (Muon(muon, c['muon_lr'], weight_decay=c['weight_decay']),
+                                          c['muon_lr'])]
 
 
 def ema_decay_at(it, c):
@@ -804,17 +867,16 @@ def train(cfg):
         load_public_dit(model, c['init_from'])
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]   # decay (if any): matrices only
-    optimizer = torch.optim.AdamW(
-        [dict(params=[p for p in params if p.ndim >= 2], weight_decay=c['weight_decay']),
-         dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)],
-        lr=c['learning_rate'], betas=(0.9, 0.999), fused=True)
+    if c['optimizer'] not in ('adamw', 'muon'):
+        raise ValueError(f"optimizer='{c['optimizer']}' is not one of 'adamw', 'muon'")
+    optimizers = make_optimizers(model, c)
     iter_num = 0
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         model.load_state_dict(ckpt['model'])
         ema.load_state_dict(ckpt['ema'])
-        optimizer.load_state_dict(ckpt['optimizer'])
+        for (opt, _), key in zip(optimizers, ('optimizer', 'muon')):
+            opt.load_state_dict(ckpt[key])
         iter_num = ckpt['iter_num']
         if master:
             print(f"resuming from {ckpt_path} at iteration {iter_num}")
@@ -834,7 +896,9 @@ def train(cfg):
 
     def save():
         save_atomic(dict(model=raw_model.state_dict(), ema=ema.state_dict(),
-                         optimizer=optimizer.state_dict(), model_args=model_args, config=dict(c),
+                         **{key: opt.state_dict() for (opt, _), key in zip(optimizers,
+                                                                           ('optimizer', 'muon'))},
+                         model_args=model_args, config=dict(c),
                          iter_num=iter_num, world_size=world, image_size=c['image_size'],
                          space='latent' if data.latent else 'pixel', cond=c['cond'],
                          objective=c['objective'], **data.contract), ckpt_path)
@@ -851,9 +915,10 @@ def train(cfg):
     t0, history = time.time(), []
     while iter_num < stop:
         it = iter_num
-        lr = learning_rate_at(it, c)
-        for g in optimizer.param_groups:
-            g['lr'] = lr
+        for opt, peak in optimizers:
+            for g in opt.param_groups:
+                g['lr'] = learning_rate_at(it, c, peak)
+        lr = learning_rate_at(it, c, c['learning_rate'])
         t_all, noise_all, drop_all = draw_global_batch(it, c, x_shape)
         loss_sum = torch.zeros((), device=device)
         for k in range(accum):
@@ -878,8 +943,9 @@ def train(cfg):
                 f"loss is {loss_sum.item()} (gradient norm {grad_norm.item()}) at iteration {it}; "
                 f"{ckpt_path} keeps the last good state. Lower learning_rate or add warmup_iters, "
                 "then continue with --init_from=resume")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for opt, _ in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, model_params, 1 - ema_decay_at(it, c))
         iter_num += 1

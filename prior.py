@@ -102,6 +102,7 @@ run_iters = -1                  # stop this run after so many iterations (resume
 learning_rate = 3e-4
 weight_decay = 0.0
 warmup_iters = 2500
+cooldown_frac = 0.0             # > 0: the lr falls linearly to 0 over this last share of max_iters
 grad_clip = 1.0
 ema_decay = 0.9999
 # held-out loss during training, and --mode=eval
@@ -553,6 +554,16 @@ def marginal_bits(train_codes, eval_codes, V):
     return entropy, cross
 
 
+def learning_rate_at(it, c):
+    """Linear warm-up, then constant; with cooldown_frac > 0, a linear fall to 0 over the last
+    share of max_iters (short runs end on a settled network)."""
+    lr = c['learning_rate'] * min(1.0, (it + 1) / max(1, c['warmup_iters']))
+    cooldown = int(c['cooldown_frac'] * c['max_iters'])
+    if cooldown > 0 and it >= c['max_iters'] - cooldown:
+        lr = min(lr, c['learning_rate'] * (c['max_iters'] - it) / cooldown)
+    return lr
+
+
 def train(cfg):
     rank, world, device = setup_distributed(cfg['device'])
     c, master = cfg, rank == 0
@@ -623,7 +634,7 @@ def train(cfg):
     t0 = time.time()
     while iter_num < stop:
         it = iter_num
-        lr = c['learning_rate'] * min(1.0, (it + 1) / max(1, c['warmup_iters']))   # warm-up
+        lr = learning_rate_at(it, c)
         for g in optimizer.param_groups:
             g['lr'] = lr
         # the items, noise levels and mask draws of the global batch, sliced per process

@@ -427,7 +427,8 @@ def test_the_imagenet_config_trains_with_the_recipe_of_the_paper_fork():
     paper = dict(model='DiT-XL/2', image_size=256, cond='dlc', objective='eps', learn_sigma=True,
                  class_dropout_prob=0.1, batch_size=256, learning_rate=1e-4, weight_decay=0.0,
                  warmup_iters=0, ema_decay=0.9999, ema_warmup=False, grad_clip=0.0,
-                 max_iters=100 * (1_281_167 // 256), sampler='ddpm', num_sampling_steps=250)
+                 max_iters=100 * (1_281_167 // 256), sampler='ddpm', num_sampling_steps=250,
+                 optimizer='adamw', cooldown_frac=0.0)
     assert {k: cfg[k] for k in paper} == paper
 
 
@@ -449,9 +450,44 @@ def test_without_the_warm_up_the_ema_takes_one_minus_its_decay_from_the_first_st
 
 def test_the_learning_rate_warms_up_then_stays_constant():
     c = dict(D.CONFIG, learning_rate=1e-3, warmup_iters=10, max_iters=110)
-    lrs = [D.learning_rate_at(it, c) for it in range(111)]
+    lrs = [D.learning_rate_at(it, c, 1e-3) for it in range(111)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[4] == pytest.approx(5e-4)
     assert lrs[9] == lrs[10] == lrs[60] == lrs[110] == 1e-3
+
+
+def test_the_cooldown_takes_the_learning_rate_linearly_to_zero_at_the_end():
+    c = dict(D.CONFIG, warmup_iters=10, max_iters=110, cooldown_frac=0.5)
+    lrs = [D.learning_rate_at(it, c, 2e-3) for it in range(110)]
+    assert lrs[9] == lrs[54] == 2e-3                       # warm-up done, stable until 55
+    assert lrs[55] == pytest.approx(2e-3) and lrs[82] == pytest.approx(1e-3, rel=0.05)
+    assert all(a > b for a, b in zip(lrs[55:], lrs[56:])) and lrs[109] < 5e-5
+
+
+def test_muon_orthogonalizes_each_matrix_of_a_batch():
+    """Newton-Schulz maps every matrix near U V^T: singular values near 1 (Muon's quintic
+    iteration leaves them in about (0.6, 1.2)), whatever their scale and shape."""
+    torch.manual_seed(0)
+    for shape in ((3, 64, 128), (2, 384, 128)):
+        G = torch.randn(*shape) * torch.tensor([1e-3, 10.0, 1.0][:shape[0]]).view(-1, 1, 1)
+        s = torch.linalg.svdvals(D.orthogonalize(G))
+        assert s.min() > 0.5 and s.max() < 1.3
+        U, _, Vh = torch.linalg.svd(G, full_matrices=False)           # and aligned with U V^T
+        cos = (D.orthogonalize(G) * (U @ Vh)).sum((1, 2)) / (U @ Vh).norm(dim=(1, 2)) ** 2
+        assert (cos > 0.8).all()
+
+
+def test_muon_trains_the_blocks_matrices_and_adamw_the_rest_and_both_resume(shapes_dir, codes_dir,
+                                                                             tmp_path):
+    cfg = tiny_cfg(shapes_dir, codes_dir, tmp_path / 'm', optimizer='muon', max_iters=4)
+    D.train(cfg)
+    ckpt = D.load_checkpoint(str(tmp_path / 'm' / 'diffusion.pt'))
+    muon_ids = {i for g in ckpt['muon']['param_groups'] for i in g['params']}
+    model = D.DiT(**ckpt['model_args'])
+    opts = D.make_optimizers(model, cfg)
+    assert len(opts) == 2 and all(p.ndim == 2 for p in opts[1][0].param_groups[0]['params'])
+    assert len(muon_ids) == 5 * len(model.blocks)     # qkv, proj, fc1, fc2, adaLN per block
+    D.train(dict(cfg, max_iters=6, init_from='resume'))
+    assert D.load_checkpoint(str(tmp_path / 'm' / 'diffusion.pt'))['iter_num'] == 6
 
 
 def test_flow_draws_its_training_t_from_a_logit_normal_of_constant_mean():

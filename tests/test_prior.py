@@ -519,3 +519,12 @@ def test_two_runs_on_the_same_codes_end_with_bitwise_equal_weights(toy_dir, tmp_
     assert_two_runs_bitwise_equal(P.train, [tiny_cfg(toy_dir, tmp_path / run, max_iters=6,
                                                      batch_size=64, micro_batch_size=64)
                                             for run in 'ab'], 'prior.pt')
+
+
+def test_the_prior_learning_rate_warms_up_holds_and_cools_down_to_zero_when_asked():
+    c = dict(P.CONFIG, learning_rate=1e-3, warmup_iters=10, max_iters=100)
+    constant = [P.learning_rate_at(it, c) for it in range(100)]
+    assert constant[0] == pytest.approx(1e-4) and constant[9] == constant[99] == 1e-3
+    cooled = [P.learning_rate_at(it, dict(c, cooldown_frac=0.4)) for it in range(100)]
+    assert cooled[:60] == constant[:60] and cooled[80] == pytest.approx(5e-4)
+    assert all(a > b for a, b in zip(cooled[60:], cooled[61:])) and cooled[99] < 3e-5
