@@ -49,7 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 OUT = 'out-results'
 SEEDS = (0, 1)
 N_IMAGES = 2000
-DIT_ITERS = 24000                   # config/diffusion_shapes.py's max_iters
+DIT_ITERS = 10000                   # config/diffusion_shapes.py's max_iters
 
 
 def stages(out=OUT):
@@ -257,7 +257,8 @@ def collect(done, out=OUT):
                                         shape_not_color=report['shape_not_color'])
     machine = (f'{platform.machine()} with {os.cpu_count()} CPU cores '
                f'(Python {platform.python_version()})')
-    return dict(stages=done, scores=scores, factorization=factorization, machine=machine)
+    return dict(stages=done, scores=scores, factorization=factorization, machine=machine,
+                dit_iters=DIT_ITERS)
 
 
 def scores_of(res, name):
@@ -474,15 +475,17 @@ def factorization_table(res):
     return '\n'.join(lines)
 
 
-def plus_note(done):
+def plus_note(done, base):
+    """base: the DiT config's iterations when the run was made (a report from before they were
+    recorded was made at 24,000)."""
     if 'dit_none_s0' not in done or 'prior' not in done:
         return ''
     # the iterations it ran are in its command; recomputing them needs the stamps' exact seconds
     ran = done.get('dit_none_plus_s0', {}).get('command', '').split('--max_iters=')
-    extra = (int(ran[1].split()[0]) if len(ran) > 1 else plus_iters(done)) - DIT_ITERS
-    return (f"The plain DiT given the prior's time: {DIT_ITERS:,} + {extra:,} iterations, because "
+    extra = (int(ran[1].split()[0]) if len(ran) > 1 else plus_iters(done, base)) - base
+    return (f"The plain DiT given the prior's time: {base:,} + {extra:,} iterations, because "
             f"the prior's training took {done['prior']['seconds']:,.0f} s and the plain DiT's "
-            f"{DIT_ITERS:,} iterations {done['dit_none_s0']['seconds']:,.0f} s.")
+            f"{base:,} iterations {done['dit_none_s0']['seconds']:,.0f} s.")
 
 
 def commands(done):
@@ -532,7 +535,7 @@ apart (the difference exceeds the spread) or overlap.
 
 {differences_table(res)}
 
-{plus_note(done)}
+{plus_note(done, res.get('dit_iters', 24000))}
 
 Verdict: {fidelity_verdict(res)}
 
