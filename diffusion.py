@@ -60,6 +60,7 @@ from cluster import (exit_preempted, handle_preemption_signals, preemption_reque
                      save_atomic, setup_distributed)
 from codes import check_codes, check_fits, load_codes, read_contract
 from configurator import configure
+from images import ImageFolder, array_path, missing_split   # a split: an array or a folder
 from vae import VAE_SCALE, load_vae, read_safetensors   # the frozen SD-VAE (ImageNet latents)
 
 # -----------------------------------------------------------------------------
@@ -71,7 +72,7 @@ out_dir = 'out-diffusion'
 init_from = 'scratch'           # 'scratch' | 'resume' | DiT weights (DiT-XL-2-256x256.pt, or
                                 # the paper's DiTSEM for cond='dlc')
 auto_resume = False             # resume from out_dir's checkpoint if there is one (cluster jobs)
-data_dir = 'data/imagenet'      # <split>_images.npy in it, or <split>/<class>/<image> files
+data_dir = 'data/imagenet'      # <split>_images.npy, or a folder <split>/ of images (images.py)
 train_split = 'train'
 codes_dir = 'out-imagenet-tokenizer'   # codes_<split>.npy and codes.json, for cond='dlc'
 latents_dir = ''                # latents_<split>.npy from --mode=extract; '' = train on pixels
@@ -579,53 +580,16 @@ def guided(model, y, cfg_scale, objective, interval=(0.0, 1.0)):
 
 def read_images(data_dir, split, image_size):
     """uint8 (N, H, W, 3) for the built-in arrays, or a folder dataset that yields them."""
-    array = os.path.join(data_dir, f'{split}_images.npy')
+    array = array_path(data_dir, split)
     if os.path.exists(array):
         images = np.load(array, mmap_mode='r')
         if images.dtype != np.uint8 or images.shape[1:] != (image_size, image_size, 3):
             raise ValueError(f"{array}: expected uint8 (N, {image_size}, {image_size}, 3), got "
                              f"{images.dtype} {images.shape}; set --image_size to the data's size")
         return images
-    folder = os.path.join(data_dir, split)
-    if os.path.isdir(folder):
-        return ImageFolder(folder, image_size)
-    raise FileNotFoundError(f"no split '{split}' in '{data_dir}': expected {array} (run python "
-                            f"data/shapes/prepare.py) or an image folder {folder}/<class>/<image>")
-
-
-class ImageFolder(torch.utils.data.Dataset):
-    """<root>/<class>/<image>, sorted by relative path; each image resized so its short side is
-    image_size (box-downsampled by halves first, as ADM does), then center-cropped."""
-    def __init__(self, root, image_size):
-        self.root, self.image_size = root, image_size
-        classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self.files, self.labels = [], []
-        for label, c in enumerate(classes):
-            for dirpath, _, names in sorted(os.walk(os.path.join(root, c))):
-                for name in sorted(names):
-                    if name.lower().endswith(('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm')):
-                        self.files.append(os.path.join(dirpath, name))
-                        self.labels.append(label)
-        if not self.files:
-            raise FileNotFoundError(f"no images under '{root}' (expected <class>/<image> files)")
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        try:
-            with Image.open(self.files[i]) as im:
-                im = im.convert('RGB')
-                while min(im.size) >= 2 * self.image_size:
-                    im = im.resize((im.width // 2, im.height // 2), Image.BOX)
-                s = self.image_size / min(im.size)
-                im = im.resize((round(im.width * s), round(im.height * s)), Image.BICUBIC)
-                left, top = (im.width - self.image_size) // 2, (im.height - self.image_size) // 2
-                im = im.crop((left, top, left + self.image_size, top + self.image_size))
-                return torch.from_numpy(np.asarray(im).copy())
-        except Exception as e:
-            raise RuntimeError(f"cannot read image '{self.files[i]}' ({e}); "
-                               "remove or replace it") from None
+    if os.path.isdir(os.path.join(data_dir, split)):
+        return ImageFolder(data_dir, split, image_size)
+    raise missing_split(data_dir, split)
 
 
 def read_conditions(cfg, split, n_items):
@@ -644,7 +608,11 @@ def read_conditions(cfg, split, n_items):
         with open(os.path.join(data_dir, 'meta.json')) as meta:
             labels = f[:, 0] * len(json.load(meta)['color']) + f[:, 1]
     else:
-        labels = np.array(ImageFolder(os.path.join(data_dir, split), cfg['image_size']).labels)
+        labels = ImageFolder(data_dir, split, cfg['image_size']).labels
+        if labels is None:
+            raise FileNotFoundError(f"--cond=class needs the classes of split '{split}': class "
+                                    f"subfolders in {data_dir}/{split}/, or "
+                                    f"{data_dir}/{split}_labels.txt (a line per image; images.py)")
     if labels.max() >= cfg['num_classes']:
         raise ValueError(f"split '{split}' of '{data_dir}' has labels up to {labels.max()}; "
                          "set --num_classes")
