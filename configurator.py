@@ -34,7 +34,7 @@ def _checked(defaults, key, value, source, text=None):
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if isinstance(default, str) and text is not None:
+    if isinstance(default, str) and not isinstance(value, str) and text is not None:
         return text         # `3,17` or `207` is what a string key means, not a tuple or an int
     if type(value) is not type(default):
         raise TypeError(f"{source}: config key '{key}' expects {type(default).__name__} "
