@@ -961,7 +961,7 @@ def extract(cfg):
     batches = range(rank, math.ceil(N / bs), world)
     for b in tqdm(batches, disable=rank != 0, desc=f"latents {cfg['split']}", dynamic_ncols=True):
         rows = range(b * bs, min(N, (b + 1) * bs))
-        x = torch.stack([torch.as_tensor(np.array(images[i])) for i in rows]).to(device)
+        x = torch.stack([torch.as_tensor(images[i]) for i in rows]).to(device)
         x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
         for key, array in arrays.items():
             view = x.flip(-1) if key == '_flip' else x
