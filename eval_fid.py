@@ -50,7 +50,7 @@ ref = ''                        # ADM reference .npz (arr_0, mu, sigma, mu_s, si
 save_ref = ''                   # write the statistics computed from `ref` here (ADM format)
 image_size = 0                  # folders: center crop and resize to this size (ADM's view);
                                 # 0: the size of the samples' .npz (256 if they are a folder too)
-inception_path = 'pt_inception-2015-12-05-6726825d.pth'
+inception_path = 'weights/pt_inception-2015-12-05-6726825d.pth'
 resize = 'tf'                   # 'tf' (as the ADM suite) | 'torch' (as pytorch-fid)
 batch_size = 100
 k = 3                           # precision / recall neighbourhood
