@@ -29,7 +29,7 @@ Resizing to 299: 'tf' reproduces TF1's bilinear resize (no half-pixel offset) an
 (x - 128) / 128, as the ADM suite sees images; 'torch' is F.interpolate's bilinear on x / 255
 then 2x - 1, as pytorch-fid does. The network runs in float32 with TF32 off.
 
-    python eval_fid.py --samples=samples.npz --ref=VIRTUAL_imagenet256_labeled.npz
+    python eval_fid.py --samples=samples.npz --ref=weights/VIRTUAL_imagenet256_labeled.npz
     python eval_fid.py --samples=samples.npz --ref=path/to/real_images --save_ref=ref.npz
 """
 import os

@@ -79,15 +79,15 @@ init_from = 'scratch'           # 'scratch' | 'resume' | a GPT-2 SEDD (sedd-smal
 auto_resume = False             # resume from out_dir's checkpoint if there is one (cluster jobs)
 codes_dir = 'out-imagenet-tokenizer'    # codes_<split>.npy + codes.json (tokenizer.py --mode=dump)
 data_dir = 'data/imagenet'
-captions_path = ''              # '' = data_dir/<split>_captions.txt; a path with {split} (each split's
-                                # file), or without (the train split's only: no held-out loss); a
+captions_path = ''              # '' = data_dir/<split>_captions.txt; with {split}: each split's
+                                # file; without: the train split's alone (no held-out loss); a
                                 # line per item of the dump, in its order; tab-separated: one drawn
 train_split = 'train'
 val_split = 'val'
 seed = 0
 # text
-text_encoding = 'weights/r50k_base.tiktoken'    # GPT-2's ranks, local | 'gpt2' (tiktoken downloads
-                                # it) | another .tiktoken file | 'bytes' | 'words' (the captions')
+text_encoding = 'weights/r50k_base.tiktoken'    # GPT-2's ranks, local | 'gpt2' (tiktoken
+                                # downloads it) | another .tiktoken file | 'bytes' | 'words'
 caption_len = 128               # caption tokens after the separator; with DLC512: the paper's 640
 # model and loss
 model = 'small'                 # a key of prior.PRIOR_MODELS; 'small' / 'medium' are SEDD's sizes

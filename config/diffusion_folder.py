@@ -8,7 +8,8 @@
 #       --out_dir=out-folder-latents
 #   python diffusion.py config/diffusion_folder.py
 #   python diffusion.py config/diffusion_folder.py --mode=recon --split=val
-#   python diffusion.py config/diffusion_folder.py --mode=decode --codes_path=out-folder-prior/samples.npy
+#   python diffusion.py config/diffusion_folder.py --mode=decode \
+#       --codes_path=out-folder-prior/samples.npy
 out_dir = 'out-folder-dit'
 auto_resume = True                        # a relaunched or restarted job continues from out_dir
 data_dir = 'data/folder'

@@ -41,7 +41,8 @@ def folder(tmp_path_factory):
     for wnid, color in COLORS.items():
         (root / 'train' / wnid).mkdir(parents=True)
         for i, (h, w) in enumerate(SIZES):
-            photo(rng, color, h, w).save(root / 'train' / wnid / f'{wnid}_{i}.{("JPEG", "png")[i % 2]}')
+            name = f'{wnid}_{i}.{("JPEG", "png")[i % 2]}'
+            photo(rng, color, h, w).save(root / 'train' / wnid / name)
             captions['train'].append(f"a {('red', 'blue')[wnid == 'n02']} square")
     (root / 'val').mkdir()
     val_classes = ['n02', 'n01', 'n01', 'n02']
