@@ -58,7 +58,8 @@ results: venv data
 	$(PY) data/shapes/results.py
 
 # make clean: every output folder of make demo, make results, the README's built-in commands and
-# the scripts' defaults. Kept: the data, docs/ and assets/, and the ImageNet runs' out-imagenet-*.
+# the scripts' defaults. Kept: the data, docs/ and assets/, and the multi-day runs' out-imagenet-*
+# and out-folder-*.
 clean:
 	rm -rf $(DEMO) out-shapes out-shapes-* out-oracle out-results \
 		out-tokenizer out-diffusion out-prior out-text2dlc out-samples

@@ -14,7 +14,8 @@ Arguments are applied left to right:
   path/to/file.py   a plain-Python file of assignments (`batch_size = 64`), executed;
                     the names it assigns override the defaults
   --key=value       one override; the value is parsed as a Python literal when it is one
-                    (`--lr=3e-4`, `--compile=True`), else kept as a string (`--out_dir=out`)
+                    (`--lr=3e-4`, `--compile=True`), else kept as a string (`--out_dir=out`);
+                    a string key keeps the text as written (`--sources=3,17`, `--prompts=42`)
 
 A key that is not in the config block, or a value whose type differs from the default's,
 is an error: a typo must never silently train the wrong model. An int may be given where a
@@ -24,7 +25,7 @@ import ast
 import types
 
 
-def _checked(defaults, key, value, source):
+def _checked(defaults, key, value, source, text=None):
     if key not in defaults:
         known = ', '.join(sorted(defaults))
         raise ValueError(f"{source}: unknown config key '{key}'. Known keys: {known}")
@@ -33,6 +34,8 @@ def _checked(defaults, key, value, source):
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(default, str) and not isinstance(value, str) and text is not None:
+        return text         # `3,17` or `207` is what a string key means, not a tuple or an int
     if type(value) is not type(default):
         raise TypeError(f"{source}: config key '{key}' expects {type(default).__name__} "
                         f"(default {default!r}), got {type(value).__name__} {value!r}")
@@ -51,7 +54,7 @@ def configure(defaults, argv):
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text
-            cfg[key] = _checked(defaults, key, value, f"override {arg}")
+            cfg[key] = _checked(defaults, key, value, f"override {arg}", text)
         else:
             try:
                 with open(arg) as f:

@@ -37,13 +37,14 @@ Modes:  python diffusion.py [config.py] [--key=value ...]
     --mode=extract   writes out_dir/latents_<split>.npy (float16) with the SD-VAE encoder
     --mode=recon     the codes of a split -> DiT -> images: recon_<split>.npz and a PNG grid
                      beside the sources (on the built-in data, data/shapes/score.py scores them)
-    --mode=decode    any code dump (--codes_path: prior samples, composed codes) -> images: a
-                     PNG grid and an .npz
+    --mode=decode    every code of a dump (--codes_path: prior samples, composed codes) ->
+                     out_dir/<name>_images.npz and a PNG grid (torchrun; resumable)
 """
 import copy
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -56,10 +57,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from cluster import (exit_preempted, handle_preemption_signals, preemption_requested, resuming,
-                     save_atomic, setup_distributed)
+from cluster import (draw_in_chunks, exit_preempted, handle_preemption_signals,
+                     preemption_requested, resuming, save_atomic, setup_distributed)
 from codes import check_codes, check_fits, load_codes, read_contract
 from configurator import configure
+from images import ImageFolder, array_path, missing_split   # a split: an array or a folder
 from vae import VAE_SCALE, load_vae, read_safetensors   # the frozen SD-VAE (ImageNet latents)
 
 # -----------------------------------------------------------------------------
@@ -71,7 +73,7 @@ out_dir = 'out-diffusion'
 init_from = 'scratch'           # 'scratch' | 'resume' | DiT weights (DiT-XL-2-256x256.pt, or
                                 # the paper's DiTSEM for cond='dlc')
 auto_resume = False             # resume from out_dir's checkpoint if there is one (cluster jobs)
-data_dir = 'data/imagenet'      # <split>_images.npy in it, or <split>/<class>/<image> files
+data_dir = 'data/imagenet'      # <split>_images.npy, or a folder <split>/ of images (images.py)
 train_split = 'train'
 codes_dir = 'out-imagenet-tokenizer'   # codes_<split>.npy and codes.json, for cond='dlc'
 latents_dir = ''                # latents_<split>.npy from --mode=extract; '' = train on pixels
@@ -116,7 +118,7 @@ n_grid = 16
 # extract / recon / decode
 split = 'val'                   # the split --mode=extract and --mode=recon read
 extract_flip = True             # also extract the latents of the flipped images
-n_recon = 500                   # recon and decode: at most so many images
+n_recon = 500                   # recon: at most so many images
 codes_path = ''                 # decode: a code dump to turn into images (e.g. prior samples.npy)
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -582,53 +584,16 @@ def guided(model, y, cfg_scale, objective, interval=(0.0, 1.0)):
 
 def read_images(data_dir, split, image_size):
     """uint8 (N, H, W, 3) for the built-in arrays, or a folder dataset that yields them."""
-    array = os.path.join(data_dir, f'{split}_images.npy')
+    array = array_path(data_dir, split)
     if os.path.exists(array):
         images = np.load(array, mmap_mode='r')
         if images.dtype != np.uint8 or images.shape[1:] != (image_size, image_size, 3):
             raise ValueError(f"{array}: expected uint8 (N, {image_size}, {image_size}, 3), got "
                              f"{images.dtype} {images.shape}; set --image_size to the data's size")
         return images
-    folder = os.path.join(data_dir, split)
-    if os.path.isdir(folder):
-        return ImageFolder(folder, image_size)
-    raise FileNotFoundError(f"no split '{split}' in '{data_dir}': expected {array} (run python "
-                            f"data/shapes/prepare.py) or an image folder {folder}/<class>/<image>")
-
-
-class ImageFolder(torch.utils.data.Dataset):
-    """<root>/<class>/<image>, sorted by relative path; each image resized so its short side is
-    image_size (box-downsampled by halves first, as ADM does), then center-cropped."""
-    def __init__(self, root, image_size):
-        self.root, self.image_size = root, image_size
-        classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self.files, self.labels = [], []
-        for label, c in enumerate(classes):
-            for dirpath, _, names in sorted(os.walk(os.path.join(root, c))):
-                for name in sorted(names):
-                    if name.lower().endswith(('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm')):
-                        self.files.append(os.path.join(dirpath, name))
-                        self.labels.append(label)
-        if not self.files:
-            raise FileNotFoundError(f"no images under '{root}' (expected <class>/<image> files)")
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        try:
-            with Image.open(self.files[i]) as im:
-                im = im.convert('RGB')
-                while min(im.size) >= 2 * self.image_size:
-                    im = im.resize((im.width // 2, im.height // 2), Image.BOX)
-                s = self.image_size / min(im.size)
-                im = im.resize((round(im.width * s), round(im.height * s)), Image.BICUBIC)
-                left, top = (im.width - self.image_size) // 2, (im.height - self.image_size) // 2
-                im = im.crop((left, top, left + self.image_size, top + self.image_size))
-                return torch.from_numpy(np.asarray(im).copy())
-        except Exception as e:
-            raise RuntimeError(f"cannot read image '{self.files[i]}' ({e}); "
-                               "remove or replace it") from None
+    if os.path.isdir(os.path.join(data_dir, split)):
+        return ImageFolder(data_dir, split, image_size)
+    raise missing_split(data_dir, split)
 
 
 def read_conditions(cfg, split, n_items):
@@ -647,7 +612,11 @@ def read_conditions(cfg, split, n_items):
         with open(os.path.join(data_dir, 'meta.json')) as meta:
             labels = f[:, 0] * len(json.load(meta)['color']) + f[:, 1]
     else:
-        labels = np.array(ImageFolder(os.path.join(data_dir, split), cfg['image_size']).labels)
+        labels = ImageFolder(data_dir, split, cfg['image_size']).labels
+        if labels is None:
+            raise FileNotFoundError(f"--cond=class needs the classes of split '{split}': class "
+                                    f"subfolders in {data_dir}/{split}/, or "
+                                    f"{data_dir}/{split}_labels.txt (a line per image; images.py)")
     if labels.max() >= cfg['num_classes']:
         raise ValueError(f"split '{split}' of '{data_dir}' has labels up to {labels.max()}; "
                          "set --num_classes")
@@ -1058,7 +1027,7 @@ def extract(cfg):
     batches = range(rank, math.ceil(N / bs), world)
     for b in tqdm(batches, disable=rank != 0, desc=f"latents {cfg['split']}", dynamic_ncols=True):
         rows = range(b * bs, min(N, (b + 1) * bs))
-        x = torch.stack([torch.as_tensor(np.array(images[i])) for i in rows]).to(device)
+        x = torch.stack([torch.as_tensor(images[i]) for i in rows]).to(device)
         x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
         for key, array in arrays.items():
             view = x.flip(-1) if key == '_flip' else x
@@ -1082,28 +1051,32 @@ def extract(cfg):
 # reader of data/shapes (recon: does the result keep the source's factors?)
 
 @torch.no_grad()
-def images_from_codes(cfg, ckpt, conditions, n, desc):
-    """The EMA DiT's first n images, uint8 (n, H, W, 3), for conditions ((N, L) codes, (N,)
+def draw_images(model, vae, cfg, ckpt, conditions, idx, device):
+    """Images idx of the EMA DiT, uint8 (len(idx), H, W, 3), for conditions ((N, L) codes, (N,)
     classes or None), image i from the seed seed * 1_000_003 + i, with cfg's sampler and
-    guidance."""
-    device, objective = cfg['device'], ckpt['objective']
-    check_sampler(objective, cfg['sampler'])
+    guidance: an image does not depend on the batch it is drawn in."""
+    size = int(math.sqrt(model.pos_embed.shape[1])) * model.patch_size
+    y = None
+    if conditions is not None:
+        y = torch.as_tensor(np.asarray(conditions[idx]).astype(np.int64)).to(device)
+    model_fn = guided(model, y, cfg['cfg_scale'], ckpt['objective'], cfg['guidance_interval'])
+    x = sample(model_fn, (model.in_channels, size, size),
+               [cfg['seed'] * 1_000_003 + i for i in idx], ckpt['objective'], cfg['sampler'],
+               cfg['num_sampling_steps'], device, clip=cfg['clip_denoised'],
+               flow_output=ckpt['config'].get('flow_output', 'velocity'))
+    return decode_to_uint8(x, vae)
+
+
+def images_from_codes(cfg, ckpt, conditions, n, desc):
+    """The EMA DiT's first n images, uint8 (n, H, W, 3) (draw_images, micro_batch_size at once)."""
+    device = cfg['device']
+    check_sampler(ckpt['objective'], cfg['sampler'])
     model = model_from_checkpoint(ckpt).to(device)
     vae = load_vae(cfg['vae_path']).to(device) if ckpt['space'] == 'latent' else None
-    size = int(math.sqrt(model.pos_embed.shape[1])) * model.patch_size
-    out, bs = [], cfg['micro_batch_size']
-    for start in tqdm(range(0, n, bs), desc=desc, dynamic_ncols=True):
-        idx = list(range(start, min(n, start + bs)))
-        y = None
-        if conditions is not None:
-            y = torch.as_tensor(conditions[idx].astype(np.int64)).to(device)
-        model_fn = guided(model, y, cfg['cfg_scale'], objective, cfg['guidance_interval'])
-        x = sample(model_fn, (model.in_channels, size, size),
-                   [cfg['seed'] * 1_000_003 + i for i in idx], objective, cfg['sampler'],
-                   cfg['num_sampling_steps'], device, clip=cfg['clip_denoised'],
-                   flow_output=ckpt['config'].get('flow_output', 'velocity'))
-        out.append(decode_to_uint8(x, vae))
-    return np.concatenate(out)
+    bs = cfg['micro_batch_size']
+    return np.concatenate([draw_images(model, vae, cfg, ckpt, conditions,
+                                       list(range(start, min(n, start + bs))), device)
+                           for start in tqdm(range(0, n, bs), desc=desc, dynamic_ncols=True)])
 
 
 def recon(cfg):
@@ -1126,9 +1099,14 @@ def recon(cfg):
 
 
 def decode(cfg):
-    """Any code dump (prior samples, composed codes) -> images: the first n_recon as a PNG grid
-    and an .npz (arr_0, uint8 NHWC), which data/shapes/score.py --images scores."""
-    ckpt = load_checkpoint(os.path.join(cfg['out_dir'], 'diffusion.pt'))
+    """Every code of a dump (prior samples, composed codes, text2dlc's) -> images in out_dir:
+    <name>_images.npz (arr_0, uint8 NHWC, for eval_fid.py and score.py) and a PNG grid of the
+    first 64. Under torchrun the processes share the chunks of micro_batch_size codes, each
+    saved to <name>_images.parts/ once drawn, so the same command relaunched draws only those
+    missing (cluster.draw_in_chunks)."""
+    rank, world, device = setup_distributed(cfg['device'])
+    ckpt_path = os.path.join(cfg['out_dir'], 'diffusion.pt')
+    ckpt = load_checkpoint(ckpt_path)
     if ckpt['cond'] != 'dlc':
         raise ValueError(f"--mode=decode needs a DLC-conditioned DiT; {cfg['out_dir']} has "
                          f"cond='{ckpt['cond']}'")
@@ -1137,13 +1115,29 @@ def decode(cfg):
                          "prior.py's samples.npy)")
     if not os.path.exists(cfg['codes_path']):
         raise FileNotFoundError(f"--codes_path '{cfg['codes_path']}' not found")
-    codes = check_codes(np.load(cfg['codes_path']), ckpt['L'], ckpt['V'], cfg['codes_path'],
-                        fix="give a dump of codes the DiT was trained on")[:cfg['n_recon']]
-    images = images_from_codes(cfg, ckpt, codes, len(codes), 'decode')
-    stem = os.path.splitext(cfg['codes_path'])[0]
-    save_grid(images[:64], stem + '_images.png', ncol=16)
-    np.savez(stem + '_images.npz', arr_0=images)
-    print(f"wrote {stem}_images.png and {stem}_images.npz ({len(images)} images)")
+    codes = check_codes(np.load(cfg['codes_path'], mmap_mode='r'), ckpt['L'], ckpt['V'],
+                        cfg['codes_path'], fix="give a dump of codes the DiT was trained on")
+    check_sampler(ckpt['objective'], cfg['sampler'])
+    model = model_from_checkpoint(ckpt).to(device)
+    vae = load_vae(cfg['vae_path']).to(device) if ckpt['space'] == 'latent' else None
+    stem = os.path.join(cfg['out_dir'], os.path.splitext(os.path.basename(cfg['codes_path']))[0] +
+                        '_images')
+    keys = ('codes_path', 'seed', 'sampler', 'num_sampling_steps', 'cfg_scale',
+            'guidance_interval', 'clip_denoised', 'micro_batch_size')
+    run_info = dict({k: cfg[k] for k in keys}, n_codes=len(codes), iter_num=ckpt['iter_num'])
+    full = draw_in_chunks(len(codes), cfg['micro_batch_size'], stem + '.parts', run_info, rank,
+                          world, lambda idx: dict(images=draw_images(model, vae, cfg, ckpt, codes,
+                                                                     idx, device)), desc='decode')
+    if world > 1:
+        dist.destroy_process_group()
+    if full is None:
+        return None
+    images = np.array(full['images'])
+    save_atomic(dict(arr_0=images), stem + '.npz')
+    save_grid(images[:64], stem + '.png', ncol=16)
+    shutil.rmtree(stem + '.parts')
+    print(f"wrote {stem}.npz ({len(images)} images, one per code of {cfg['codes_path']}) and "
+          f"{stem}.png")
     return images
 
 

@@ -67,6 +67,7 @@ from configurator import configure
 from data.shapes.score import (composition_scores, factors_kept, held_out_pair_groups,
                                histogram_scores, load_meta, named_factors_kept, print_table,
                                read_builtin)
+from images import has_split, load_image
 
 # -----------------------------------------------------------------------------
 # config: the defaults are the ImageNet 256 pipeline (DiT-XL/2 on SD-VAE latents, DLC512)
@@ -269,8 +270,7 @@ class Sources:
     def __init__(self, cfg, size):
         self.size = size
         self.dataset = None
-        array = os.path.join(cfg['data_dir'], f"{cfg['split']}_images.npy")
-        if os.path.exists(array) or os.path.isdir(os.path.join(cfg['data_dir'], cfg['split'])):
+        if has_split(cfg['data_dir'], cfg['split']):
             self.dataset = T.open_split(cfg['data_dir'], cfg['split'], self.size)
 
     def __len__(self):
@@ -279,7 +279,7 @@ class Sources:
     def __getitem__(self, member):
         """uint8 (H, W, 3)."""
         if isinstance(member, str):
-            return T.load_image(member, self.size)
+            return torch.from_numpy(load_image(member, self.size))
         if self.dataset is None:
             raise FileNotFoundError("dataset indices in --sources need --data_dir and --split of "
                                     "an existing split")

@@ -79,13 +79,15 @@ init_from = 'scratch'           # 'scratch' | 'resume' | a GPT-2 SEDD (sedd-smal
 auto_resume = False             # resume from out_dir's checkpoint if there is one (cluster jobs)
 codes_dir = 'out-imagenet-tokenizer'    # codes_<split>.npy + codes.json (tokenizer.py --mode=dump)
 data_dir = 'data/imagenet'
-captions_path = ''              # '' = data_dir/<split>_captions.txt, or a path with {split}: a line
-                                # per item, in the dump's order; tab-separated captions: one drawn
+captions_path = ''              # '' = data_dir/<split>_captions.txt; with {split}: each split's
+                                # file; without: the train split's alone (no held-out loss); a
+                                # line per item of the dump, in its order; tab-separated: one drawn
 train_split = 'train'
 val_split = 'val'
 seed = 0
 # text
-text_encoding = 'gpt2'          # 'gpt2' | a .tiktoken ranks file | 'bytes' | 'words' (captions')
+text_encoding = 'weights/r50k_base.tiktoken'    # GPT-2's ranks, local | 'gpt2' (tiktoken
+                                # downloads it) | another .tiktoken file | 'bytes' | 'words'
 caption_len = 128               # caption tokens after the separator; with DLC512: the paper's 640
 # model and loss
 model = 'small'                 # a key of prior.PRIOR_MODELS; 'small' / 'medium' are SEDD's sizes
@@ -135,6 +137,7 @@ CONFIG = {k: globals()[k] for k in config_keys}
 # GPT-2's pre-tokenizer (tiktoken's r50k pattern): with GPT-2's ranks it is exactly 'gpt2'
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 END_OF_TEXT = '<|endoftext|>'
+R50K_URL = 'https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken'  # = gpt2's
 
 
 # -----------------------------------------------------------------------------
@@ -191,8 +194,9 @@ def encoding_spec(name, captions=()):
     elif name != 'bytes':
         if not os.path.isfile(name):
             raise FileNotFoundError(f"text_encoding '{name}' is not 'gpt2', 'bytes', 'words' or an "
-                                    "existing .tiktoken file; for GPT-2 offline, save its ranks "
-                                    "(gpt2.tiktoken) and pass that path")
+                                    "existing .tiktoken file; GPT-2's ranks are tiktoken's "
+                                    f"r50k_base.tiktoken ({R50K_URL}): save it there, or set "
+                                    "--text_encoding to its path")
         with open(name) as f:
             ranks = ranks_from_text(f.read(), name)
     return dict(name=os.path.basename(name), pat_str=GPT2_PATTERN, ranks=ranks_to_text(ranks),
@@ -462,7 +466,11 @@ def train(cfg):
     L, V = contract['L'], contract['V']
     codes, captions = load_pairs(c, c['train_split'], contract)
     val = None
-    if c['eval_interval'] > 0 and P.has_split(c, 'val_split'):
+    if c['captions_path'] and '{split}' not in c['captions_path']:
+        if master and c['eval_interval'] > 0:
+            print(f"note: captions_path '{c['captions_path']}' has no {{split}}, so it is the "
+                  f"{c['train_split']} split's alone: no held-out loss on {c['val_split']}")
+    elif c['eval_interval'] > 0 and P.has_split(c, 'val_split'):
         val_codes, val_captions = load_pairs(c, c['val_split'], contract)
         n = c['n_eval'] or len(val_codes)
         val = val_codes[:n], val_captions[:n]
@@ -624,6 +632,9 @@ def read_prompts(spec):
     if os.path.isfile(spec):
         with open(spec, encoding='utf-8') as f:
             prompts = [line.split('\t')[0] for line in f.read().splitlines()]
+    elif spec.lower().endswith('.txt') and '|' not in spec:
+        raise FileNotFoundError(f"--prompts file '{spec}' not found (a prompt file is one prompt "
+                                "per line; prompts themselves: --prompts='a red square|a cat')")
     else:
         prompts = spec.split('|')
     if not prompts:

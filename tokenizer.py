@@ -52,13 +52,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 from cluster import (exit_preempted, handle_preemption_signals, preemption_requested, resuming,
                      save_atomic, setup_distributed)
 from codes import check_codes, dump_path, load_codes, write_codes
 from configurator import configure
+from images import ImageFolder, array_path, missing_split   # a split: an array or a folder
 
 # -----------------------------------------------------------------------------
 # config: the defaults are the paper's ImageNet recipe (DINOv2 ViT-L/14 reg4, DLC512 = 512 x 256)
@@ -66,7 +66,7 @@ mode = 'train'                  # 'train' | 'dump' | 'probe' | 'import'
 out_dir = 'out-tokenizer'
 init_from = 'scratch'           # 'scratch' | 'resume' | dinov2_vit{s,b,l}14_reg4_pretrain.pth path
 auto_resume = False             # resume from out_dir's checkpoint if there is one (cluster jobs)
-data_dir = 'data/imagenet'      # <data_dir>/<split>_images.npy or <data_dir>/<split>/<class>/*
+data_dir = 'data/imagenet'      # <split>_images.npy, or a folder <split>/ of images (images.py)
 train_split = 'train'
 seed = 0
 # model
@@ -432,63 +432,22 @@ class ImageArray(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(self.images[i]))
 
 
-class ImageFolder(torch.utils.data.Dataset):
-    """<root>/<class>/<image>; items in sorted order of relative paths, each read as a
-    size x size central square by load_image (training crops are then cut on the device)."""
-    EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm')
-
-    def __init__(self, root, size):
-        self.root, self.size = root, size
-        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self.files, self.labels = [], []
-        for label, c in enumerate(self.classes):
-            for dirpath, _, names in sorted(os.walk(os.path.join(root, c))):
-                for name in sorted(names):
-                    if name.lower().endswith(self.EXTENSIONS):
-                        self.files.append(os.path.join(dirpath, name))
-                        self.labels.append(label)
-        if not self.files:
-            raise FileNotFoundError(f"no images under '{root}' (expected <class>/<image> files)")
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        return load_image(self.files[i], self.size)
-
-
-def load_image(path, size):
-    """One image file -> uint8 (size, size, 3) by ADM's center_crop_arr, the paper's view for
-    the DiT's codes: box-halved while the short side is >= 2 * size, bicubic, central square."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert('RGB')
-            while min(im.size) >= 2 * size:
-                im = im.resize((im.width // 2, im.height // 2), Image.BOX)
-            s = size / min(im.size)
-            im = im.resize((round(im.width * s), round(im.height * s)), Image.BICUBIC)
-            left, top = (im.width - size) // 2, (im.height - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-            return torch.from_numpy(np.asarray(im).copy())
-    except Exception as e:
-        raise RuntimeError(f"cannot read image '{path}' ({e}); remove or replace it") from None
-
-
 def open_split(data_dir, split, size):
-    array = os.path.join(data_dir, f'{split}_images.npy')
-    if os.path.exists(array):
-        return ImageArray(array)
-    folder = os.path.join(data_dir, split)
-    if os.path.isdir(folder):
-        return ImageFolder(folder, size)
-    raise FileNotFoundError(f"no split '{split}' in '{data_dir}': expected {array} (run python "
-                            f"data/shapes/prepare.py) or an image folder {folder}/<class>/<image>")
+    """A split as uint8 (H, W, 3) items: the array, or a folder read at `size` (images.py)."""
+    if os.path.exists(array_path(data_dir, split)):
+        return ImageArray(array_path(data_dir, split))
+    if os.path.isdir(os.path.join(data_dir, split)):
+        return ImageFolder(data_dir, split, size)
+    raise missing_split(data_dir, split)
 
 
 def split_labels(data_dir, split, dataset):
     """Labels the probe predicts: the factors of the built-in data, or the folder's classes."""
     if isinstance(dataset, ImageFolder):
-        return {'class': np.array(dataset.labels)}
+        if dataset.labels is None:
+            raise FileNotFoundError(f"the probe needs the classes of '{dataset.root}': class "
+                                    f"subfolders, or {data_dir}/{split}_labels.txt (images.py)")
+        return {'class': dataset.labels}
     factors = np.load(os.path.join(data_dir, f'{split}_factors.npy'))
     with open(os.path.join(data_dir, 'meta.json')) as f:
         names = json.load(f)['factors']
@@ -1040,7 +999,7 @@ def codes_for_split(ckpt, ckpt_path, model, cfg, split):
 def load_size(image_size, data_dir, split):
     """Training and the probe decode folder images at 256/224 of image_size (crops are cut from
     them; the probe's is DINOv2's central square); dumps read them at image_size itself."""
-    if os.path.exists(os.path.join(data_dir, f'{split}_images.npy')):
+    if os.path.exists(array_path(data_dir, split)):
         return image_size
     return round(image_size * 256 / 224)
 

@@ -34,7 +34,8 @@ tokenizer's dump (codes.py). It is the control that DLCs are read against: what 
 prior and the text model do when the code holds each factor at a position of its own.
     python data/shapes/prepare.py --oracle_codes=out-oracle   # codes_<split>.npy, codes.json
 
-Run from anywhere (a relative out_dir is taken from the repo root):
+Run from the repository root (relative paths are taken from the current folder, as in every
+script):
     python data/shapes/prepare.py [--size=64] [--n_train=30000] [--seed=0] ...
 """
 import json
@@ -195,9 +196,8 @@ def sample_factors(rng, n, pairs, image_size):
 
 def make_dataset(out_dir, image_size=32, n_train=30000, n_val=2000, n_ood=2000, seed=0,
                  held_out_pairs=HELD_OUT):
-    """Generate all splits into out_dir (relative paths are taken from the repo root); the ood
+    """Generate all splits into out_dir (relative to the current folder); the ood
     split holds held_out_pairs, [[shape, color], ...], and train and val the others."""
-    out_dir = os.path.join(REPO_ROOT, out_dir)
     os.makedirs(out_dir, exist_ok=True)
     held_out = {tuple(p) for p in held_out_pairs}
     seen_pairs = [[s, c] for s in range(len(SHAPES)) for c in range(len(COLORS))
@@ -236,7 +236,6 @@ def write_oracle_codes(data_dir, codes_dir):
     """Every split's factors as codes (N, 4) in codes_dir, with the sidecar (codes.py)."""
     from codes import write_codes
     source = f'oracle: the factors of {data_dir}'
-    data_dir, codes_dir = os.path.join(REPO_ROOT, data_dir), os.path.join(REPO_ROOT, codes_dir)
     with open(os.path.join(data_dir, 'meta.json')) as f:
         meta = json.load(f)
     V = max(len(meta[name]) for name in FACTORS)
@@ -249,7 +248,6 @@ def write_oracle_codes(data_dir, codes_dir):
 
 def load_split(data_dir, split):
     """Load one split as a dict: images, factors, pos, captions (list of str), meta."""
-    data_dir = os.path.join(REPO_ROOT, data_dir)
     names = {'meta': 'meta.json', 'images': f'{split}_images.npy',
              'factors': f'{split}_factors.npy', 'pos': f'{split}_pos.npy',
              'captions': f'{split}_captions.txt'}
