@@ -4,6 +4,8 @@ every floor its verdict, demo.json with the numbers, and one picture with a pane
 the method; --report_only=True draws them again from the folder alone."""
 import json
 import os
+import sys
+import time
 
 import pytest
 from PIL import Image
@@ -93,3 +95,17 @@ def test_report_only_draws_the_same_report_from_the_folder_alone(tiny_demo, caps
     demo.main(dict(demo.CONFIG, out_dir=out, data_dir=d, report_only=True))
     assert table_of(capsys.readouterr().out) == table_of(stdout)
     assert os.path.exists(f'{out}/demo.png')
+
+
+def test_a_stage_that_fails_stops_the_other_lane_and_names_its_log(tmp_path):
+    python = lambda code: [sys.executable, '-c', code]
+    commands = {'dit': [python('import time; time.sleep(60)')],
+                'prior': [python('import sys; print("bad codes"); sys.exit(3)')],
+                'text': [python('open("never", "w")')]}
+    os.makedirs(tmp_path / 'logs')
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit, match=r'stage prior failed \(exit 3\).*\n.*logs/prior.log'):
+        demo.run_lanes(commands, str(tmp_path))
+    assert time.monotonic() - t0 < 30                      # the DiT's lane did not run on
+    assert 'bad codes' in (tmp_path / 'logs' / 'prior.log').read_text()
+    assert not os.path.exists(os.path.join(demo.ROOT, 'never'))

@@ -66,8 +66,8 @@ N_COMPOSE = 32                  # compositions: the 4 held-out pairs, 8 source p
 N_TEXT_VAL = 500                # val captions, one image each
 TEXT_SEEN_REPEATS = 20          # images per short prompt of a seen pair
 
-# The levels a full run of the built-in configs reaches on 2 CPU cores, less a margin for seeds
-# and thread counts: under a floor, a stage has regressed (or was cut short).
+# What a full run of the built-in configs should clear on 2 CPU cores: (direction, floor). A value
+# on the wrong side means a stage has regressed, or was cut short.
 FLOORS = {
     'probe_val_shape': ('>=', 0.89),        # the tokenizer's linear probe reads val codes' shape
     'recon_shape_and_color': ('>=', 0.78),  # val codes redrawn by the DiT keep shape and color
@@ -178,6 +178,8 @@ def run_lanes(commands, out):
     """Each lane's stages in turn, the lanes side by side; {stage: wall time}. When a stage
     fails, the other lane's process is stopped and the failure is reported."""
     lane = lambda names: {n: run_stage(n, commands[n], f'{out}/logs/{n}.log') for n in names}
+    STOPPING.clear()
+    RUNNING.clear()
     with ThreadPoolExecutor(len(LANES)) as pool:
         futures = [pool.submit(lane, names) for names in LANES]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
