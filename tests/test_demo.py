@@ -76,7 +76,7 @@ def test_demo_json_holds_every_number_and_the_picture_every_panel(tiny_demo):
     out, _, _ = tiny_demo
     with open(f'{out}/demo.json') as f:
         res = json.load(f)
-    assert set(res['seconds']) == set(STAGES) and res['parallel'] is True
+    assert set(res['seconds']) == set(STAGES) and res['config']['parallel'] is True
     assert res['total_seconds'] >= max(res['seconds'].values())
     for key, (op, floor) in demo.FLOORS.items():
         m = res['metrics'][key]

@@ -149,6 +149,8 @@ def run_stage(name, commands, log=None):
     with log (a path) appended to the log, every process on one thread. Returns the stage's wall
     time in seconds."""
     t0 = time.monotonic()
+    if log is not None:
+        open(log, 'w').close()          # an earlier run's log goes
     for command in commands:
         print(f'== {name}: {shlex.join(command)}', flush=True)
         if log is None:
@@ -196,7 +198,7 @@ def run_lanes(commands, out):
 
 
 def run(cfg):
-    """Every stage; what demo.json keeps of the run: the commands and the wall times."""
+    """Every stage; what demo.json keeps of the run: its config, commands and wall times."""
     out, commands = cfg['out_dir'], stages(cfg)
     os.makedirs(f'{out}/logs', exist_ok=True)
     t0 = time.monotonic()
@@ -208,7 +210,7 @@ def run(cfg):
     else:
         seconds.update({n: run_stage(n, commands[n]) for lane in LANES for n in lane})
     seconds['samples'] = run_stage('samples', commands['samples'])
-    return dict(parallel=cfg['parallel'], total_seconds=time.monotonic() - t0,
+    return dict(config=cfg, total_seconds=time.monotonic() - t0,
                 seconds={n: seconds[n] for n in commands},
                 commands={n: [shlex.join(c) for c in cs] for n, cs in commands.items()})
 
@@ -348,7 +350,7 @@ def main(cfg):
         if os.path.exists(path):
             with open(path) as f:
                 earlier = json.load(f)
-            ran = {k: earlier[k] for k in ('parallel', 'total_seconds', 'seconds', 'commands')
+            ran = {k: earlier[k] for k in ('config', 'total_seconds', 'seconds', 'commands')
                    if k in earlier}
     else:
         ran = run(cfg)
