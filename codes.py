@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cluster import save_atomic
+from configurator import MissingFile, UserError
 
 SIDECAR = 'codes.json'
 
@@ -35,7 +36,7 @@ def write_codes(codes_dir, split, codes, L, V, image_size, source):
     """Write a split's dump and record it in the sidecar (both atomically). A sidecar of another
     contract (a new tokenizer in the same folder) is replaced: its other splits' dumps are stale."""
     if np.asarray(codes).min(initial=0) < 0:
-        raise ValueError(f"codes for '{dump_path(codes_dir, split)}' hold negative tokens")
+        raise UserError(f"codes for '{dump_path(codes_dir, split)}' hold negative tokens")
     codes = np.asarray(codes).astype(code_dtype(V))
     check_codes(codes, L, V, dump_path(codes_dir, split), fix='(writing it)')
     os.makedirs(codes_dir, exist_ok=True)
@@ -64,7 +65,7 @@ def read_contract(codes_dir):
         return contract
     ckpt_path = os.path.join(codes_dir, 'tokenizer.pt')
     if not os.path.exists(ckpt_path):
-        raise FileNotFoundError(f"'{codes_dir}' holds neither {SIDECAR} nor tokenizer.pt, so its "
+        raise MissingFile(f"'{codes_dir}' holds neither {SIDECAR} nor tokenizer.pt, so its "
                                 "codes have no L and V: point --codes_dir at the folder a "
                                 "tokenizer dumped its codes to (python tokenizer.py --mode=dump)")
     # mmap: the tensors stay on disk, only the pickled metadata is read
@@ -80,15 +81,15 @@ def check_codes(codes, L, V, path, n_items=None, fix=None):
     (n_items) one row per item of the split."""
     fix = fix or "write it again with python tokenizer.py --mode=dump (the tokenizer it fits)"
     if codes.ndim != 2 or codes.shape[1] != L:
-        raise ValueError(f"code dump '{path}' has shape {codes.shape}, but its codes have L={L} "
+        raise UserError(f"code dump '{path}' has shape {codes.shape}, but its codes have L={L} "
                          f"tokens (expected (N, {L})); {fix}")
     if not np.issubdtype(codes.dtype, np.unsignedinteger):
-        raise ValueError(f"code dump '{path}' has dtype {codes.dtype}, not unsigned integers; {fix}")
+        raise UserError(f"code dump '{path}' has dtype {codes.dtype}, not unsigned integers; {fix}")
     if codes.size and int(codes.max()) >= V:
-        raise ValueError(f"code dump '{path}' holds token {int(codes.max())} >= V={V}, the "
+        raise UserError(f"code dump '{path}' holds token {int(codes.max())} >= V={V}, the "
                          f"vocabulary size; {fix}")
     if n_items is not None and len(codes) != n_items:
-        raise ValueError(f"code dump '{path}' has {len(codes)} codes but its split has {n_items} "
+        raise UserError(f"code dump '{path}' has {len(codes)} codes but its split has {n_items} "
                          f"items; {fix}")
     return codes
 
@@ -98,11 +99,11 @@ def load_codes(codes_dir, split, n_items=None, contract=None):
     contract = contract or read_contract(codes_dir)
     path = dump_path(codes_dir, split)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"code dump '{path}' not found; write it with python tokenizer.py "
+        raise MissingFile(f"code dump '{path}' not found; write it with python tokenizer.py "
                                 f"--mode=dump --dump_split={split} --out_dir={codes_dir}")
     codes = np.load(path)
     if split in contract['splits'] and contract['splits'][split] != len(codes):
-        raise ValueError(f"code dump '{path}' has {len(codes)} codes but {codes_dir}/{SIDECAR} "
+        raise UserError(f"code dump '{path}' has {len(codes)} codes but {codes_dir}/{SIDECAR} "
                          f"records {contract['splits'][split]}: the dump and its sidecar come "
                          "from different runs; write both again with python tokenizer.py "
                          "--mode=dump")
@@ -113,6 +114,6 @@ def check_fits(contract, L, V, codes_dir, what, flag='--codes_dir'):
     """The codes in codes_dir must be the kind `what` (a checkpoint) was trained on; the message
     names the script's option (flag) that points at them."""
     if (contract['L'], contract['V']) != (L, V):
-        raise ValueError(f"the codes in {codes_dir} have L={contract['L']}, V={contract['V']} "
+        raise UserError(f"the codes in {codes_dir} have L={contract['L']}, V={contract['V']} "
                          f"({contract.get('source', 'its sidecar')}), but {what} was trained on L={L}, V={V}; point "
                          f"{flag} at the codes it was trained on")

@@ -59,7 +59,7 @@ from tqdm import tqdm
 from cluster import (exit_preempted, handle_preemption_signals, preemption_requested, resuming,
                      save_atomic, setup_distributed)
 from codes import check_codes, check_fits, load_codes, read_contract
-from configurator import configure
+from configurator import MissingFile, UserError, command_line
 from vae import VAE_SCALE, load_vae, read_safetensors   # the frozen SD-VAE (ImageNet latents)
 
 # -----------------------------------------------------------------------------
@@ -382,7 +382,7 @@ class GaussianDiffusion:
         summed in floating point and rounded, so 21 steps keep 499 where exact halves give 500."""
         T = self.num_timesteps
         if not 2 <= steps <= T:     # one step would keep t = 0 alone (as DiT does)
-            raise ValueError(f"num_sampling_steps={steps}: a respaced sampler needs 2 to {T} "
+            raise UserError(f"num_sampling_steps={steps}: a respaced sampler needs 2 to {T} "
                              f"steps of the {T}-step process")
         stride, position, keep = (T - 1) / (steps - 1), 0.0, []
         for _ in range(steps):
@@ -549,7 +549,7 @@ def sample(model_fn, shape, seeds, objective, sampler, steps, device, clip=False
 def check_sampler(objective, sampler):
     allowed = {'eps': ('ddpm', 'ddim'), 'flow': ('euler', 'heun')}[objective]
     if sampler not in allowed:
-        raise ValueError(f"sampler '{sampler}' does not sample objective '{objective}'; "
+        raise UserError(f"sampler '{sampler}' does not sample objective '{objective}'; "
                          f"use one of {allowed}")
 
 
@@ -583,13 +583,13 @@ def read_images(data_dir, split, image_size):
     if os.path.exists(array):
         images = np.load(array, mmap_mode='r')
         if images.dtype != np.uint8 or images.shape[1:] != (image_size, image_size, 3):
-            raise ValueError(f"{array}: expected uint8 (N, {image_size}, {image_size}, 3), got "
+            raise UserError(f"{array}: expected uint8 (N, {image_size}, {image_size}, 3), got "
                              f"{images.dtype} {images.shape}; set --image_size to the data's size")
         return images
     folder = os.path.join(data_dir, split)
     if os.path.isdir(folder):
         return ImageFolder(folder, image_size)
-    raise FileNotFoundError(f"no split '{split}' in '{data_dir}': expected {array} (run python "
+    raise MissingFile(f"no split '{split}' in '{data_dir}': expected {array} (run python "
                             f"data/shapes/prepare.py) or an image folder {folder}/<class>/<image>")
 
 
@@ -607,7 +607,7 @@ class ImageFolder(torch.utils.data.Dataset):
                         self.files.append(os.path.join(dirpath, name))
                         self.labels.append(label)
         if not self.files:
-            raise FileNotFoundError(f"no images under '{root}' (expected <class>/<image> files)")
+            raise MissingFile(f"no images under '{root}' (expected <class>/<image> files)")
 
     def __len__(self):
         return len(self.files)
@@ -624,8 +624,8 @@ class ImageFolder(torch.utils.data.Dataset):
                 im = im.crop((left, top, left + self.image_size, top + self.image_size))
                 return torch.from_numpy(np.asarray(im).copy())
         except Exception as e:
-            raise RuntimeError(f"cannot read image '{self.files[i]}' ({e}); "
-                               "remove or replace it") from None
+            raise UserError(f"cannot read image '{self.files[i]}' ({e}); remove or replace it "
+                            "(or restore it from the dataset's archive)") from None
 
 
 def read_conditions(cfg, split, n_items):
@@ -646,7 +646,7 @@ def read_conditions(cfg, split, n_items):
     else:
         labels = np.array(ImageFolder(os.path.join(data_dir, split), cfg['image_size']).labels)
     if labels.max() >= cfg['num_classes']:
-        raise ValueError(f"split '{split}' of '{data_dir}' has labels up to {labels.max()}; "
+        raise UserError(f"split '{split}' of '{data_dir}' has labels up to {labels.max()}; "
                          "set --num_classes")
     return labels, {}
 
@@ -660,14 +660,14 @@ class TrainingSet(torch.utils.data.Dataset):
         if self.latent:
             path = os.path.join(cfg['latents_dir'], f'latents_{split}.npy')
             if not os.path.exists(path):
-                raise FileNotFoundError(f"latents '{path}' not found: run python diffusion.py "
+                raise MissingFile(f"latents '{path}' not found: run python diffusion.py "
                                         f"--mode=extract --split={split} "
                                         f"--out_dir={cfg['latents_dir']}")
             self.images = np.load(path, mmap_mode='r')
             flip_path = path.replace('.npy', '_flip.npy')
             if cfg['hflip']:
                 if not os.path.exists(flip_path):
-                    raise FileNotFoundError(f"hflip=True needs '{flip_path}' (--mode=extract "
+                    raise MissingFile(f"hflip=True needs '{flip_path}' (--mode=extract "
                                             "--extract_flip=True), or set --hflip=False")
                 self.flipped = np.load(flip_path, mmap_mode='r')
         else:
@@ -726,7 +726,7 @@ def load_public_dit(model, path):
     paper's fork's DiTSEM (cond='dlc'; it trains a torch.compile'd model, so its
     model.safetensors and EMA custom_checkpoint_0.pkl prefix every key with '_orig_mod.')."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"DiT weights '{path}' not found; download DiT-XL-2-256x256.pt "
+        raise MissingFile(f"DiT weights '{path}' not found; download DiT-XL-2-256x256.pt "
                                 "from https://dl.fbaipublicfiles.com/DiT/models/ and set "
                                 "--init_from to its path")
     state = read_safetensors(path) if path.endswith('.safetensors') else \
@@ -780,7 +780,7 @@ def train(cfg):
     check_sampler(c['objective'], c['sampler'])
     micro = c['micro_batch_size']
     if c['batch_size'] % (world * micro):
-        raise ValueError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) "
+        raise UserError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) "
                          f"x micro_batch_size ({micro})")
     accum = c['batch_size'] // (world * micro)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -932,7 +932,7 @@ def write_sample_grid(ema, c, data, x_shape, device, path):
 
 def load_checkpoint(path):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"diffusion checkpoint '{path}' not found: train one first "
+        raise MissingFile(f"diffusion checkpoint '{path}' not found: train one first "
                                 f"(python diffusion.py <config> --out_dir="
                                 f"{os.path.dirname(path) or '.'}), or for the class-conditional "
                                 "baseline download DiT-XL-2-256x256.pt (dl.fbaipublicfiles.com)")
@@ -1064,13 +1064,13 @@ def decode(cfg):
     and an .npz (arr_0, uint8 NHWC), which data/shapes/score.py --images scores."""
     ckpt = load_checkpoint(os.path.join(cfg['out_dir'], 'diffusion.pt'))
     if ckpt['cond'] != 'dlc':
-        raise ValueError(f"--mode=decode needs a DLC-conditioned DiT; {cfg['out_dir']} has "
+        raise UserError(f"--mode=decode needs a DLC-conditioned DiT; {cfg['out_dir']} has "
                          f"cond='{ckpt['cond']}'")
     if not cfg['codes_path']:
-        raise ValueError("--mode=decode reads the codes in --codes_path (an .npy dump, e.g. "
+        raise UserError("--mode=decode reads the codes in --codes_path (an .npy dump, e.g. "
                          "prior.py's samples.npy)")
     if not os.path.exists(cfg['codes_path']):
-        raise FileNotFoundError(f"--codes_path '{cfg['codes_path']}' not found")
+        raise MissingFile(f"--codes_path '{cfg['codes_path']}' not found")
     codes = check_codes(np.load(cfg['codes_path']), ckpt['L'], ckpt['V'], cfg['codes_path'],
                         fix="give a dump of codes the DiT was trained on")[:cfg['n_recon']]
     images = images_from_codes(cfg, ckpt, codes, len(codes), 'decode')
@@ -1081,11 +1081,14 @@ def decode(cfg):
     return images
 
 
-if __name__ == '__main__':
-    cfg = configure(CONFIG, sys.argv[1:])
+def main(cfg):
     if cfg['mode'] == 'train':
         handle_preemption_signals()
     modes = {'train': train, 'extract': extract, 'recon': recon, 'decode': decode}
     if cfg['mode'] not in modes:
-        raise ValueError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")
-    modes[cfg['mode']](cfg)
+        raise UserError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")
+    return modes[cfg['mode']](cfg)
+
+
+if __name__ == '__main__':
+    command_line(CONFIG, sys.argv[1:], main, __file__)

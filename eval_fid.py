@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from configurator import configure
+from configurator import MissingFile, UserError, command_line
 
 # -----------------------------------------------------------------------------
 samples = ''                    # .npz (arr_0 uint8 NHWC) or a folder of images
@@ -217,7 +217,7 @@ class FIDInception(nn.Module):
 
 def load_inception(path, device):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Inception weights '{path}' not found; download them from "
+        raise MissingFile(f"Inception weights '{path}' not found; download them from "
                                 f"{WEIGHTS_URL} and set --inception_path to the file")
     state = torch.load(path, map_location='cpu', weights_only=True)
     state = {k_: v for k_, v in state.items() if not k_.endswith('num_batches_tracked')}  # unused
@@ -232,20 +232,20 @@ def load_inception(path, device):
 def read_images(path):
     """uint8 (N, H, W, 3) from an .npz (arr_0) or a folder of images (sorted paths)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"images '{path}' not found")
+        raise MissingFile(f"images '{path}' not found")
     if os.path.isdir(path):
         files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
                        if f.lower().endswith(('.png', '.jpg', '.jpeg', '.bmp', '.webp')))
         if not files:
-            raise ValueError(f"no images in folder '{path}'")
+            raise UserError(f"no images in folder '{path}'")
         images = []
         for f in files:
             try:
                 images.append(np.asarray(Image.open(f).convert('RGB')))
             except OSError as err:
-                raise ValueError(f"cannot read image '{f}': {err}") from err
+                raise UserError(f"cannot read image '{f}': {err}") from err
         if len({im.shape for im in images}) > 1:
-            raise ValueError(f"images in '{path}' differ in size; resize them to one size first")
+            raise UserError(f"images in '{path}' differ in size; resize them to one size first")
         return np.stack(images)
     images = np.load(path)['arr_0']
     check_images(images, path)
@@ -254,7 +254,7 @@ def read_images(path):
 
 def check_images(images, name):
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"'{name}' holds {images.dtype} images of shape {images.shape}; expected "
+        raise UserError(f"'{name}' holds {images.dtype} images of shape {images.shape}; expected "
                          "uint8 (N, H, W, 3), as sample.py writes (arr_0)")
 
 
@@ -280,7 +280,7 @@ def preprocess(images, how):
         return (tf_bilinear_resize(x, 299) - 128) / 128
     if how == 'torch':
         return 2 * F.interpolate(x / 255, size=(299, 299), mode='bilinear', align_corners=False) - 1
-    raise ValueError(f"--resize={how} is not 'tf' or 'torch'")
+    raise UserError(f"--resize={how} is not 'tf' or 'torch'")
 
 
 @torch.no_grad()
@@ -300,7 +300,7 @@ def features(model, images, cfg):
 
 def statistics(feats):
     if len(feats) < 2:
-        raise ValueError(f"{len(feats)} images: a covariance needs at least 2 (FID is biased below "
+        raise UserError(f"{len(feats)} images: a covariance needs at least 2 (FID is biased below "
                          f"{feats.shape[1]}: use 10,000 or more)")
     return feats.mean(0), np.cov(feats, rowvar=False)
 
@@ -349,7 +349,7 @@ def knn_radii(feats, k, block=10000):
     row of distances, the point itself being entry 0 (ADM's manifold_radii). A duplicate of the
     point counts as a neighbour at distance 0, as in ADM."""
     if len(feats) <= k:
-        raise ValueError(f"{len(feats)} images: precision and recall with k={k} need more than {k}")
+        raise UserError(f"{len(feats)} images: precision and recall with k={k} need more than {k}")
     norms = sq_norms(feats)
     radii = np.empty(len(feats))
     for start in range(0, len(feats), block):
@@ -415,9 +415,12 @@ def evaluate(cfg):
     return scores
 
 
-if __name__ == '__main__':
-    cfg = configure(CONFIG, sys.argv[1:])
+def main(cfg):
     if not cfg['samples'] or not cfg['ref']:
-        raise SystemExit("usage: python eval_fid.py --samples=<npz or folder> "
-                         "--ref=<ADM reference npz or images>")
-    evaluate(cfg)
+        raise UserError("eval_fid.py needs --samples=<npz or folder> and --ref=<ADM reference npz "
+                        "or images> (python eval_fid.py --help)")
+    return evaluate(cfg)
+
+
+if __name__ == '__main__':
+    command_line(CONFIG, sys.argv[1:], main, __file__)

@@ -79,7 +79,7 @@ from tqdm import tqdm
 from cluster import (draw_in_chunks, exit_preempted, handle_preemption_signals,
                      preemption_requested, resuming, save_atomic, setup_distributed)
 from codes import check_fits, dump_path, load_codes, read_contract
-from configurator import configure
+from configurator import MissingFile, UserError, command_line
 
 # -----------------------------------------------------------------------------
 # config: the defaults are the paper's ImageNet recipe (DDiT medium on DLC512, V = 256)
@@ -277,7 +277,7 @@ def sedd_state_dict(path):
     paper's fork ({'model', 'ema': {'shadow_params': [...]}, ...}) gives its EMA weights, as their
     load_model does: the shadow list follows the state dict's keys but rotary_emb.inv_freq."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"SEDD checkpoint '{path}' not found; set --init_from to a local "
+        raise MissingFile(f"SEDD checkpoint '{path}' not found; set --init_from to a local "
                                 "copy (e.g. louaaron/sedd-small) or to 'scratch'")
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     state = {k.removeprefix('module.'): v for k, v in ckpt.get('model', ckpt).items()}
@@ -287,7 +287,7 @@ def sedd_state_dict(path):
         shadow = ema['shadow_params']
         if len(shadow) != len(names) or any(state[k].shape != v.shape
                                             for k, v in zip(names, shadow)):
-            raise ValueError(f"'{path}': its EMA holds {len(shadow)} tensors that do not line up "
+            raise UserError(f"'{path}': its EMA holds {len(shadow)} tensors that do not line up "
                              f"with the {len(names)} parameters of its model")
         state.update(zip(names, shadow))
     return state
@@ -300,12 +300,12 @@ def load_sedd(model, path):
     if 'pos_embed' in state:
         if state['pos_embed'].numel() != model.pos_embed.numel():
             shape, width = tuple(state['pos_embed'].shape), model.pos_embed.shape[-1]
-            raise ValueError(f"'{path}' has a position embedding of shape {shape}, this prior "
+            raise UserError(f"'{path}' has a position embedding of shape {shape}, this prior "
                              f"needs {model.seq_len} positions of width {width}")
         state['pos_embed'] = state['pos_embed'].reshape(model.pos_embed.shape)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {'pos_embed'}:
-        raise ValueError(f"'{path}' does not fit this prior: missing {sorted(missing)}, unexpected "
+        raise UserError(f"'{path}' does not fit this prior: missing {sorted(missing)}, unexpected "
                          f"{sorted(unexpected)}; its vocabulary and size must match --model")
 
 
@@ -371,12 +371,12 @@ def sample(score_fn, n, L, V, steps, seeds, sampler='analytic', eps=NOISE_EPS, d
     ratios (n, L, V + 1). given: (n, L) tokens kept fixed, -1 where free. t_end: where the steps
     end (None: eps). corrector: 'remdm' or 'paper' (for t in window), of strength remask_eta."""
     if sampler not in ('analytic', 'euler', 'random_order', 'confidence'):
-        raise ValueError(f"sampler '{sampler}' is not 'analytic', 'euler', 'random_order' or "
+        raise UserError(f"sampler '{sampler}' is not 'analytic', 'euler', 'random_order' or "
                          "'confidence'")
     if corrector not in ('remdm', 'paper'):
-        raise ValueError(f"corrector '{corrector}' is not 'remdm' or 'paper'")
+        raise UserError(f"corrector '{corrector}' is not 'remdm' or 'paper'")
     if corrector == 'paper' and remask_eta > 0 and sampler != 'analytic':
-        raise ValueError(f"the paper's corrector corrects the analytic step, not '{sampler}'")
+        raise UserError(f"the paper's corrector corrects the analytic step, not '{sampler}'")
     generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     x = torch.full((n, L), V, dtype=torch.long, device=device)
     known = None
@@ -514,7 +514,7 @@ def clip_and_check(model, loss, it, c, ckpt_path):
 
 def model_args_from(cfg, L, V):
     if cfg['model'] not in PRIOR_MODELS:
-        raise ValueError(f"--model={cfg['model']} is not one of {sorted(PRIOR_MODELS)}")
+        raise UserError(f"--model={cfg['model']} is not one of {sorted(PRIOR_MODELS)}")
     return dict(vocab_size=V, seq_len=L, cond_dim=128, dropout=cfg['dropout'],
                 **PRIOR_MODELS[cfg['model']])
 
@@ -559,7 +559,7 @@ def train(cfg):
     device_type = 'cuda' if 'cuda' in device else 'cpu'
     micro = c['micro_batch_size']
     if c['batch_size'] % (world * micro):
-        raise ValueError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) "
+        raise UserError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) "
                          f"x micro_batch_size ({micro})")
     accum = c['batch_size'] // (world * micro)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -693,7 +693,7 @@ def model_from_checkpoint(ckpt, weights='ema', network=SEDD):
 def load_prior(out_dir, device, weights='ema'):
     path = os.path.join(out_dir, 'prior.pt')
     if not os.path.exists(path):
-        raise FileNotFoundError(f"prior checkpoint '{path}' not found; train it with python "
+        raise MissingFile(f"prior checkpoint '{path}' not found; train it with python "
                                 "prior.py ...")
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     return model_from_checkpoint(ckpt, weights).to(device).eval(), ckpt
@@ -788,11 +788,14 @@ def eval_mode(cfg):
     return dict(elbo_bits=bits, marginal_entropy_bits=entropy, marginal_cross_entropy_bits=cross)
 
 
-if __name__ == '__main__':
-    cfg = configure(CONFIG, sys.argv[1:])
+def main(cfg):
     if cfg['mode'] == 'train':
         handle_preemption_signals()
     modes = {'train': train, 'sample': sample_mode, 'eval': eval_mode}
     if cfg['mode'] not in modes:
-        raise ValueError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")
-    modes[cfg['mode']](cfg)
+        raise UserError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")
+    return modes[cfg['mode']](cfg)
+
+
+if __name__ == '__main__':
+    command_line(CONFIG, sys.argv[1:], main, __file__)

@@ -1,6 +1,7 @@
 """
 sample.py: the pipeline that makes images from the trained components.
 
+Modes (--mode=, several joined by commas: 'recon,uncond'):
     recon    images -> tokenizer (the argmax DLC) -> DiT -> images: what the code keeps
     uncond   prior (SEDD) -> DLC -> DiT -> images: the paper's unconditional generation
     compose  two or more source images -> SEM distributions at a low temperature -> their
@@ -63,7 +64,7 @@ import text2dlc as T2D
 import tokenizer as T
 from cluster import draw_in_chunks, save_atomic, setup_distributed
 from codes import check_fits, dump_path, load_codes, read_contract
-from configurator import configure
+from configurator import MissingFile, UserError, command_line
 from data.shapes.score import (composition_scores, factors_kept, held_out_pair_groups,
                                histogram_scores, load_meta, named_factors_kept, print_table,
                                read_builtin)
@@ -158,7 +159,7 @@ def public_dit_from_weights(path, state):
     (model, checkpoint-like info: objective eps, space, image size)."""
     state = state.get('ema', state)
     if 'y_embedder.embedding_table.weight' not in state:
-        raise ValueError(f"'{path}' is not a class-conditional DiT state dict "
+        raise UserError(f"'{path}' is not a class-conditional DiT state dict "
                          "(no y_embedder.embedding_table)")
     hidden, in_channels, patch, _ = state['x_embedder.proj.weight'].shape
     depth = len({k.split('.')[1] for k in state if k.startswith('blocks.')})
@@ -188,7 +189,7 @@ def load_image_model(cfg, want_cond, device):
         source = cfg['plain_dit']
     info = D.load_checkpoint(source)
     if cfg['dit_weights'] not in ('ema', 'model'):
-        raise ValueError(f"dit_weights='{cfg['dit_weights']}': 'ema' or 'model'")
+        raise UserError(f"dit_weights='{cfg['dit_weights']}': 'ema' or 'model'")
     if 'model_args' in info:
         model = D.model_from_checkpoint(info, cfg['dit_weights'])
     else:                                       # a bare state dict: the public class DiT's
@@ -196,7 +197,7 @@ def load_image_model(cfg, want_cond, device):
     if info['cond'] != want_cond:
         hint = {'class': " (or --class_dit at DiT-XL-2-256x256.pt)",
                 'none': " (or --plain_dit at its diffusion.pt)"}.get(want_cond, '')
-        raise ValueError(f"this mode needs a DiT with cond='{want_cond}', but {source} has "
+        raise UserError(f"this mode needs a DiT with cond='{want_cond}', but {source} has "
                          f"cond='{info['cond']}'; point --diffusion_dir at one trained with "
                          f"that conditioning{hint}")
     D.check_sampler(info['objective'], cfg['dit_sampler'])
@@ -204,18 +205,18 @@ def load_image_model(cfg, want_cond, device):
     vae = None
     if info['space'] == 'latent':
         if not cfg['vae_path']:
-            raise ValueError(f"{source} generates SD-VAE latents: set --vae_path to "
+            raise UserError(f"{source} generates SD-VAE latents: set --vae_path to "
                              "sd-vae-ft-ema's weights")
         vae = D.load_vae(cfg['vae_path']).to(device).eval()
         channels = vae.post_quant_conv.in_channels
         factor = 2 ** (len(vae.decoder.up_blocks) - 1)      # all but the last upsample
         if model.in_channels != channels or side * factor != info['image_size']:
-            raise ValueError(f"{source} makes {model.in_channels} x {side} x {side} latents of "
+            raise UserError(f"{source} makes {model.in_channels} x {side} x {side} latents of "
                              f"{info['image_size']} px images, which the VAE in {cfg['vae_path']} "
                              f"({channels} channels, {factor}x upsampling) "
                              "does not decode to that size")
     elif model.in_channels != 3 or side != info['image_size']:
-        raise ValueError(f"{source} is a pixel-space DiT of {model.in_channels} x {side} x {side}, "
+        raise UserError(f"{source} is a pixel-space DiT of {model.in_channels} x {side} x {side}, "
                          "not of RGB images "
                          f"of {info['image_size']} px")
     return model.to(device), info, vae, source, (model.in_channels, side, side)
@@ -224,7 +225,7 @@ def load_image_model(cfg, want_cond, device):
 def check_code_contract(what, path, ckpt, info, dit_source):
     """The tokenizer, prior or text model in path must make the codes the DiT was trained on."""
     if (ckpt['L'], ckpt['V']) != (info['L'], info['V']):
-        raise ValueError(f"the {what} in {path} makes codes of L={ckpt['L']}, V={ckpt['V']}, but "
+        raise UserError(f"the {what} in {path} makes codes of L={ckpt['L']}, V={ckpt['V']}, but "
                          f"the DiT in {dit_source} was trained on L={info['L']}, V={info['V']}; "
                          f"use the {what} the DiT's codes came from")
 
@@ -240,7 +241,7 @@ def parse_groups(cfg, mode, n_items):
     elif cfg['sources'].startswith('held_out'):     # built-in data: 'held_out' or 'held_out:3'
         meta = load_meta(cfg['data_dir'])
         if meta is None:
-            raise ValueError(f"--sources={cfg['sources']} needs the built-in data; "
+            raise UserError(f"--sources={cfg['sources']} needs the built-in data; "
                              f"'{cfg['data_dir']}' has no meta.json")
         factors = np.load(os.path.join(cfg['data_dir'], f"{cfg['split']}_factors.npy"))
         k = int(cfg['sources'].partition(':')[2] or 2)
@@ -250,14 +251,14 @@ def parse_groups(cfg, mode, n_items):
                   for g in cfg['sources'].split(',') if g.strip()]
     for g in groups:
         if mode == 'recon' and len(g) != 1:
-            raise ValueError(f"recon reconstructs one image per group, got "
+            raise UserError(f"recon reconstructs one image per group, got "
                              f"{'+'.join(map(str, g))} in --sources")
         for m in g:
             if isinstance(m, int) and not (n_items and m < n_items):
-                raise ValueError(f"source index {m} is outside split '{cfg['split']}' of "
+                raise UserError(f"source index {m} is outside split '{cfg['split']}' of "
                                  f"'{cfg['data_dir']}' ({n_items} items)")
             if isinstance(m, str) and not os.path.exists(m):
-                raise FileNotFoundError(f"source image '{m}' not found (--sources takes dataset "
+                raise MissingFile(f"source image '{m}' not found (--sources takes dataset "
                                         "indices or files)")
     return groups
 
@@ -281,7 +282,7 @@ class Sources:
         if isinstance(member, str):
             return T.load_image(member, self.size)
         if self.dataset is None:
-            raise FileNotFoundError("dataset indices in --sources need --data_dir and --split of "
+            raise MissingFile("dataset indices in --sources need --data_dir and --split of "
                                     "an existing split")
         return self.dataset[member]
 
@@ -290,7 +291,7 @@ class Sources:
         dump (N, L) and V), the one-hot of the items' codes, which any tau leaves one-hot."""
         if isinstance(encoder, tuple):
             if any(isinstance(m, str) for m in members):
-                raise ValueError("image files in --sources need a tokenizer checkpoint in "
+                raise UserError("image files in --sources need a tokenizer checkpoint in "
                                  "--tokenizer_dir; its folder holds only a code dump")
             codes, V = encoder
             codes = torch.from_numpy(codes[list(members)].astype(np.int64))
@@ -348,7 +349,7 @@ def run_mode(cfg, mode, rank, world, device):
         elif cfg['labels']:
             labels = [int(x) for x in str(cfg['labels']).split(',')]
             if max(labels) >= n_classes:
-                raise ValueError(f"label {max(labels)} is not a class of {dit_source} "
+                raise UserError(f"label {max(labels)} is not a class of {dit_source} "
                                  f"({n_classes} classes)")
         else:
             gens = [torch.Generator().manual_seed(s) for s in seeds_of(cfg, range(n))[0]]
@@ -507,7 +508,7 @@ def main(cfg):
     modes = [m.strip() for m in cfg['mode'].split(',')]
     for m in modes:
         if m not in MODES:
-            raise ValueError(f"--mode={m} is not one of {MODES}")
+            raise UserError(f"--mode={m} is not one of {MODES}")
     rank, world, device = setup_distributed(cfg['device'])
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -530,4 +531,4 @@ def main(cfg):
 
 
 if __name__ == '__main__':
-    main(configure(CONFIG, sys.argv[1:]))
+    command_line(CONFIG, sys.argv[1:], main, __file__)

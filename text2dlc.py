@@ -68,7 +68,7 @@ import prior as P
 from cluster import (draw_in_chunks, exit_preempted, handle_preemption_signals,
                      preemption_requested, resuming, save_atomic, setup_distributed)
 from codes import check_fits, dump_path, load_codes, read_contract
-from configurator import configure
+from configurator import MissingFile, UserError, command_line
 from vae import read_safetensors
 
 # -----------------------------------------------------------------------------
@@ -155,10 +155,10 @@ def ranks_from_text(text, source):
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
         except ValueError:
-            raise ValueError(f"{source}, line {n}: {line[:60]!r} is not 'base64 rank'; a .tiktoken "
+            raise UserError(f"{source}, line {n}: {line[:60]!r} is not 'base64 rank'; a .tiktoken "
                              "file (e.g. GPT-2's ranks) has one such line per token") from None
     if len(set(ranks.values())) != len(ranks) or any(bytes([i]) not in ranks for i in range(256)):
-        raise ValueError(f"{source} is not a byte-level BPE ranks file: ranks must be distinct and "
+        raise UserError(f"{source} is not a byte-level BPE ranks file: ranks must be distinct and "
                          "every single byte must have one")
     return ranks
 
@@ -176,7 +176,7 @@ def encoding_spec(name, captions=()):
         try:
             enc = tiktoken.get_encoding('gpt2')
         except Exception as e:
-            raise RuntimeError(
+            raise UserError(
                 f"text_encoding='gpt2' needs tiktoken's GPT-2 files ({type(e).__name__}: {e}). On "
                 "a connected machine tiktoken downloads and caches them (TIKTOKEN_CACHE_DIR reuses "
                 "a cached copy offline); or set --text_encoding to a local GPT-2 ranks file "
@@ -190,7 +190,7 @@ def encoding_spec(name, captions=()):
             ranks.setdefault(piece, len(ranks))
     elif name != 'bytes':
         if not os.path.isfile(name):
-            raise FileNotFoundError(f"text_encoding '{name}' is not 'gpt2', 'bytes', 'words' or an "
+            raise MissingFile(f"text_encoding '{name}' is not 'gpt2', 'bytes', 'words' or an "
                                     "existing .tiktoken file; for GPT-2 offline, save its ranks "
                                     "(gpt2.tiktoken) and pass that path")
         with open(name) as f:
@@ -290,7 +290,7 @@ def extend_pretrained(model, state, n_text, V, source='checkpoint'):
     position embedding new when the checkpoint has none. Returns what is new, in words."""
     rows = state['vocab_embed.embedding'].shape[0]
     if rows != n_text + 1:
-        raise ValueError(f"{source} has {rows - 1} text tokens (+ its mask), but the text encoding "
+        raise UserError(f"{source} has {rows - 1} text tokens (+ its mask), but the text encoding "
                          f"has {n_text}; a GPT-2-vocabulary SEDD needs text_encoding='gpt2' or "
                          "GPT-2's .tiktoken ranks file")
     state, ours = dict(state), model.state_dict()
@@ -303,12 +303,12 @@ def extend_pretrained(model, state, n_text, V, source='checkpoint'):
     if 'pos_embed' in state:
         pos = state['pos_embed'].reshape(1, -1, ours['pos_embed'].shape[-1])
         if pos.shape[1] < model.seq_len:
-            raise ValueError(f"{source}'s position embedding has {pos.shape[1]} positions, fewer "
+            raise UserError(f"{source}'s position embedding has {pos.shape[1]} positions, fewer "
                              f"than the {model.seq_len} of a sequence; lower caption_len")
         state['pos_embed'] = pos[:, :model.seq_len]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {'pos_embed', 'caption_map.weight', 'caption_map.bias'}:
-        raise ValueError(f"{source} does not fit --model: missing {sorted(missing)}, unexpected "
+        raise UserError(f"{source} does not fit --model: missing {sorted(missing)}, unexpected "
                          f"{sorted(unexpected)}")
     return [f"{k} rows {n_text}..{n_text + V} (the {V} codes and the separator)"
             for k in grown_keys] + missing
@@ -316,7 +316,7 @@ def extend_pretrained(model, state, n_text, V, source='checkpoint'):
 
 def read_pretrained(path):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"init_from='{path}' not found; give a local SEDD checkpoint with "
+        raise MissingFile(f"init_from='{path}' not found; give a local SEDD checkpoint with "
                                 "the GPT-2 vocabulary (louaaron/sedd-small or sedd-medium: .pth, "
                                 ".bin or .safetensors), or 'scratch'")
     if path.endswith('.safetensors'):
@@ -382,15 +382,15 @@ def load_pairs(cfg, split, contract):
     path = cfg['captions_path'].replace('{split}', split) if cfg['captions_path'] else \
         os.path.join(cfg['data_dir'], f'{split}_captions.txt')
     if not os.path.exists(path):
-        raise FileNotFoundError(f"captions '{path}' not found: one line per item of {codes_path}, "
+        raise MissingFile(f"captions '{path}' not found: one line per item of {codes_path}, "
                                 "in its order; set --captions_path (with {split}) or --data_dir")
     with open(path, encoding='utf-8') as f:
         lines = f.read().splitlines()
     if not any(line.strip() for line in lines):
-        raise ValueError(f"captions '{path}' is empty; it needs a caption line per item of "
+        raise UserError(f"captions '{path}' is empty; it needs a caption line per item of "
                          f"{codes_path}")
     if len(lines) != len(codes):
-        raise ValueError(f"captions '{path}' has {len(lines)} lines but {codes_path} has "
+        raise UserError(f"captions '{path}' has {len(lines)} lines but {codes_path} has "
                          f"{len(codes)} codes; they must be the same items in the same order: "
                          "re-dump the codes of this split (python tokenizer.py --mode=dump) or fix "
                          "--captions_path")
@@ -445,11 +445,11 @@ def train(cfg):
     device_type = 'cuda' if 'cuda' in device else 'cpu'
     micro = c['micro_batch_size']
     if c['batch_size'] % (world * micro):
-        raise ValueError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) "
+        raise UserError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) "
                          f"x micro_batch_size ({micro})")
     accum = c['batch_size'] // (world * micro)
     if not (0 <= c['t_min'] < 1 and 0 <= c['t_one_share'] <= 1 and c['t_one_share_end'] <= 1):
-        raise ValueError(f"t_min={c['t_min']} must be in [0, 1), t_one_share={c['t_one_share']} "
+        raise UserError(f"t_min={c['t_min']} must be in [0, 1), t_one_share={c['t_one_share']} "
                          f"and t_one_share_end={c['t_one_share_end']} in [0, 1] (the end < 0: "
                          "the share stays constant)")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -609,7 +609,7 @@ def load_text2dlc(out_dir, device, weights='ema'):
     """(model, checkpoint, encoding) from out_dir/text2dlc.pt alone."""
     path = os.path.join(out_dir, 'text2dlc.pt')
     if not os.path.exists(path):
-        raise FileNotFoundError(f"text2dlc checkpoint '{path}' not found; train it with python "
+        raise MissingFile(f"text2dlc checkpoint '{path}' not found; train it with python "
                                 "text2dlc.py ...")
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     model = P.model_from_checkpoint(ckpt, weights, CaptionSEDD)
@@ -619,7 +619,7 @@ def load_text2dlc(out_dir, device, weights='ema'):
 def read_prompts(spec):
     """'a|b' or a file, one prompt per line."""
     if not spec:
-        raise ValueError("no prompts: set --prompts='a red square|a blue circle' or "
+        raise UserError("no prompts: set --prompts='a red square|a blue circle' or "
                          "--prompts=<file, one per line>")
     if os.path.isfile(spec):
         with open(spec, encoding='utf-8') as f:
@@ -627,7 +627,7 @@ def read_prompts(spec):
     else:
         prompts = spec.split('|')
     if not prompts:
-        raise ValueError(f"--prompts={spec!r} holds no prompt")
+        raise UserError(f"--prompts={spec!r} holds no prompt")
     return prompts
 
 
@@ -674,11 +674,14 @@ def sample_mode(cfg):
     return full, used
 
 
-if __name__ == '__main__':
-    cfg = configure(CONFIG, sys.argv[1:])
+def main(cfg):
     if cfg['mode'] == 'train':
         handle_preemption_signals()
     modes = {'train': train, 'sample': sample_mode}
     if cfg['mode'] not in modes:
-        raise ValueError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")
-    modes[cfg['mode']](cfg)
+        raise UserError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")
+    return modes[cfg['mode']](cfg)
+
+
+if __name__ == '__main__':
+    command_line(CONFIG, sys.argv[1:], main, __file__)

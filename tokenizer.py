@@ -58,7 +58,7 @@ from tqdm import tqdm
 from cluster import (exit_preempted, handle_preemption_signals, preemption_requested, resuming,
                      save_atomic, setup_distributed)
 from codes import check_codes, dump_path, load_codes, write_codes
-from configurator import configure
+from configurator import MissingFile, UserError, command_line
 
 # -----------------------------------------------------------------------------
 # config: the defaults are the paper's ImageNet recipe (DINOv2 ViT-L/14 reg4, DLC512 = 512 x 256)
@@ -363,7 +363,7 @@ def load_dinov2_backbone(backbone, path):
     """Load a public DINOv2 checkpoint (dinov2_vit{s,b,l}14_reg4_pretrain.pth) into the backbone
     with strict=True, resizing the 37 x 37 position grid (518 px) to the training resolution."""
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise MissingFile(
             f"DINOv2 weights '{path}' not found. Download dinov2_vitl14_reg4_pretrain.pth from "
             "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/ and pass --init_from=<path>.")
     state = torch.load(path, map_location='cpu', weights_only=True)
@@ -372,7 +372,7 @@ def load_dinov2_backbone(backbone, path):
     if dim != backbone.pos_embed.shape[-1] or depth != len(backbone.blocks):
         found = next((n for n, (d, _, _) in DINOV2_SIZES.items() if d == dim), '?')
         e, d, h = DINOV2_SIZES.get(found, (0, 0, 0))
-        raise ValueError(f"'{path}' holds a DINOv2 {found} backbone; set --embed_dim={e} "
+        raise UserError(f"'{path}' holds a DINOv2 {found} backbone; set --embed_dim={e} "
                          f"--depth={d} --num_heads={h} --patch_size=14 to load it")
     n = int(math.sqrt(backbone.pos_embed.shape[1] - 1))
     state['pos_embed'] = interpolate_pos_embed(state['pos_embed'], n, n)
@@ -390,7 +390,7 @@ def load_fork_checkpoint(model, path):
     or the backbone's keys alone, its 37 x 37 position grid resized. Left out: the DINO head
     (it starts afresh) and sem_cls_norm, which the fork defines but never applies."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"the paper's encoder checkpoint '{path}' not found")
+        raise MissingFile(f"the paper's encoder checkpoint '{path}' not found")
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     state, source = {}, {}
     for key, value in ckpt.get('teacher', ckpt).items():
@@ -404,7 +404,7 @@ def load_fork_checkpoint(model, path):
     missing = sorted(to_fork.get(k, k.removeprefix('backbone.')) for k in expected - set(state))
     unexpected = sorted(source[k] for k in set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"'{path}' does not fit this model (the fork's vit_*_sem with "
+        raise UserError(f"'{path}' does not fit this model (the fork's vit_*_sem with "
                          f"n_registers={model.backbone.n_registers}, depth="
                          f"{len(model.backbone.blocks)}): it lacks {missing} and has unexpected "
                          f"{unexpected}")
@@ -422,7 +422,7 @@ class ImageArray(torch.utils.data.Dataset):
     def __init__(self, path):
         self.images = np.load(path, mmap_mode='r')
         if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
-            raise ValueError(f"{path}: expected uint8 (N, H, W, 3) images, got {self.images.dtype} "
+            raise UserError(f"{path}: expected uint8 (N, H, W, 3) images, got {self.images.dtype} "
                              f"{self.images.shape}")
 
     def __len__(self):
@@ -448,7 +448,7 @@ class ImageFolder(torch.utils.data.Dataset):
                         self.files.append(os.path.join(dirpath, name))
                         self.labels.append(label)
         if not self.files:
-            raise FileNotFoundError(f"no images under '{root}' (expected <class>/<image> files)")
+            raise MissingFile(f"no images under '{root}' (expected <class>/<image> files)")
 
     def __len__(self):
         return len(self.files)
@@ -471,7 +471,8 @@ def load_image(path, size):
             im = im.crop((left, top, left + size, top + size))
             return torch.from_numpy(np.asarray(im).copy())
     except Exception as e:
-        raise RuntimeError(f"cannot read image '{path}' ({e}); remove or replace it") from None
+        raise UserError(f"cannot read image '{path}' ({e}); remove or replace it (or restore it "
+                        "from the dataset's archive)") from None
 
 
 def open_split(data_dir, split, size):
@@ -481,7 +482,7 @@ def open_split(data_dir, split, size):
     folder = os.path.join(data_dir, split)
     if os.path.isdir(folder):
         return ImageFolder(folder, size)
-    raise FileNotFoundError(f"no split '{split}' in '{data_dir}': expected {array} (run python "
+    raise MissingFile(f"no split '{split}' in '{data_dir}': expected {array} (run python "
                             f"data/shapes/prepare.py) or an image folder {folder}/<class>/<image>")
 
 
@@ -820,7 +821,7 @@ def param_groups(model, layer_decay, patch_embed_lr_mult):
 
 def load_checkpoint(path):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"tokenizer checkpoint '{path}' not found: train one first (python "
+        raise MissingFile(f"tokenizer checkpoint '{path}' not found: train one first (python "
                                 f"tokenizer.py <config> --out_dir={os.path.dirname(path) or '.'})")
     return torch.load(path, map_location='cpu', weights_only=True)
 
@@ -840,10 +841,10 @@ def train(cfg):
     master = rank == 0
     c = cfg
     if c['batch_size'] % world:
-        raise ValueError(f"batch_size={c['batch_size']} must be divisible by the {world} processes")
+        raise UserError(f"batch_size={c['batch_size']} must be divisible by the {world} processes")
     B = c['batch_size'] // world
     if c['ssl_loss'] == 'dino' and c['ibot_weight'] > 0 and c['mask_prob'] * B < 1:
-        raise ValueError(f"mask_prob={c['mask_prob']} of a per-process batch of {B} masks no "
+        raise UserError(f"mask_prob={c['mask_prob']} of a per-process batch of {B} masks no "
                          "image; raise batch_size or mask_prob, or set --ibot_weight=0")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -856,7 +857,7 @@ def train(cfg):
     split = c['train_split']
     dataset = open_split(c['data_dir'], split, load_size(c['image_size'], c['data_dir'], split))
     if len(dataset) < c['batch_size']:
-        raise ValueError(f"split '{split}' has {len(dataset)} images, fewer than "
+        raise UserError(f"split '{split}' has {len(dataset)} images, fewer than "
                          f"batch_size={c['batch_size']}")
 
     model_args = model_args_from(c)
@@ -881,7 +882,7 @@ def train(cfg):
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         if 'optimizer' not in ckpt:
-            raise ValueError(f"{ckpt_path} was written by --mode=import and holds no training "
+            raise UserError(f"{ckpt_path} was written by --mode=import and holds no training "
                              "state to resume")
         model.load_state_dict(ckpt['model'])
         if teacher is not None:
@@ -1023,7 +1024,7 @@ def codes_for_split(ckpt, ckpt_path, model, cfg, split):
     if isinstance(dataset, ImageArray):
         path = dump_path(cfg['out_dir'], split)
         if os.path.exists(path) and os.path.getmtime(path) < os.path.getmtime(ckpt_path):
-            raise ValueError(f"code dump '{path}' is older than {ckpt_path}; dump it again: python "
+            raise UserError(f"code dump '{path}' is older than {ckpt_path}; dump it again: python "
                              f"tokenizer.py --mode=dump --dump_split={split} (same config)")
         return load_codes(cfg['out_dir'], split, len(dataset)), dataset
     path = os.path.join(cfg['out_dir'], f'probe_codes_{split}.npy')
@@ -1106,7 +1107,7 @@ def probe_predict(probe, codes):
     codes = np.asarray(codes).astype(np.int64)
     L_, V_ = probe['L'], probe['V']
     if codes.ndim != 2 or codes.shape[1] != L_ or codes.min() < 0 or codes.max() >= V_:
-        raise ValueError(f"the probe reads codes of shape (N, {L_}) with tokens in [0, {V_}); "
+        raise UserError(f"the probe reads codes of shape (N, {L_}) with tokens in [0, {V_}); "
                          f"got shape {codes.shape}, tokens in [{codes.min()}, {codes.max()}]")
     codes = torch.as_tensor(codes)
     return {name: probe_logits(p['weight'], p['bias'], codes, probe['V']).argmax(1).numpy()
@@ -1165,11 +1166,14 @@ def probe(cfg):
     return result
 
 
-if __name__ == '__main__':
-    cfg = configure(CONFIG, sys.argv[1:])
+def main(cfg):
     if cfg['mode'] == 'train':
         handle_preemption_signals()
     modes = {'train': train, 'dump': dump, 'probe': probe, 'import': import_fork}
     if cfg['mode'] not in modes:
-        raise ValueError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")
-    modes[cfg['mode']](cfg)
+        raise UserError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")
+    return modes[cfg['mode']](cfg)
+
+
+if __name__ == '__main__':
+    command_line(CONFIG, sys.argv[1:], main, __file__)

@@ -37,11 +37,24 @@ import torch
 if __name__ == '__main__':              # run as a script: the repository's modules
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from codes import check_codes, dump_path, load_codes, read_contract
+from configurator import UserError, MissingFile, command_line
 from data.shapes.prepare import FACTORS, parse_caption, read_attributes
 from tokenizer import probe_predict     # the tokenizer's linear probe reads factors from codes
 
 
-USAGE = 'usage:\n' + __doc__.split('\n\n')[2]
+# -----------------------------------------------------------------------------
+# config, as a script (one of images, samples with codes_dir, or codes_dir alone)
+codes_dir = ''                  # a folder of dumps (and probe.pt): its factorization, or the probe
+                                # that reads --samples
+images = ''                     # generated images, an .npz (arr_0 uint8 NHWC)
+samples = ''                    # sampled codes, an .npy (prior.py, text2dlc.py), with --codes_dir
+prompts = ''                    # with --samples: the prompts the codes were drawn from, a file
+split = ''                      # with --images: the split they reconstruct ('' = unconditional)
+data_dir = 'data/shapes'
+allow_mix = False               # True: score codes of another tokenizer or dataset anyway
+# -----------------------------------------------------------------------------
+CONFIG = {k: globals()[k] for k in ['codes_dir', 'images', 'samples', 'prompts', 'split',
+                                    'data_dir', 'allow_mix']}
 
 
 def load_meta(data_dir):
@@ -426,14 +439,14 @@ def score_samples(path, codes_dir, data_dir='data/shapes', prompts='', n_referen
                           fix=f"sample codes of the kind in {codes_dir}")
     probe_path = os.path.join(codes_dir, 'probe.pt')
     if not os.path.exists(probe_path):
-        raise FileNotFoundError(f"'{probe_path}' not found: fit it with python tokenizer.py "
+        raise MissingFile(f"'{probe_path}' not found: fit it with python tokenizer.py "
                                 f"--mode=probe --out_dir={codes_dir}")
     probe = torch.load(probe_path, map_location='cpu', weights_only=True)
     if prompts:
         with open(prompts, encoding='utf-8') as f:
             named = f.read().splitlines()
         if len(named) != len(samples):
-            raise ValueError(f"'{prompts}' has {len(named)} prompts for {len(samples)} codes in "
+            raise UserError(f"'{prompts}' has {len(named)} prompts for {len(samples)} codes in "
                              f"'{path}'; give the _prompts.txt written beside the codes")
         scores = named_factors_kept(probe_predict(probe, samples), named, load_meta(data_dir))
         print("the probe's reading of the codes against the factors the prompts name (share "
@@ -448,15 +461,17 @@ def score_samples(path, codes_dir, data_dir='data/shapes', prompts='', n_referen
             for name, tvs in code_histograms(probe, reference, sets).items()}
 
 
-if __name__ == '__main__':
-    from configurator import configure
-    cfg = configure(dict(codes_dir='', images='', samples='', prompts='', split='',
-                         data_dir='data/shapes'), sys.argv[1:])
+def main(cfg):
     if cfg['images']:
-        score_images(cfg['images'], cfg['data_dir'], cfg['split'])
-    elif cfg['samples'] and cfg['codes_dir']:
-        score_samples(cfg['samples'], cfg['codes_dir'], cfg['data_dir'], cfg['prompts'])
-    elif cfg['codes_dir']:
-        score_codes(cfg['codes_dir'], cfg['data_dir'])
-    else:
-        raise SystemExit(USAGE)
+        return score_images(cfg['images'], cfg['data_dir'], cfg['split'])
+    if cfg['samples'] and cfg['codes_dir']:
+        return score_samples(cfg['samples'], cfg['codes_dir'], cfg['data_dir'], cfg['prompts'],
+                             allow_mix=cfg['allow_mix'])
+    if cfg['codes_dir']:
+        return score_codes(cfg['codes_dir'], cfg['data_dir'], allow_mix=cfg['allow_mix'])
+    raise UserError("score.py needs --images, --samples with --codes_dir, or --codes_dir "
+                    "(python data/shapes/score.py --help)")
+
+
+if __name__ == '__main__':
+    command_line(CONFIG, sys.argv[1:], main, __file__)
