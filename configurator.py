@@ -26,6 +26,7 @@ source), and a user's mistake, raised anywhere as a UserError, ends the run with
 `error: ...`, exit status 2, no traceback. A bug keeps its traceback.
 """
 import ast
+import math
 import os
 import re
 import sys
@@ -175,3 +176,19 @@ def command_line(defaults, argv, main, path):
             message = message.rstrip().splitlines()[-1].split(': ', 1)[-1]
         print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_STATUS)
+
+
+def check_counts(cfg, *keys, minimum=1):
+    """Counts and sizes (batch sizes, steps, samples) must be whole numbers >= minimum: checked
+    before anything is written, so a bad value changes nothing."""
+    for key in keys:
+        if cfg[key] < minimum:
+            raise UserError(f"--{key}={cfg[key]} must be at least {minimum}")
+
+
+def check_finite(cfg, *keys, low=float('-inf'), high=float('inf')):
+    """Scales and rates must be finite numbers in [low, high]."""
+    for key in keys:
+        value = cfg[key]
+        if not math.isfinite(value) or not low <= value <= high:
+            raise UserError(f"--{key}={value} must be a finite number in [{low}, {high}]")

@@ -58,8 +58,10 @@ from tqdm import tqdm
 
 from cluster import (exit_preempted, handle_preemption_signals, preemption_requested, resuming,
                      save_atomic, setup_distributed)
-from codes import check_codes, check_fits, load_codes, read_contract
-from configurator import MissingFile, UserError, command_line
+from codes import (SIDECAR, check_codes, check_fits, check_same_images, check_same_tokenizer,
+                   codes_identity, load_array, load_codes, read_checkpoint, read_contract,
+                   read_identity)
+from configurator import MissingFile, UserError, check_counts, check_finite, command_line
 from vae import VAE_SCALE, load_vae, read_safetensors   # the frozen SD-VAE (ImageNet latents)
 
 # -----------------------------------------------------------------------------
@@ -115,6 +117,7 @@ split = 'val'                   # the split --mode=extract and --mode=recon read
 extract_flip = True             # also extract the latents of the flipped images
 n_recon = 500                   # recon and decode: at most so many images
 codes_path = ''                 # decode: a code dump to turn into images (e.g. prior samples.npy)
+allow_mix = False               # True: use codes of another tokenizer run or dataset anyway
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 compile = False
@@ -630,11 +633,13 @@ class ImageFolder(torch.utils.data.Dataset):
 
 def read_conditions(cfg, split, n_items):
     """The condition of every item of a split, checked against the data: (N, L) codes, (N,)
-    labels, or None. Returns (conditions, contract) where contract holds L and V."""
+    labels, or None. Returns (conditions, contract) where contract holds L, V and the codes'
+    identity (codes_id), which the checkpoint keeps. Codes of other images are refused."""
     if cfg['cond'] == 'dlc':
         contract = read_contract(cfg['codes_dir'])
         codes = load_codes(cfg['codes_dir'], split, n_items, contract)
-        return codes, dict(L=contract['L'], V=contract['V'])
+        check_same_images(contract, cfg['codes_dir'], split, cfg['data_dir'], cfg['allow_mix'])
+        return codes, dict(L=contract['L'], V=contract['V'], codes_id=codes_identity(contract))
     if cfg['cond'] == 'none':
         return None, {}
     # classes: the folders', or on the built-in data the (shape, color) pair
@@ -663,13 +668,15 @@ class TrainingSet(torch.utils.data.Dataset):
                 raise MissingFile(f"latents '{path}' not found: run python diffusion.py "
                                         f"--mode=extract --split={split} "
                                         f"--out_dir={cfg['latents_dir']}")
-            self.images = np.load(path, mmap_mode='r')
+            self.images = load_array(path, f"python diffusion.py --mode=extract --split={split} "
+                                           f"--out_dir={cfg['latents_dir']}", mmap_mode='r')
             flip_path = path.replace('.npy', '_flip.npy')
             if cfg['hflip']:
                 if not os.path.exists(flip_path):
                     raise MissingFile(f"hflip=True needs '{flip_path}' (--mode=extract "
                                             "--extract_flip=True), or set --hflip=False")
-                self.flipped = np.load(flip_path, mmap_mode='r')
+                self.flipped = load_array(flip_path, "python diffusion.py --mode=extract "
+                                          f"--split={split}", mmap_mode='r')
         else:
             self.images = read_images(cfg['data_dir'], split, cfg['image_size'])
         self.conditions, self.contract = read_conditions(cfg, split, len(self.images))
@@ -774,6 +781,12 @@ def drop_condition(y, drop, cond, null):
 
 
 def train(cfg):
+    check_counts(cfg, 'batch_size', 'micro_batch_size', 'max_iters', 'log_interval',
+                 'ckpt_interval', 'num_sampling_steps', 'image_size')
+    check_counts(cfg, 'sample_interval', 'n_grid', minimum=0)
+    check_finite(cfg, 'learning_rate', 'weight_decay', 'grad_clip', low=0.0)
+    check_finite(cfg, 'ema_decay', 'class_dropout_prob', low=0.0, high=1.0)
+    check_finite(cfg, 'cfg_scale')
     rank, world, device = setup_distributed(cfg['device'])
     c, master = cfg, rank == 0
     device_type = 'cuda' if 'cuda' in device else 'cpu'
@@ -931,12 +944,10 @@ def write_sample_grid(ema, c, data, x_shape, device, path):
 # Checkpoints, images
 
 def load_checkpoint(path):
-    if not os.path.exists(path):
-        raise MissingFile(f"diffusion checkpoint '{path}' not found: train one first "
-                                f"(python diffusion.py <config> --out_dir="
-                                f"{os.path.dirname(path) or '.'}), or for the class-conditional "
-                                "baseline download DiT-XL-2-256x256.pt (dl.fbaipublicfiles.com)")
-    return torch.load(path, map_location='cpu', weights_only=True)
+    return read_checkpoint(path, f"python diffusion.py <config> --out_dir="
+                                 f"{os.path.dirname(path) or '.'} (train it), or for the "
+                                 "class-conditional baseline download DiT-XL-2-256x256.pt "
+                                 "(dl.fbaipublicfiles.com)")
 
 
 def model_from_checkpoint(ckpt, weights='ema'):
@@ -1041,13 +1052,20 @@ def images_from_codes(cfg, ckpt, conditions, n, desc):
 
 
 def recon(cfg):
-    ckpt = load_checkpoint(os.path.join(cfg['out_dir'], 'diffusion.pt'))
+    ckpt_path = os.path.join(cfg['out_dir'], 'diffusion.pt')
+    ckpt = load_checkpoint(ckpt_path)
+    check_counts(cfg, 'n_recon', 'micro_batch_size', 'num_sampling_steps')
     images = read_images(cfg['data_dir'], cfg['split'], ckpt['image_size'])
     n = min(cfg['n_recon'], len(images))
     conditions, contract = read_conditions(dict(cfg, cond=ckpt['cond']), cfg['split'],
                                            len(images))
     if contract:
         check_fits(contract, ckpt['L'], ckpt['V'], cfg['codes_dir'], f"the DiT in {cfg['out_dir']}")
+        check_same_tokenizer(contract['codes_id'], os.path.join(cfg['codes_dir'], SIDECAR),
+                             ckpt.get('codes_id'), ckpt_path,
+                             "point --codes_dir at the dumps the DiT was trained on, or train a "
+                             f"DiT on these (python diffusion.py --codes_dir={cfg['codes_dir']})",
+                             cfg['allow_mix'])
     recons = images_from_codes(cfg, ckpt, conditions, n, 'recon')
     sources = np.stack([np.array(images[i]) for i in range(min(n, 32))])
     pairs = np.stack([sources, recons[:32]], axis=1).reshape(-1, *sources.shape[1:])
@@ -1062,7 +1080,9 @@ def recon(cfg):
 def decode(cfg):
     """Any code dump (prior samples, composed codes) -> images: the first n_recon as a PNG grid
     and an .npz (arr_0, uint8 NHWC), which data/shapes/score.py --images scores."""
-    ckpt = load_checkpoint(os.path.join(cfg['out_dir'], 'diffusion.pt'))
+    ckpt_path = os.path.join(cfg['out_dir'], 'diffusion.pt')
+    ckpt = load_checkpoint(ckpt_path)
+    check_counts(cfg, 'n_recon', 'micro_batch_size', 'num_sampling_steps')
     if ckpt['cond'] != 'dlc':
         raise UserError(f"--mode=decode needs a DLC-conditioned DiT; {cfg['out_dir']} has "
                          f"cond='{ckpt['cond']}'")
@@ -1071,8 +1091,13 @@ def decode(cfg):
                          "prior.py's samples.npy)")
     if not os.path.exists(cfg['codes_path']):
         raise MissingFile(f"--codes_path '{cfg['codes_path']}' not found")
-    codes = check_codes(np.load(cfg['codes_path']), ckpt['L'], ckpt['V'], cfg['codes_path'],
+    codes = check_codes(load_array(cfg['codes_path'], 'the command that wrote it'), ckpt['L'],
+                        ckpt['V'], cfg['codes_path'],
                         fix="give a dump of codes the DiT was trained on")[:cfg['n_recon']]
+    identity, where = read_identity(cfg['codes_path'])
+    check_same_tokenizer(identity, where or cfg['codes_path'], ckpt.get('codes_id'), ckpt_path,
+                         "decode them with a DiT trained on that tokenizer's codes (--out_dir), "
+                         "or draw codes from a model trained on this DiT's", cfg['allow_mix'])
     images = images_from_codes(cfg, ckpt, codes, len(codes), 'decode')
     stem = os.path.splitext(cfg['codes_path'])[0]
     save_grid(images[:64], stem + '_images.png', ncol=16)

@@ -63,8 +63,9 @@ import prior as P
 import text2dlc as T2D
 import tokenizer as T
 from cluster import draw_in_chunks, save_atomic, setup_distributed
-from codes import check_fits, dump_path, load_codes, read_contract
-from configurator import MissingFile, UserError, command_line
+from codes import (SIDECAR, check_fits, check_same_images, check_same_tokenizer, codes_identity,
+                   dump_path, load_codes, read_contract, tokenizer_identity)
+from configurator import MissingFile, UserError, check_counts, check_finite, command_line
 from data.shapes.score import (composition_scores, factors_kept, held_out_pair_groups,
                                histogram_scores, load_meta, named_factors_kept, print_table,
                                read_builtin)
@@ -124,13 +125,15 @@ text_cfg_scale = 1.0            # guidance on the prompt; 1 = none (the paper's)
 batch_size = 32                 # images per process per forward
 n_grid = 64
 save_pngs = False
+allow_mix = False               # True: use a tokenizer, prior or text model whose codes are not
+                                # the DiT's (another tokenizer run or dataset) anyway
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
 CONFIG = {k: globals()[k] for k in config_keys}
 MODES = ('recon', 'uncond', 'compose', 'class', 'plain', 'text')
-OUTPUT_ONLY = ('mode', 'out_dir', 'n_grid', 'save_pngs', 'device')     # what a relaunch may change
+OUTPUT_ONLY = ('mode', 'out_dir', 'n_grid', 'save_pngs', 'device', 'allow_mix')     # what a relaunch may change
 
 
 # -----------------------------------------------------------------------------
@@ -222,12 +225,21 @@ def load_image_model(cfg, want_cond, device):
     return model.to(device), info, vae, source, (model.in_channels, side, side)
 
 
-def check_code_contract(what, path, ckpt, info, dit_source):
-    """The tokenizer, prior or text model in path must make the codes the DiT was trained on."""
+def check_code_contract(what, path, ckpt, identity, info, dit_source, cfg):
+    """The tokenizer, prior or text model in path must make the codes the DiT was trained on:
+    their (L, V), and the tokenizer run they come from (identity)."""
     if (ckpt['L'], ckpt['V']) != (info['L'], info['V']):
         raise UserError(f"the {what} in {path} makes codes of L={ckpt['L']}, V={ckpt['V']}, but "
                          f"the DiT in {dit_source} was trained on L={info['L']}, V={info['V']}; "
                          f"use the {what} the DiT's codes came from")
+    fix = {'tokenizer': "point --tokenizer_dir at the tokenizer whose codes the DiT was trained "
+                        "on, or --diffusion_dir at a DiT trained on this one's",
+           'prior': "train the prior on the codes the DiT was trained on (python prior.py "
+                    "--codes_dir=...), or point --prior_dir at such a prior",
+           'text model': "train the text model on the codes the DiT was trained on (python "
+                         "text2dlc.py --codes_dir=...), or point --text2dlc_dir at such a model"}
+    check_same_tokenizer(identity, path, info.get('codes_id'), dit_source, fix[what],
+                         cfg['allow_mix'])
 
 
 # -----------------------------------------------------------------------------
@@ -316,13 +328,18 @@ def run_mode(cfg, mode, rank, world, device):
         path = os.path.join(cfg['tokenizer_dir'], 'tokenizer.pt')
         if os.path.exists(path):
             tok_ckpt = T.load_checkpoint(path)
-            check_code_contract('tokenizer', path, tok_ckpt, info, dit_source)
+            check_code_contract('tokenizer', path, tok_ckpt, tokenizer_identity(tok_ckpt), info,
+                                dit_source, cfg)
             encoder, size = T.encoder_from_checkpoint(tok_ckpt).to(device), tok_ckpt['image_size']
             used[path] = tok_ckpt.get('iter_num')
         else:       # codes with no encoder (the built-in data's oracle codes): the split's dump
             contract = read_contract(cfg['tokenizer_dir'])
             check_fits(contract, info['L'], info['V'], cfg['tokenizer_dir'], f"the DiT {dit_source}",
                        '--tokenizer_dir')
+            check_code_contract('tokenizer', os.path.join(cfg['tokenizer_dir'], SIDECAR), contract,
+                                codes_identity(contract), info, dit_source, cfg)
+            check_same_images(contract, cfg['tokenizer_dir'], cfg['split'], cfg['data_dir'],
+                              cfg['allow_mix'])
             encoder = (load_codes(cfg['tokenizer_dir'], cfg['split'], contract=contract),
                        contract['V'])
             size, used[dump_path(cfg['tokenizer_dir'], cfg['split'])] = contract['image_size'], None
@@ -331,13 +348,17 @@ def run_mode(cfg, mode, rank, world, device):
     elif mode == 'uncond':
         prior, prior_ckpt = P.load_prior(cfg['prior_dir'], device)
         path = os.path.join(cfg['prior_dir'], 'prior.pt')
-        check_code_contract('prior', path, prior_ckpt, info, dit_source)
+        check_code_contract('prior', path, prior_ckpt, prior_ckpt.get('codes_id'), info,
+                            dit_source, cfg)
         used[path] = prior_ckpt.get('iter_num')
     elif mode == 'text':
         text_model, text_ckpt, enc = T2D.load_text2dlc(cfg['text2dlc_dir'], device)
         path = os.path.join(cfg['text2dlc_dir'], 'text2dlc.pt')
-        check_code_contract('text model', path, text_ckpt, info, dit_source)
+        check_code_contract('text model', path, text_ckpt, text_ckpt.get('codes_id'), info,
+                            dit_source, cfg)
         prompts = T2D.read_prompts(cfg['prompts'])
+        if rank == 0:
+            T2D.warn_unseen_words(enc, text_ckpt, prompts)
         used[path] = text_ckpt.get('iter_num')
     elif mode == 'class':
         n_classes = dit.null
@@ -509,6 +530,12 @@ def main(cfg):
     for m in modes:
         if m not in MODES:
             raise UserError(f"--mode={m} is not one of {MODES}")
+    check_counts(cfg, 'n_samples', 'batch_size', 'dit_steps', 'prior_steps')
+    check_counts(cfg, 'n_grid', 'text_steps', minimum=0)
+    check_finite(cfg, 'compose_tau', 'text_temperature', low=1e-8)
+    check_finite(cfg, 'cfg_scale', 'compose_cfg_scale', 'text_cfg_scale')
+    check_finite(cfg, 'remask_eta', 'prior_sample_eps', low=0.0, high=1.0)
+    P.check_sampling(cfg['prior_sampler'], cfg['prior_corrector'], cfg['remask_eta'])
     rank, world, device = setup_distributed(cfg['device'])
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

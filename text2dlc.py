@@ -67,8 +67,9 @@ from tqdm import tqdm
 import prior as P
 from cluster import (draw_in_chunks, exit_preempted, handle_preemption_signals,
                      preemption_requested, resuming, save_atomic, setup_distributed)
-from codes import check_fits, dump_path, load_codes, read_contract
-from configurator import MissingFile, UserError, command_line
+from codes import (SIDECAR, check_fits, check_same_images, check_same_tokenizer, codes_identity,
+                   dump_path, load_codes, read_checkpoint, read_contract, write_identity)
+from configurator import MissingFile, UserError, check_counts, check_finite, command_line
 from vae import read_safetensors
 
 # -----------------------------------------------------------------------------
@@ -121,7 +122,8 @@ num_steps = 0                   # 0 = L (random_order: one token per step)
 temperature = 0.2               # random_order: draw from p^(1/temperature)
 cfg_scale = 1.0                 # guidance on the prompt; 1 = none (the paper's)
 sample_batch_size = 256
-sample_path = ''                # '' = out_dir/text_codes.npy
+sample_path = ''                # '' = out_dir/text_codes.npy (and its identity, text_codes.json)
+allow_mix = False               # True: use codes of another tokenizer run or dataset anyway
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 compile = False
@@ -214,6 +216,29 @@ def encode_captions(enc, captions, caption_len):
         out[i, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         lengths[i] = len(tokens)
     return out, lengths
+
+
+def seen_tokens(enc, captions, caption_len):
+    """(n_vocab,) bool: the text tokens that training captions (as cut to caption_len) hold."""
+    seen = torch.zeros(enc.n_vocab, dtype=torch.bool)
+    for tokens in enc.encode_ordinary_batch(list(captions)):
+        seen[tokens[:caption_len]] = True
+    return seen
+
+
+def warn_unseen_words(enc, ckpt, prompts):
+    """One line per prompt that holds words the text model never saw in training (a token of
+    theirs is in no training caption): it draws codes for them all the same."""
+    seen = ckpt.get('caption_tokens')
+    if seen is None:                    # a checkpoint written before it kept them
+        return
+    for prompt in dict.fromkeys(prompts):
+        words = prompt.split()
+        unseen = [w for i, w in enumerate(words)
+                  if not all(seen[t] for t in enc.encode_ordinary(w if i == 0 else ' ' + w))]
+        if unseen:
+            print(f"warning: prompt {prompt!r}: the text model never saw "
+                  f"{', '.join(map(repr, unseen))} in training; its codes ignore them")
 
 
 # -----------------------------------------------------------------------------
@@ -379,6 +404,7 @@ def load_pairs(cfg, split, contract):
     """A split's code dump and captions: (codes (N, L), [[caption, alternatives..]] * N)."""
     codes_path = dump_path(cfg['codes_dir'], split)
     codes = load_codes(cfg['codes_dir'], split, contract=contract)
+    check_same_images(contract, cfg['codes_dir'], split, cfg['data_dir'], cfg['allow_mix'])
     path = cfg['captions_path'].replace('{split}', split) if cfg['captions_path'] else \
         os.path.join(cfg['data_dir'], f'{split}_captions.txt')
     if not os.path.exists(path):
@@ -440,6 +466,11 @@ def heldout_code_bits(model, codes, captions, enc, ckpt, t_per_code, batch_size,
 # Training
 
 def train(cfg):
+    check_counts(cfg, 'batch_size', 'micro_batch_size', 'max_iters', 'log_interval',
+                 'ckpt_interval', 'caption_len')
+    check_counts(cfg, 'eval_interval', 'n_eval', minimum=0)
+    check_finite(cfg, 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', low=0.0)
+    check_finite(cfg, 'ema_decay', 'dropout', 'noise_eps', 'caption_dropout', low=0.0, high=1.0)
     rank, world, device = setup_distributed(cfg['device'])
     c, master = cfg, rank == 0
     device_type = 'cuda' if 'cuda' in device else 'cpu'
@@ -468,14 +499,15 @@ def train(cfg):
         val = val_codes[:n], val_captions[:n]
     resume = None
     if resuming(c, ckpt_path):
-        resume = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        resume = read_checkpoint(ckpt_path, f"python text2dlc.py <config> --out_dir={c['out_dir']}")
         spec = resume['encoding']
     else:
         spec = encoding_spec(c['text_encoding'], [t for options in captions for t in options])
     enc = encoding_from_spec(spec)
     n_text = enc.n_vocab
     info = dict(L=L, V=V, n_text=n_text, caption_len=c['caption_len'], noise_eps=c['noise_eps'],
-                encoding=spec)
+                encoding=spec, codes_id=codes_identity(contract),
+                caption_tokens=seen_tokens(enc, [t for o in captions for t in o], c['caption_len']))
     model_args = P.model_args_from(c, L + 1 + c['caption_len'], n_text + V + 1)
     if c['caption_adaln']:
         model_args.update(caption_start=L + 1, caption_pad=enc.eot_token)
@@ -608,10 +640,7 @@ def train(cfg):
 def load_text2dlc(out_dir, device, weights='ema'):
     """(model, checkpoint, encoding) from out_dir/text2dlc.pt alone."""
     path = os.path.join(out_dir, 'text2dlc.pt')
-    if not os.path.exists(path):
-        raise MissingFile(f"text2dlc checkpoint '{path}' not found; train it with python "
-                                "text2dlc.py ...")
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    ckpt = read_checkpoint(path, f"python text2dlc.py <config> --out_dir={out_dir} (train it)")
     model = P.model_from_checkpoint(ckpt, weights, CaptionSEDD)
     return model.to(device).eval(), ckpt, encoding_from_spec(ckpt['encoding'])
 
@@ -632,13 +661,24 @@ def read_prompts(spec):
 
 
 def sample_mode(cfg):
+    check_counts(cfg, 'sample_batch_size')
+    check_counts(cfg, 'n_samples', 'num_steps', minimum=0)
+    check_finite(cfg, 'temperature', low=1e-8)
+    check_finite(cfg, 'cfg_scale')
+    P.check_sampling(cfg['sampler'], 'remdm', 0.0)
+    prompts = read_prompts(cfg['prompts'])
     rank, world, device = setup_distributed(cfg['device'])
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if 'cuda' in device else nullcontext()
     model, ckpt, enc = load_text2dlc(cfg['out_dir'], device)
     L, V = ckpt['L'], ckpt['V']
-    check_fits(read_contract(cfg['codes_dir']), L, V, cfg['codes_dir'],
-               f"the text model in {cfg['out_dir']}")
-    prompts = read_prompts(cfg['prompts'])
+    contract = read_contract(cfg['codes_dir'])
+    check_fits(contract, L, V, cfg['codes_dir'], f"the text model in {cfg['out_dir']}")
+    check_same_tokenizer(codes_identity(contract), os.path.join(cfg['codes_dir'], SIDECAR),
+                         ckpt.get('codes_id'), os.path.join(cfg['out_dir'], 'text2dlc.pt'),
+                         "point --codes_dir at the dumps the text model was trained on",
+                         cfg['allow_mix'])
+    if rank == 0:
+        warn_unseen_words(enc, ckpt, prompts)
     if cfg['cfg_scale'] != 1.0 and not ckpt['config']['caption_dropout']:
         print(f"note: guidance {cfg['cfg_scale']} with a model trained without caption_dropout: "
               "its empty-caption prediction was never trained")
@@ -666,6 +706,7 @@ def sample_mode(cfg):
     full = np.array(full['codes'])
     used = [prompts[i % len(prompts)] for i in range(n)]
     save_atomic(full, path)
+    write_identity(path, ckpt.get('codes_id'), os.path.join(cfg['out_dir'], 'text2dlc.pt'))
     shutil.rmtree(path + '.parts')
     with open(os.path.splitext(path)[0] + '_prompts.txt', 'w', encoding='utf-8') as f:
         f.write(''.join(p + '\n' for p in used))

@@ -57,8 +57,9 @@ from tqdm import tqdm
 
 from cluster import (exit_preempted, handle_preemption_signals, preemption_requested, resuming,
                      save_atomic, setup_distributed)
-from codes import check_codes, dump_path, load_codes, write_codes
-from configurator import MissingFile, UserError, command_line
+from codes import (check_codes, dump_path, fingerprint_images, load_array, load_codes, new_run_id,
+                   read_checkpoint, tokenizer_identity, write_codes)
+from configurator import MissingFile, UserError, check_counts, check_finite, command_line
 
 # -----------------------------------------------------------------------------
 # config: the defaults are the paper's ImageNet recipe (DINOv2 ViT-L/14 reg4, DLC512 = 512 x 256)
@@ -820,10 +821,8 @@ def param_groups(model, layer_decay, patch_embed_lr_mult):
 # Checkpoints and code dumps
 
 def load_checkpoint(path):
-    if not os.path.exists(path):
-        raise MissingFile(f"tokenizer checkpoint '{path}' not found: train one first (python "
-                                f"tokenizer.py <config> --out_dir={os.path.dirname(path) or '.'})")
-    return torch.load(path, map_location='cpu', weights_only=True)
+    return read_checkpoint(path, f"python tokenizer.py <config> "
+                                 f"--out_dir={os.path.dirname(path) or '.'} (train it)")
 
 
 def encoder_from_checkpoint(ckpt):
@@ -837,6 +836,10 @@ def encoder_from_checkpoint(ckpt):
 # Training
 
 def train(cfg):
+    check_counts(cfg, 'batch_size', 'max_iters', 'log_interval', 'ckpt_interval', 'image_size',
+                 'patch_size', 'L', 'V', 'depth', 'embed_dim')
+    check_finite(cfg, 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', low=0.0)
+    check_finite(cfg, 'tau', 'student_temp', 'teacher_temp', 'infonce_temp', low=1e-8)
     rank, world, device = setup_distributed(cfg['device'])
     master = rank == 0
     c = cfg
@@ -878,9 +881,10 @@ def train(cfg):
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), fused=device_type == 'cuda')
     centers = {'cls': torch.zeros(1, c['n_prototypes'], device=device),
                'patch': torch.zeros(1, c['n_prototypes'], device=device)} if use_teacher else {}
-    iter_num = 0
+    iter_num, run_id = 0, new_run_id()     # the run's identity, which its codes carry
     if resume:
         ckpt = load_checkpoint(ckpt_path)
+        run_id = ckpt.get('run_id') or run_id
         if 'optimizer' not in ckpt:
             raise UserError(f"{ckpt_path} was written by --mode=import and holds no training "
                              "state to resume")
@@ -911,7 +915,8 @@ def train(cfg):
                          optimizer=optimizer.state_dict(),
                          centers={k: v.cpu() for k, v in centers.items()},
                          model_args=model_args_from(c), config=dict(c), iter_num=iter_num,
-                         world_size=world, L=c['L'], V=c['V'], image_size=c['image_size']),
+                         world_size=world, L=c['L'], V=c['V'], image_size=c['image_size'],
+                         run_id=run_id),
                     ckpt_path)
 
     stop = c['max_iters'] if c['run_iters'] < 0 else min(c['max_iters'], iter_num + c['run_iters'])
@@ -1029,7 +1034,8 @@ def codes_for_split(ckpt, ckpt_path, model, cfg, split):
         return load_codes(cfg['out_dir'], split, len(dataset)), dataset
     path = os.path.join(cfg['out_dir'], f'probe_codes_{split}.npy')
     if os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(ckpt_path):
-        return check_codes(np.load(path), ckpt['L'], ckpt['V'], path, len(dataset),
+        cached = load_array(path, f"python tokenizer.py --mode=probe (delete '{path}' first)")
+        return check_codes(cached, ckpt['L'], ckpt['V'], path, len(dataset),
                            fix="delete it: --mode=probe computes it again"), dataset
     codes = compute_codes(model, dataset, ckpt['image_size'], cfg['dump_batch_size'],
                           cfg['device'], f'codes {split}')
@@ -1052,14 +1058,21 @@ def dump(cfg):
     ckpt_path = os.path.join(cfg['out_dir'], 'tokenizer.pt')
     ckpt = load_checkpoint(ckpt_path)
     model = encoder_from_checkpoint(ckpt)
-    for split in [s.strip() for s in cfg['dump_split'].split(',') if s.strip()]:
-        dataset = open_split(cfg['data_dir'], split, ckpt['image_size'])
+    if cfg['dump_batch_size'] < 1:
+        raise UserError(f"--dump_batch_size={cfg['dump_batch_size']} must be at least 1")
+    splits = [s.strip() for s in cfg['dump_split'].split(',') if s.strip()]
+    datasets = {split: open_split(cfg['data_dir'], split, ckpt['image_size']) for split in splits}
+    identity = tokenizer_identity(ckpt)
+    if identity is None:
+        print(f"note: {ckpt_path} has no run id (written before runs had ids): its codes are "
+              "written without one, and nothing can check them against other runs")
+    for split, dataset in datasets.items():
         codes = compute_codes(model, dataset, ckpt['image_size'], cfg['dump_batch_size'],
                               cfg['device'], f"codes {split}")
         write_codes(cfg['out_dir'], split, codes, ckpt['L'], ckpt['V'], ckpt['image_size'],
-                    ckpt_path)
+                    ckpt_path, identity, fingerprint_images(cfg['data_dir'], split))
         print(f"wrote {dump_path(cfg['out_dir'], split)}: {codes.shape} {codes.dtype}, "
-              f"L={ckpt['L']} V={ckpt['V']}")
+              f"L={ckpt['L']} V={ckpt['V']}, tokenizer {identity}")
 
 
 def import_fork(cfg):
@@ -1070,7 +1083,7 @@ def import_fork(cfg):
     path = os.path.join(cfg['out_dir'], 'tokenizer.pt')
     save_atomic(dict(model=model.state_dict(), teacher=None, model_args=model_args_from(cfg),
                      config=dict(cfg), iter_num=0, L=cfg['L'], V=cfg['V'],
-                     image_size=cfg['image_size']), path)
+                     image_size=cfg['image_size'], run_id=new_run_id()), path)
     print(f"wrote {path}: the paper's encoder from {cfg['init_from']}, L={cfg['L']} V={cfg['V']}")
 
 

@@ -238,15 +238,17 @@ def make_dataset(out_dir, image_size=32, n_train=30000, n_val=2000, n_ood=2000, 
 
 def write_oracle_codes(data_dir, codes_dir):
     """Every split's factors as codes (N, 4) in codes_dir, with the sidecar (codes.py)."""
-    from codes import write_codes
+    from codes import fingerprint_images, write_codes
     source = f'oracle: the factors of {data_dir}'
     data_dir, codes_dir = os.path.join(REPO_ROOT, data_dir), os.path.join(REPO_ROOT, codes_dir)
     with open(os.path.join(data_dir, 'meta.json')) as f:
         meta = json.load(f)
     V = max(len(meta[name]) for name in FACTORS)
+    identity = f"oracle-{fingerprint_images(data_dir, 'train')}"   # the data's own codes
     for split in meta['splits']:
         factors = np.load(os.path.join(data_dir, f'{split}_factors.npy'))
-        write_codes(codes_dir, split, factors, len(FACTORS), V, meta['image_size'], source)
+        write_codes(codes_dir, split, factors, len(FACTORS), V, meta['image_size'], source,
+                    identity, fingerprint_images(data_dir, split))
         print(f"{split}: {len(factors)} oracle codes (shape, color, background, size), L=4 V={V} "
               f"-> {codes_dir}")
 

@@ -36,7 +36,8 @@ import torch
 
 if __name__ == '__main__':              # run as a script: the repository's modules
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from codes import check_codes, dump_path, load_codes, read_contract
+from codes import (SIDECAR, check_codes, check_same_images, check_same_tokenizer, codes_identity,
+                   dump_path, load_array, load_codes, read_contract, read_identity)
 from configurator import UserError, MissingFile, command_line
 from data.shapes.prepare import FACTORS, parse_caption, read_attributes
 from tokenizer import probe_predict     # the tokenizer's linear probe reads factors from codes
@@ -395,14 +396,17 @@ def compositionality(probe, V, train_codes, train_labels, splits):
     return report
 
 
-def score_codes(codes_dir, data_dir='data/shapes'):
+def score_codes(codes_dir, data_dir='data/shapes', allow_mix=False):
     """The factorization report of a folder of dumps (a tokenizer's, or the oracle's), and with
-    its probe.pt the compositionality rows; saved to codes_dir/factorization.json."""
+    its probe.pt the compositionality rows; saved to codes_dir/factorization.json. Dumps of
+    another dataset's images are refused (unless allow_mix)."""
     contract, meta = read_contract(codes_dir), load_meta(data_dir)
     factors = {split: np.load(os.path.join(data_dir, f'{split}_factors.npy'))
                for split in ('train', 'val', 'ood')}
     codes = {split: load_codes(codes_dir, split, len(f), contract)
              for split, f in factors.items() if os.path.exists(dump_path(codes_dir, split))}
+    for split in codes:
+        check_same_images(contract, codes_dir, split, data_dir, allow_mix)
     print(f"codes in {codes_dir}: L={contract['L']} V={contract['V']} ({contract['source']})")
     report = factorization(codes['train'], factors['train'])
     out = dict(shape_not_color=print_factorization(report, FACTORS, 'train'),
@@ -428,15 +432,22 @@ def score_images(path, data_dir='data/shapes', split=''):
         histogram_scores(data_dir, images)
 
 
-def score_samples(path, codes_dir, data_dir='data/shapes', prompts='', n_reference=10000):
+def score_samples(path, codes_dir, data_dir='data/shapes', prompts='', n_reference=10000,
+                  allow_mix=False):
     """Sampled codes (an .npy: prior.py's samples, text2dlc.py's text codes) read by the
     tokenizer's probe (codes_dir/probe.pt): with prompts (a file, one per code), the share whose
     factors are the ones the prompt names, which judges a text model before any DiT draws its
     codes; without, the total variation of the factor histograms to the training codes', beside
-    that of as many held-out codes (the noise of a finite sample)."""
+    that of as many held-out codes (the noise of a finite sample). Codes of another tokenizer
+    run than codes_dir's are refused (unless allow_mix)."""
     contract = read_contract(codes_dir)
-    samples = check_codes(np.load(path), contract['L'], contract['V'], path,
-                          fix=f"sample codes of the kind in {codes_dir}")
+    samples = check_codes(load_array(path, 'the command that drew them'), contract['L'],
+                          contract['V'], path, fix=f"sample codes of the kind in {codes_dir}")
+    identity, where = read_identity(path)
+    check_same_tokenizer(identity, where or path, codes_identity(contract),
+                         os.path.join(codes_dir, SIDECAR),
+                         "point --codes_dir at the dumps (and probe) of the tokenizer the codes' "
+                         "model was trained on", allow_mix)
     probe_path = os.path.join(codes_dir, 'probe.pt')
     if not os.path.exists(probe_path):
         raise MissingFile(f"'{probe_path}' not found: fit it with python tokenizer.py "
