@@ -105,8 +105,9 @@ def read_checkpoint(path, remake):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise UserError(f"checkpoint '{path}' is truncated or not a checkpoint "
-                        f"({' '.join(str(e).split())[:120]}); write it again: {remake}") from None
+        reason = ' '.join(str(e).split()).split('. ')[0]
+        raise UserError(f"checkpoint '{path}' is truncated or not a checkpoint ({reason}); write "
+                        f"it again: {remake}") from None
 
 
 def read_contract(codes_dir):

@@ -377,6 +377,9 @@ def read_attributes(images, meta):
 
 
 def main(cfg):
+    from configurator import check_counts
+    check_counts(cfg, 'n_train', 'n_val', 'n_ood')
+    check_counts(cfg, 'size', minimum=16)
     if cfg['oracle_codes']:
         return write_oracle_codes(cfg['out_dir'], cfg['oracle_codes'])
     make_dataset(cfg['out_dir'], cfg['size'], cfg['n_train'], cfg['n_val'], cfg['n_ood'],
