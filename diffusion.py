@@ -59,8 +59,10 @@ from tqdm import tqdm
 
 from cluster import (draw_in_chunks, exit_preempted, handle_preemption_signals,
                      preemption_requested, resuming, save_atomic, setup_distributed)
-from codes import check_codes, check_fits, load_codes, read_contract
-from configurator import configure
+from codes import (SIDECAR, check_codes, check_fits, check_same_images, check_same_tokenizer,
+                   codes_identity, load_array, load_codes, read_checkpoint, read_contract,
+                   read_identity)
+from configurator import MissingFile, UserError, check_counts, check_finite, command_line
 from images import ImageFolder, array_path, missing_split   # a split: an array or a folder
 from vae import VAE_SCALE, load_vae, read_safetensors   # the frozen SD-VAE (ImageNet latents)
 
@@ -120,6 +122,7 @@ split = 'val'                   # the split --mode=extract and --mode=recon read
 extract_flip = True             # also extract the latents of the flipped images
 n_recon = 500                   # recon: at most so many images
 codes_path = ''                 # decode: a code dump to turn into images (e.g. prior samples.npy)
+allow_mix = False               # True: use codes of another tokenizer run or dataset anyway
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 compile = False
@@ -387,7 +390,7 @@ class GaussianDiffusion:
         summed in floating point and rounded, so 21 steps keep 499 where exact halves give 500."""
         T = self.num_timesteps
         if not 2 <= steps <= T:     # one step would keep t = 0 alone (as DiT does)
-            raise ValueError(f"num_sampling_steps={steps}: a respaced sampler needs 2 to {T} "
+            raise UserError(f"num_sampling_steps={steps}: a respaced sampler needs 2 to {T} "
                              f"steps of the {T}-step process")
         stride, position, keep = (T - 1) / (steps - 1), 0.0, []
         for _ in range(steps):
@@ -554,7 +557,7 @@ def sample(model_fn, shape, seeds, objective, sampler, steps, device, clip=False
 def check_sampler(objective, sampler):
     allowed = {'eps': ('ddpm', 'ddim'), 'flow': ('euler', 'heun')}[objective]
     if sampler not in allowed:
-        raise ValueError(f"sampler '{sampler}' does not sample objective '{objective}'; "
+        raise UserError(f"sampler '{sampler}' does not sample objective '{objective}'; "
                          f"use one of {allowed}")
 
 
@@ -588,7 +591,7 @@ def read_images(data_dir, split, image_size):
     if os.path.exists(array):
         images = np.load(array, mmap_mode='r')
         if images.dtype != np.uint8 or images.shape[1:] != (image_size, image_size, 3):
-            raise ValueError(f"{array}: expected uint8 (N, {image_size}, {image_size}, 3), got "
+            raise UserError(f"{array}: expected uint8 (N, {image_size}, {image_size}, 3), got "
                              f"{images.dtype} {images.shape}; set --image_size to the data's size")
         return images
     if os.path.isdir(os.path.join(data_dir, split)):
@@ -598,11 +601,13 @@ def read_images(data_dir, split, image_size):
 
 def read_conditions(cfg, split, n_items):
     """The condition of every item of a split, checked against the data: (N, L) codes, (N,)
-    labels, or None. Returns (conditions, contract) where contract holds L and V."""
+    labels, or None. Returns (conditions, contract) where contract holds L, V and the codes'
+    identity (codes_id), which the checkpoint keeps. Codes of other images are refused."""
     if cfg['cond'] == 'dlc':
         contract = read_contract(cfg['codes_dir'])
         codes = load_codes(cfg['codes_dir'], split, n_items, contract)
-        return codes, dict(L=contract['L'], V=contract['V'])
+        check_same_images(contract, cfg['codes_dir'], split, cfg['data_dir'], cfg['allow_mix'])
+        return codes, dict(L=contract['L'], V=contract['V'], codes_id=codes_identity(contract))
     if cfg['cond'] == 'none':
         return None, {}
     # classes: the folders', or on the built-in data the (shape, color) pair
@@ -614,11 +619,11 @@ def read_conditions(cfg, split, n_items):
     else:
         labels = ImageFolder(data_dir, split, cfg['image_size']).labels
         if labels is None:
-            raise FileNotFoundError(f"--cond=class needs the classes of split '{split}': class "
-                                    f"subfolders in {data_dir}/{split}/, or "
-                                    f"{data_dir}/{split}_labels.txt (a line per image; images.py)")
+            raise MissingFile(f"--cond=class needs the classes of split '{split}': class "
+                              f"subfolders in {data_dir}/{split}/, or "
+                              f"{data_dir}/{split}_labels.txt (a line per image; images.py)")
     if labels.max() >= cfg['num_classes']:
-        raise ValueError(f"split '{split}' of '{data_dir}' has labels up to {labels.max()}; "
+        raise UserError(f"split '{split}' of '{data_dir}' has labels up to {labels.max()}; "
                          "set --num_classes")
     return labels, {}
 
@@ -632,16 +637,18 @@ class TrainingSet(torch.utils.data.Dataset):
         if self.latent:
             path = os.path.join(cfg['latents_dir'], f'latents_{split}.npy')
             if not os.path.exists(path):
-                raise FileNotFoundError(f"latents '{path}' not found: run python diffusion.py "
+                raise MissingFile(f"latents '{path}' not found: run python diffusion.py "
                                         f"--mode=extract --split={split} "
                                         f"--out_dir={cfg['latents_dir']}")
-            self.images = np.load(path, mmap_mode='r')
+            self.images = load_array(path, f"python diffusion.py --mode=extract --split={split} "
+                                           f"--out_dir={cfg['latents_dir']}", mmap_mode='r')
             flip_path = path.replace('.npy', '_flip.npy')
             if cfg['hflip']:
                 if not os.path.exists(flip_path):
-                    raise FileNotFoundError(f"hflip=True needs '{flip_path}' (--mode=extract "
+                    raise MissingFile(f"hflip=True needs '{flip_path}' (--mode=extract "
                                             "--extract_flip=True), or set --hflip=False")
-                self.flipped = np.load(flip_path, mmap_mode='r')
+                self.flipped = load_array(flip_path, "python diffusion.py --mode=extract "
+                                          f"--split={split}", mmap_mode='r')
         else:
             self.images = read_images(cfg['data_dir'], split, cfg['image_size'])
         self.conditions, self.contract = read_conditions(cfg, split, len(self.images))
@@ -698,7 +705,7 @@ def load_public_dit(model, path):
     paper's fork's DiTSEM (cond='dlc'; it trains a torch.compile'd model, so its
     model.safetensors and EMA custom_checkpoint_0.pkl prefix every key with '_orig_mod.')."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"DiT weights '{path}' not found; download DiT-XL-2-256x256.pt "
+        raise MissingFile(f"DiT weights '{path}' not found; download DiT-XL-2-256x256.pt "
                                 "from https://dl.fbaipublicfiles.com/DiT/models/ and set "
                                 "--init_from to its path")
     state = read_safetensors(path) if path.endswith('.safetensors') else \
@@ -806,13 +813,19 @@ def drop_condition(y, drop, cond, null):
 
 
 def train(cfg):
+    check_counts(cfg, 'batch_size', 'micro_batch_size', 'max_iters', 'log_interval',
+                 'ckpt_interval', 'num_sampling_steps', 'image_size')
+    check_counts(cfg, 'sample_interval', 'n_grid', minimum=0)
+    check_finite(cfg, 'learning_rate', 'weight_decay', 'grad_clip', low=0.0)
+    check_finite(cfg, 'ema_decay', 'class_dropout_prob', low=0.0, high=1.0)
+    check_finite(cfg, 'cfg_scale')
     rank, world, device = setup_distributed(cfg['device'])
     c, master = cfg, rank == 0
     device_type = 'cuda' if 'cuda' in device else 'cpu'
     check_sampler(c['objective'], c['sampler'])
     micro = c['micro_batch_size']
     if c['batch_size'] % (world * micro):
-        raise ValueError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) "
+        raise UserError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) "
                          f"x micro_batch_size ({micro})")
     accum = c['batch_size'] // (world * micro)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -966,12 +979,10 @@ def write_sample_grid(ema, c, data, x_shape, device, path):
 # Checkpoints, images
 
 def load_checkpoint(path):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"diffusion checkpoint '{path}' not found: train one first "
-                                f"(python diffusion.py <config> --out_dir="
-                                f"{os.path.dirname(path) or '.'}), or for the class-conditional "
-                                "baseline download DiT-XL-2-256x256.pt (dl.fbaipublicfiles.com)")
-    return torch.load(path, map_location='cpu', weights_only=True)
+    return read_checkpoint(path, f"python diffusion.py <config> --out_dir="
+                                 f"{os.path.dirname(path) or '.'} (train it), or for the "
+                                 "class-conditional baseline download DiT-XL-2-256x256.pt "
+                                 "(dl.fbaipublicfiles.com)")
 
 
 def model_from_checkpoint(ckpt, weights='ema'):
@@ -1080,13 +1091,20 @@ def images_from_codes(cfg, ckpt, conditions, n, desc):
 
 
 def recon(cfg):
-    ckpt = load_checkpoint(os.path.join(cfg['out_dir'], 'diffusion.pt'))
+    ckpt_path = os.path.join(cfg['out_dir'], 'diffusion.pt')
+    ckpt = load_checkpoint(ckpt_path)
+    check_counts(cfg, 'n_recon', 'micro_batch_size', 'num_sampling_steps')
     images = read_images(cfg['data_dir'], cfg['split'], ckpt['image_size'])
     n = min(cfg['n_recon'], len(images))
     conditions, contract = read_conditions(dict(cfg, cond=ckpt['cond']), cfg['split'],
                                            len(images))
     if contract:
         check_fits(contract, ckpt['L'], ckpt['V'], cfg['codes_dir'], f"the DiT in {cfg['out_dir']}")
+        check_same_tokenizer(contract['codes_id'], os.path.join(cfg['codes_dir'], SIDECAR),
+                             ckpt.get('codes_id'), ckpt_path,
+                             "point --codes_dir at the dumps the DiT was trained on, or train a "
+                             f"DiT on these (python diffusion.py --codes_dir={cfg['codes_dir']})",
+                             cfg['allow_mix'])
     recons = images_from_codes(cfg, ckpt, conditions, n, 'recon')
     sources = np.stack([np.array(images[i]) for i in range(min(n, 32))])
     pairs = np.stack([sources, recons[:32]], axis=1).reshape(-1, *sources.shape[1:])
@@ -1104,19 +1122,25 @@ def decode(cfg):
     first 64. Under torchrun the processes share the chunks of micro_batch_size codes, each
     saved to <name>_images.parts/ once drawn, so the same command relaunched draws only those
     missing (cluster.draw_in_chunks)."""
+    check_counts(cfg, 'micro_batch_size', 'num_sampling_steps')
     rank, world, device = setup_distributed(cfg['device'])
     ckpt_path = os.path.join(cfg['out_dir'], 'diffusion.pt')
     ckpt = load_checkpoint(ckpt_path)
     if ckpt['cond'] != 'dlc':
-        raise ValueError(f"--mode=decode needs a DLC-conditioned DiT; {cfg['out_dir']} has "
+        raise UserError(f"--mode=decode needs a DLC-conditioned DiT; {cfg['out_dir']} has "
                          f"cond='{ckpt['cond']}'")
     if not cfg['codes_path']:
-        raise ValueError("--mode=decode reads the codes in --codes_path (an .npy dump, e.g. "
+        raise UserError("--mode=decode reads the codes in --codes_path (an .npy dump, e.g. "
                          "prior.py's samples.npy)")
     if not os.path.exists(cfg['codes_path']):
-        raise FileNotFoundError(f"--codes_path '{cfg['codes_path']}' not found")
-    codes = check_codes(np.load(cfg['codes_path'], mmap_mode='r'), ckpt['L'], ckpt['V'],
-                        cfg['codes_path'], fix="give a dump of codes the DiT was trained on")
+        raise MissingFile(f"--codes_path '{cfg['codes_path']}' not found")
+    codes = check_codes(load_array(cfg['codes_path'], 'the command that wrote it', mmap_mode='r'),
+                        ckpt['L'], ckpt['V'], cfg['codes_path'],
+                        fix="give a dump of codes the DiT was trained on")
+    identity, where = read_identity(cfg['codes_path'])
+    check_same_tokenizer(identity, where or cfg['codes_path'], ckpt.get('codes_id'), ckpt_path,
+                         "decode them with a DiT trained on that tokenizer's codes (--out_dir), "
+                         "or draw codes from a model trained on this DiT's", cfg['allow_mix'])
     check_sampler(ckpt['objective'], cfg['sampler'])
     model = model_from_checkpoint(ckpt).to(device)
     vae = load_vae(cfg['vae_path']).to(device) if ckpt['space'] == 'latent' else None
@@ -1141,11 +1165,14 @@ def decode(cfg):
     return images
 
 
-if __name__ == '__main__':
-    cfg = configure(CONFIG, sys.argv[1:])
+def main(cfg):
     if cfg['mode'] == 'train':
         handle_preemption_signals()
     modes = {'train': train, 'extract': extract, 'recon': recon, 'decode': decode}
     if cfg['mode'] not in modes:
-        raise ValueError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")
-    modes[cfg['mode']](cfg)
+        raise UserError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")
+    return modes[cfg['mode']](cfg)
+
+
+if __name__ == '__main__':
+    command_line(CONFIG, sys.argv[1:], main, __file__)

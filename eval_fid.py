@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import configure
+from configurator import MissingFile, UserError, command_line
 from images import image_files, load_image
 
 # -----------------------------------------------------------------------------
@@ -224,7 +224,7 @@ class FIDInception(nn.Module):
 
 def load_inception(path, device):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Inception weights '{path}' not found; download them from "
+        raise MissingFile(f"Inception weights '{path}' not found; download them from "
                                 f"{WEIGHTS_URL} and set --inception_path to the file")
     state = torch.load(path, map_location='cpu', weights_only=True)
     state = {k_: v for k_, v in state.items() if not k_.endswith('num_batches_tracked')}  # unused
@@ -240,11 +240,11 @@ def read_images(path, size=256):
     """uint8 (N, H, W, 3) from an .npz (arr_0), or from a folder of images (any depth, sorted
     relative paths, as images.py lists them) in ADM's view at size x size."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"images '{path}' not found")
+        raise MissingFile(f"images '{path}' not found")
     if os.path.isdir(path):
         files = [f for _, f in image_files(path)]
         if not files:
-            raise ValueError(f"no images in folder '{path}'")
+            raise UserError(f"no images in folder '{path}'")
         print(f"{path}: {len(files)} images in ADM's view (center_crop_arr: center crop, "
               f"resized to {size} x {size})")
         return np.stack([load_image(f, size) for f in files])
@@ -255,7 +255,7 @@ def read_images(path, size=256):
 
 def check_images(images, name):
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"'{name}' holds {images.dtype} images of shape {images.shape}; expected "
+        raise UserError(f"'{name}' holds {images.dtype} images of shape {images.shape}; expected "
                          "uint8 (N, H, W, 3), as sample.py writes (arr_0)")
 
 
@@ -281,7 +281,7 @@ def preprocess(images, how):
         return (tf_bilinear_resize(x, 299) - 128) / 128
     if how == 'torch':
         return 2 * F.interpolate(x / 255, size=(299, 299), mode='bilinear', align_corners=False) - 1
-    raise ValueError(f"--resize={how} is not 'tf' or 'torch'")
+    raise UserError(f"--resize={how} is not 'tf' or 'torch'")
 
 
 @torch.no_grad()
@@ -301,7 +301,7 @@ def features(model, images, cfg):
 
 def statistics(feats):
     if len(feats) < 2:
-        raise ValueError(f"{len(feats)} images: a covariance needs at least 2 (FID is biased below "
+        raise UserError(f"{len(feats)} images: a covariance needs at least 2 (FID is biased below "
                          f"{feats.shape[1]}: use 10,000 or more)")
     return feats.mean(0), np.cov(feats, rowvar=False)
 
@@ -350,7 +350,7 @@ def knn_radii(feats, k, block=10000):
     row of distances, the point itself being entry 0 (ADM's manifold_radii). A duplicate of the
     point counts as a neighbour at distance 0, as in ADM."""
     if len(feats) <= k:
-        raise ValueError(f"{len(feats)} images: precision and recall with k={k} need more than {k}")
+        raise UserError(f"{len(feats)} images: precision and recall with k={k} need more than {k}")
     norms = sq_norms(feats)
     radii = np.empty(len(feats))
     for start in range(0, len(feats), block):
@@ -419,9 +419,12 @@ def evaluate(cfg):
     return scores
 
 
-if __name__ == '__main__':
-    cfg = configure(CONFIG, sys.argv[1:])
+def main(cfg):
     if not cfg['samples'] or not cfg['ref']:
-        raise SystemExit("usage: python eval_fid.py --samples=<npz or folder> "
-                         "--ref=<ADM reference npz or images>")
-    evaluate(cfg)
+        raise UserError("eval_fid.py needs --samples=<npz or folder> and --ref=<ADM reference npz "
+                        "or images> (python eval_fid.py --help)")
+    return evaluate(cfg)
+
+
+if __name__ == '__main__':
+    command_line(CONFIG, sys.argv[1:], main, __file__)

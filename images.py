@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from configurator import MissingFile, UserError
+
 EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm')
 
 
@@ -83,8 +85,8 @@ class ImageFolder(torch.utils.data.Dataset):
         self.root, self.size = os.path.join(data_dir, split), size
         found = image_files(self.root)
         if not found:
-            raise FileNotFoundError(f"no images under '{self.root}' (files ending in "
-                                    f"{', '.join(EXTENSIONS)})")
+            raise MissingFile(f"no images under '{self.root}' (files ending in "
+                              f"{', '.join(EXTENSIONS)})")
         nested = {rel.split('/')[0] for rel, _ in found if '/' in rel}
         if nested and len(nested) != len({rel.split('/')[0] for rel, _ in found}):
             flat = next(rel for rel, _ in found if '/' not in rel)
@@ -123,7 +125,8 @@ def load_image(path, size):
             left, top = (im.width - size) // 2, (im.height - size) // 2
             return np.asarray(im.crop((left, top, left + size, top + size))).copy()
     except Exception as e:
-        raise RuntimeError(f"cannot read image '{path}' ({e}); remove or replace it") from None
+        raise UserError(f"cannot read image '{path}' ({e}); remove or replace it (or restore it "
+                        "from the dataset's archive)") from None
 
 
 def array_path(data_dir, split):
@@ -136,7 +139,7 @@ def has_split(data_dir, split):
 
 
 def missing_split(data_dir, split):
-    return FileNotFoundError(
+    return MissingFile(
         f"no split '{split}' in '{data_dir}': expected {array_path(data_dir, split)} (python "
         f"data/shapes/prepare.py writes the built-in ones) or a folder {data_dir}/{split}/ of "
         "images (class subfolders, or flat)")

@@ -7,6 +7,7 @@ from PIL import Image
 
 import diffusion as D
 import tokenizer as T
+from configurator import UserError
 from images import EXTENSIONS, ImageFolder, load_image
 
 
@@ -74,5 +75,5 @@ def test_a_class_conditional_dit_reads_a_flat_splits_labels_and_says_when_there_
 def test_an_unreadable_image_is_named(tmp_path):
     (tmp_path / 'val').mkdir()
     (tmp_path / 'val' / 'broken.jpg').write_bytes(b'not a jpeg')
-    with pytest.raises(RuntimeError, match='broken.jpg'):
+    with pytest.raises(UserError, match='broken.jpg'):
         load_image(str(tmp_path / 'val' / 'broken.jpg'), 16)

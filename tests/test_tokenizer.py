@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import conftest
 from codes import load_codes, read_contract
+from configurator import UserError
 from conftest import ROOT
 from images import load_image
 import tokenizer as T
@@ -556,7 +557,7 @@ def test_image_folders_are_read_in_sorted_order_and_a_corrupt_image_is_named(tra
     assert list(dataset.labels) == [0, 0, 0, 1, 1, 1] and dataset.files[0].endswith('a_class/0.png')
     assert codes.shape == (6, 4)
     (root / 'a_class' / '1.png').write_bytes(b'not an image')
-    with pytest.raises(RuntimeError, match='a_class/1.png'):
+    with pytest.raises(UserError, match='a_class/1.png'):
         T.dump(cfg)
 
 
