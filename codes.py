@@ -16,11 +16,11 @@ not its tensors), with a note to dump again.
 Runs are tied together by identities. A tokenizer run draws an id when it starts (kept in its
 checkpoint through resumes); its codes' identity is '<id>@<iteration>', recorded in codes.json
 beside a fingerprint of the images each split encoded (a hash of an array's header and some of its
-rows, or of a folder's file names and sizes). Every checkpoint trained on codes keeps the identity
-of its codes, and so does the .json written beside sampled codes (<stem>.json). A consumer that
-meets codes, images or checkpoints of different runs refuses them (check_same_tokenizer,
-check_same_images), naming both files and what to rerun; allow_mix=True uses them together anyway.
-Artifacts written before identities existed are used with a note.
+rows, or of the relative paths and sizes of a folder's images). Every checkpoint trained on codes
+keeps the identity of its codes, and so does the .json written beside sampled codes (<stem>.json).
+A consumer that meets codes, images or checkpoints of different runs refuses them
+(check_same_tokenizer, check_same_images), naming both files and what to rerun; allow_mix=True
+uses them together anyway. Artifacts written before identities existed are used with a note.
 """
 import hashlib
 import json
@@ -32,6 +32,7 @@ import torch
 
 from cluster import save_atomic
 from configurator import MissingFile, UserError
+from images import array_path, image_files
 
 SIDECAR = 'codes.json'
 
@@ -194,22 +195,18 @@ def tokenizer_identity(ckpt):
 
 def fingerprint_images(data_dir, split):
     """A short hash of the images of a split, cheap at ImageNet scale: an array's header and 64 of
-    its rows spread over it (memory-mapped), or a folder's relative file paths and sizes. None when
-    data_dir holds no such split."""
+    its rows spread over it (memory-mapped), or a folder's images (images.py lists them: other
+    files do not count) by relative path and size. None when data_dir holds no such split."""
     h = hashlib.sha1()
-    array = os.path.join(data_dir, f'{split}_images.npy')
-    folder = os.path.join(data_dir, split)
-    if os.path.exists(array):
-        images = load_array(array, 'python data/shapes/prepare.py', mmap_mode='r')
+    if os.path.exists(array_path(data_dir, split)):
+        images = load_array(array_path(data_dir, split), 'python data/shapes/prepare.py',
+                            mmap_mode='r')
         h.update(f'{images.shape} {images.dtype}'.encode())
         for i in np.unique(np.linspace(0, len(images) - 1, 64).astype(np.int64)) if len(images) else []:
             h.update(np.ascontiguousarray(images[i]).tobytes())
-    elif os.path.isdir(folder):
-        for dirpath, dirs, names in sorted(os.walk(folder)):
-            dirs.sort()
-            for name in sorted(names):
-                path = os.path.join(dirpath, name)
-                h.update(f'{os.path.relpath(path, folder)} {os.path.getsize(path)}\n'.encode())
+    elif os.path.isdir(os.path.join(data_dir, split)):
+        for relative, path in image_files(os.path.join(data_dir, split)):
+            h.update(f'{relative} {os.path.getsize(path)}\n'.encode())
     else:
         return None
     return h.hexdigest()[:16]

@@ -23,7 +23,8 @@ else of the split's own folder:
 
 Each image is read in ADM's view (center_crop_arr): halved with a box filter while its short side
 is at least twice the size, resized bicubic so the short side is the size, then its central square.
-An unreadable image stops the run with its path.
+A user's mistake here (no images, a folder mixing both layouts, an unreadable image, a labels
+file that does not fit) is a configurator.UserError, one line naming the file and the fix.
 """
 import os
 
@@ -63,8 +64,8 @@ def read_labels_file(path, classes, n):
     with open(path, encoding='utf-8') as f:
         lines = [line.strip() for line in f.read().splitlines()]
     if len(lines) != n:
-        raise ValueError(f"labels '{path}' has {len(lines)} lines for {n} images; it needs a "
-                         "line per image, in the sorted order of their paths")
+        raise UserError(f"labels '{path}' has {len(lines)} lines for {n} images; it needs a "
+                        "line per image, in the sorted order of their paths")
     index = {name: i for i, name in enumerate(classes)}
     labels = []
     for line_no, line in enumerate(lines, 1):
@@ -73,8 +74,8 @@ def read_labels_file(path, classes, n):
         elif line.isdigit():
             labels.append(int(line))
         else:
-            raise ValueError(f"labels '{path}' line {line_no}: '{line}' is neither a class folder "
-                             "name of the train split nor an index")
+            raise UserError(f"labels '{path}' line {line_no}: '{line}' is neither a class folder "
+                            "name of the train split nor an index")
     return np.array(labels, dtype=np.int64)
 
 
@@ -90,8 +91,8 @@ class ImageFolder(torch.utils.data.Dataset):
         nested = {rel.split('/')[0] for rel, _ in found if '/' in rel}
         if nested and len(nested) != len({rel.split('/')[0] for rel, _ in found}):
             flat = next(rel for rel, _ in found if '/' not in rel)
-            raise ValueError(f"'{self.root}' holds images both at its top ('{flat}') and in "
-                             "subfolders: put every image in a class subfolder, or none")
+            raise UserError(f"'{self.root}' holds images both at its top ('{flat}') and in "
+                            "subfolders: put every image in a class subfolder, or none")
         self.files = [path for _, path in found]
         self.classes = class_names(data_dir, split)
         self.labels = None
@@ -99,8 +100,8 @@ class ImageFolder(torch.utils.data.Dataset):
             index = {name: i for i, name in enumerate(self.classes)}
             unknown = sorted(nested - set(index))
             if unknown:
-                raise ValueError(f"class folders {unknown[:3]} of '{self.root}' are not among the "
-                                 f"train split's classes in '{data_dir}/train'")
+                raise UserError(f"class folders {unknown[:3]} of '{self.root}' are not among the "
+                                f"train split's classes in '{data_dir}/train'")
             self.labels = np.array([index[rel.split('/')[0]] for rel, _ in found], dtype=np.int64)
         elif os.path.exists(os.path.join(data_dir, f'{split}_labels.txt')):
             self.labels = read_labels_file(os.path.join(data_dir, f'{split}_labels.txt'),

@@ -812,14 +812,13 @@ def train(cfg):
     device_type = 'cuda' if 'cuda' in device else 'cpu'
     autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if device_type == 'cuda'
                 else nullcontext())
-    os.makedirs(c['out_dir'], exist_ok=True)
-    ckpt_path = os.path.join(c['out_dir'], 'tokenizer.pt')
-
     split = c['train_split']
     dataset = open_split(c['data_dir'], split, load_size(c['image_size'], c['data_dir'], split))
     if len(dataset) < c['batch_size']:
         raise UserError(f"split '{split}' has {len(dataset)} images, fewer than "
                          f"batch_size={c['batch_size']}")
+    os.makedirs(c['out_dir'], exist_ok=True)
+    ckpt_path = os.path.join(c['out_dir'], 'tokenizer.pt')
 
     model_args = model_args_from(c)
     torch.manual_seed(c['seed'])

@@ -19,13 +19,15 @@ import tokenizer as T
 from codes import read_identity, write_identity
 from conftest import ROOT, run_script
 from configurator import command_line
+from data.shapes import demo
 from data.shapes import score as SC
 from images import load_image
 
 SCRIPTS = ['tokenizer.py', 'diffusion.py', 'prior.py', 'text2dlc.py', 'sample.py', 'eval_fid.py',
-           'bench.py', 'data/shapes/prepare.py', 'data/shapes/score.py', 'data/shapes/results.py']
+           'bench.py', 'data/shapes/prepare.py', 'data/shapes/score.py', 'data/shapes/results.py',
+           'data/shapes/demo.py']
 MODULES = {'tokenizer': T, 'diffusion': D, 'prior': P, 'text2dlc': X, 'sample': S, 'score': SC,
-           'prepare': shapes}
+           'prepare': shapes, 'demo': demo}
 
 
 @pytest.fixture(scope='module')
@@ -127,6 +129,14 @@ def test_help_gives_the_purpose_the_modes_and_every_config_key(script):
     if script in ('prior.py', 'diffusion.py'):
         assert '--mode=sample' in text or '--mode=recon' in text
         assert "'train' |" in text                  # the comment of the mode key
+
+
+def test_the_help_list_holds_every_script_of_the_repository():
+    scripts = [os.path.relpath(os.path.join(folder, name), ROOT)
+               for folder in (ROOT, os.path.join(ROOT, 'data', 'shapes'))
+               for name in sorted(os.listdir(folder)) if name.endswith('.py')
+               and "if __name__ == '__main__':" in open(os.path.join(folder, name)).read()]
+    assert sorted(scripts) == sorted(SCRIPTS)
 
 
 # -- runs that do not belong together ---------------------------------------------------------

@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:                # run as a script: the repository's modules
     sys.path.insert(0, ROOT)
-from configurator import configure  # noqa: E402
+from configurator import MissingFile, UserError, command_line  # noqa: E402
 from data.shapes.results import short_prompts  # noqa: E402
 from data.shapes.score import held_out_pair_groups, load_meta, reconstruction_scores  # noqa: E402
 
@@ -343,7 +343,14 @@ def report(cfg, ran):
 def main(cfg):
     unknown = set(cfg['extra']) - set(SCRIPTS)
     if unknown:
-        raise ValueError(f"extra names {sorted(unknown)}: its keys are scripts, {SCRIPTS}")
+        raise UserError(f"--extra names {sorted(unknown)}: its keys are scripts, {SCRIPTS}")
+    for name in ('val_images.npy', 'val_factors.npy'):     # what the report reads of the data
+        if not os.path.exists(f"{cfg['data_dir']}/{name}"):
+            raise MissingFile(f"'{cfg['data_dir']}/{name}' not found: --data_dir is the built-in "
+                              "data (python data/shapes/prepare.py writes it)")
+    if cfg['report_only'] and not os.path.isdir(cfg['out_dir']):
+        raise MissingFile(f"--report_only=True reads a demo's folder; '{cfg['out_dir']}' is not "
+                          "there: run python data/shapes/demo.py first, or set --out_dir")
     if cfg['report_only']:          # the commands and times of the run that made out_dir
         path = f"{cfg['out_dir']}/demo.json"
         ran = {}
@@ -358,5 +365,6 @@ def main(cfg):
 
 
 if __name__ == '__main__':
+    path = os.path.abspath(__file__)
     os.chdir(ROOT)
-    main(configure(CONFIG, sys.argv[1:]))
+    command_line(CONFIG, sys.argv[1:], main, path)
