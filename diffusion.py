@@ -105,6 +105,8 @@ warmup_iters = 0                # linear warm-up, then a constant learning rate 
 cooldown_frac = 0.0             # > 0: the lr falls linearly to 0 over this last share of max_iters
 optimizer = 'adamw'             # 'adamw' (DiT's) | 'muon': the blocks' matrices by Muon, the rest AdamW
 muon_lr = 2e-3                  # optimizer='muon': the matrices' lr (updates at AdamW's RMS)
+cond_lr_mult = 1.0              # the condition's embedding tables (code or label) train at
+                                # learning_rate x this (1 = DiT's single lr)
 grad_clip = 1.0                 # max gradient norm; 0 = no clipping (the paper's DiT)
 ema_decay = 0.9999
 ema_warmup = True               # decay min(ema_decay, (1 + it) / (10 + it)); False: ema_decay
@@ -766,19 +768,25 @@ class Muon(torch.optim.Optimizer):
 def make_optimizers(model, c):
     """AdamW on every parameter (DiT's); or Muon on the transformer blocks' matrices and AdamW on
     the rest (embeddings, code tables, the final layer, biases and norms), as in modded-nanogpt.
-    Weight decay, if any, on matrices only."""
+    The condition's tables may train at a multiple of the lr (cond_lr_mult): each code table row
+    enters the embedding with weight 1/L, so at one lr the code embedding moves slowest of all.
+    Weight decay, if any, on matrices only. Each group keeps its peak lr as 'peak_lr'."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     muon = [p for n, p in params if c['optimizer'] == 'muon' and n.startswith('blocks.')
             and p.ndim == 2]
-    rest = [p for _, p in params if not any(p is q for q in muon)]
-    adamw = torch.optim.AdamW(
-        [dict(params=[p for p in rest if p.ndim >= 2], weight_decay=c['weight_decay']),
-         dict(params=[p for p in rest if p.ndim < 2], weight_decay=0.0)],
-        lr=c['learning_rate'], betas=(0.9, 0.999), fused=True)
-    if not muon:
-        return [(adamw, c['learning_rate'])]
-    return [(adamw, c['learning_rate']), (Muon(muon, c['muon_lr'], weight_decay=c['weight_decay']),
-                                          c['muon_lr'])]
+    tables = [p for n, p in params if n.startswith(('sem_embedder.', 'y_embedder.'))]
+    rest = [p for _, p in params if not any(p is q for q in muon + tables)]
+    lr = c['learning_rate']
+    groups = [dict(params=[p for p in rest if p.ndim >= 2], weight_decay=c['weight_decay'],
+                   peak_lr=lr),
+              dict(params=[p for p in rest if p.ndim < 2], weight_decay=0.0, peak_lr=lr),
+              dict(params=tables, weight_decay=0.0, peak_lr=lr * c['cond_lr_mult'])]
+    optimizers = [torch.optim.AdamW([g for g in groups if g['params']], lr=lr, betas=(0.9, 0.999),
+                                    fused=True)]
+    if muon:
+        optimizers.append(Muon([dict(params=muon, peak_lr=c['muon_lr'])], c['muon_lr'],
+                               weight_decay=c['weight_decay']))
+    return optimizers
 
 
 def ema_decay_at(it, c):
@@ -816,9 +824,12 @@ def train(cfg):
     check_counts(cfg, 'batch_size', 'micro_batch_size', 'max_iters', 'log_interval',
                  'ckpt_interval', 'num_sampling_steps', 'image_size')
     check_counts(cfg, 'sample_interval', 'n_grid', minimum=0)
-    check_finite(cfg, 'learning_rate', 'weight_decay', 'grad_clip', low=0.0)
-    check_finite(cfg, 'ema_decay', 'class_dropout_prob', low=0.0, high=1.0)
+    check_finite(cfg, 'learning_rate', 'muon_lr', 'cond_lr_mult', 'weight_decay', 'grad_clip',
+                 low=0.0)
+    check_finite(cfg, 'ema_decay', 'class_dropout_prob', 'cooldown_frac', low=0.0, high=1.0)
     check_finite(cfg, 'cfg_scale')
+    if cfg['optimizer'] not in ('adamw', 'muon'):
+        raise UserError(f"--optimizer={cfg['optimizer']} is not one of 'adamw', 'muon'")
     rank, world, device = setup_distributed(cfg['device'])
     c, master = cfg, rank == 0
     device_type = 'cuda' if 'cuda' in device else 'cpu'
@@ -849,15 +860,13 @@ def train(cfg):
         load_public_dit(model, c['init_from'])
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    if c['optimizer'] not in ('adamw', 'muon'):
-        raise ValueError(f"optimizer='{c['optimizer']}' is not one of 'adamw', 'muon'")
     optimizers = make_optimizers(model, c)
     iter_num = 0
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         model.load_state_dict(ckpt['model'])
         ema.load_state_dict(ckpt['ema'])
-        for (opt, _), key in zip(optimizers, ('optimizer', 'muon')):
+        for opt, key in zip(optimizers, ('optimizer', 'muon')):
             opt.load_state_dict(ckpt[key])
         iter_num = ckpt['iter_num']
         if master:
@@ -878,8 +887,8 @@ def train(cfg):
 
     def save():
         save_atomic(dict(model=raw_model.state_dict(), ema=ema.state_dict(),
-                         **{key: opt.state_dict() for (opt, _), key in zip(optimizers,
-                                                                           ('optimizer', 'muon'))},
+                         **{key: opt.state_dict() for opt, key in zip(optimizers,
+                                                                      ('optimizer', 'muon'))},
                          model_args=model_args, config=dict(c),
                          iter_num=iter_num, world_size=world, image_size=c['image_size'],
                          space='latent' if data.latent else 'pixel', cond=c['cond'],
@@ -897,9 +906,9 @@ def train(cfg):
     t0, history = time.time(), []
     while iter_num < stop:
         it = iter_num
-        for opt, peak in optimizers:
+        for opt in optimizers:
             for g in opt.param_groups:
-                g['lr'] = learning_rate_at(it, c, peak)
+                g['lr'] = learning_rate_at(it, c, g['peak_lr'])
         lr = learning_rate_at(it, c, c['learning_rate'])
         t_all, noise_all, drop_all = draw_global_batch(it, c, x_shape)
         loss_sum = torch.zeros((), device=device)
@@ -925,7 +934,7 @@ def train(cfg):
                 f"loss is {loss_sum.item()} (gradient norm {grad_norm.item()}) at iteration {it}; "
                 f"{ckpt_path} keeps the last good state. Lower learning_rate or add warmup_iters, "
                 "then continue with --init_from=resume")
-        for opt, _ in optimizers:
+        for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
         with torch.no_grad():

@@ -575,7 +575,7 @@ def train(cfg):
                  'ckpt_interval')
     check_counts(cfg, 'eval_interval', 'n_eval', minimum=0)
     check_finite(cfg, 'learning_rate', 'weight_decay', 'grad_clip', low=0.0)
-    check_finite(cfg, 'ema_decay', 'dropout', low=0.0, high=1.0)
+    check_finite(cfg, 'ema_decay', 'dropout', 'cooldown_frac', low=0.0, high=1.0)
     rank, world, device = setup_distributed(cfg['device'])
     c, master = cfg, rank == 0
     device_type = 'cuda' if 'cuda' in device else 'cpu'

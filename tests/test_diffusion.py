@@ -511,10 +511,20 @@ def test_muon_trains_the_blocks_matrices_and_adamw_the_rest_and_both_resume(shap
     muon_ids = {i for g in ckpt['muon']['param_groups'] for i in g['params']}
     model = D.DiT(**ckpt['model_args'])
     opts = D.make_optimizers(model, cfg)
-    assert len(opts) == 2 and all(p.ndim == 2 for p in opts[1][0].param_groups[0]['params'])
+    assert len(opts) == 2 and all(p.ndim == 2 for p in opts[1].param_groups[0]['params'])
     assert len(muon_ids) == 5 * len(model.blocks)     # qkv, proj, fc1, fc2, adaLN per block
     D.train(dict(cfg, max_iters=6, init_from='resume'))
     assert D.load_checkpoint(str(tmp_path / 'm' / 'diffusion.pt'))['iter_num'] == 6
+
+
+def test_the_condition_tables_can_train_at_a_multiple_of_the_lr():
+    cfg = dict(D.CONFIG, learning_rate=1e-3, cond_lr_mult=10.0)
+    model = tiny_dit()
+    (adamw,) = D.make_optimizers(model, cfg)
+    table = model.sem_embedder.embedding_table
+    peak = {id(p): g['peak_lr'] for g in adamw.param_groups for p in g['params']}
+    assert peak[id(table)] == pytest.approx(1e-2) and peak[id(model.x_embedder.proj.weight)] == 1e-3
+    assert len(peak) == sum(p.requires_grad for p in model.parameters())   # each trained one, once
 
 
 def test_flow_draws_its_training_t_from_a_logit_normal_of_constant_mean():
