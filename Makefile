@@ -1,10 +1,8 @@
-# make demo: set up, build the built-in data, train every stage briefly on the CPU, report.
-# Stages: tokenizer (train, dump the codes of every split, probe, then the scorer's report: how
-# the codes' positions carry the factors, and how held-out pairs read), diffusion (train,
-# reconstructions of val codes and of ood codes, scored), prior (train, held-out ELBO, samples
-# read by the probe), the text model (train, codes for a few prompts), a class-conditional DiT
-# (the baseline), then every sample.py mode (recon, uncond, compose, class, text) and one table
-# of their scores. The trainers write arrays; data/shapes/score.py scores them.
+# make demo: set up, build the built-in data, then every stage of the pipeline with the built-in
+# configs at full length (data/shapes/demo.py lists them): the tokenizer (train, dump the codes,
+# probe), then the DiT (train, reconstructions of val codes) beside the prior and the text model,
+# then sample.py's uncond, compose and text modes; one table of each stage's wall time and quality
+# against its floor, out-demo/demo.json and one labeled picture, out-demo/demo.png.
 # make test: set up, then the test suite.
 PYTHON ?= python3
 VENV := .venv
@@ -24,30 +22,7 @@ data/shapes/meta.json: data/shapes/prepare.py $(VENV)/.installed
 	$(PY) data/shapes/prepare.py
 
 demo: venv data
-	$(PY) tokenizer.py config/tokenizer_shapes.py --out_dir=$(DEMO)
-	$(PY) tokenizer.py config/tokenizer_shapes.py --out_dir=$(DEMO) --mode=dump
-	$(PY) tokenizer.py config/tokenizer_shapes.py --out_dir=$(DEMO) --mode=probe
-	$(PY) data/shapes/score.py --codes_dir=$(DEMO)
-	$(PY) diffusion.py config/diffusion_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --max_iters=3000 --sample_interval=3000
-	$(PY) diffusion.py config/diffusion_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=recon --n_recon=200
-	$(PY) data/shapes/score.py --images=$(DEMO)/recon_val.npz --split=val
-	$(PY) diffusion.py config/diffusion_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=recon --n_recon=200 --split=ood
-	$(PY) data/shapes/score.py --images=$(DEMO)/recon_ood.npz --split=ood
-	$(PY) prior.py config/prior_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --max_iters=600
-	$(PY) prior.py config/prior_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=eval
-	$(PY) prior.py config/prior_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=sample \
-		--n_samples=1000 --num_steps=32 --remask_eta=0.05
-	$(PY) data/shapes/score.py --samples=$(DEMO)/samples.npy --codes_dir=$(DEMO)
-	$(PY) text2dlc.py config/text2dlc_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --max_iters=2000
-	$(PY) text2dlc.py config/text2dlc_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO) --mode=sample \
-		--prompts='a red square|a small green circle|a large blue triangle on a white background'
-	$(PY) data/shapes/score.py --samples=$(DEMO)/text_codes.npy --prompts=$(DEMO)/text_codes_prompts.txt \
-		--codes_dir=$(DEMO)
-	$(PY) diffusion.py config/diffusion_shapes.py --codes_dir=$(DEMO) --out_dir=$(DEMO)/class --max_iters=1500 \
-		--sample_interval=1500 --cond=class --num_classes=18
-	$(PY) sample.py config/sample_shapes.py --mode=recon,uncond,compose,class,text --out_dir=$(DEMO)/samples \
-		--tokenizer_dir=$(DEMO) --diffusion_dir=$(DEMO) --prior_dir=$(DEMO) --text2dlc_dir=$(DEMO) \
-		--class_dit=$(DEMO)/class/diffusion.pt
+	$(PY) data/shapes/demo.py --out_dir=$(DEMO)
 
 test: venv
 	$(PY) -m pytest -q tests
@@ -58,7 +33,8 @@ results: venv data
 	$(PY) data/shapes/results.py
 
 # make clean: every output folder of make demo, make results, the README's built-in commands and
-# the scripts' defaults. Kept: the data, docs/ and assets/, and the ImageNet runs' out-imagenet-*.
+# the scripts' defaults. Kept: the data, docs/ and assets/, and the multi-day runs' out-imagenet-*
+# and out-folder-*.
 clean:
 	rm -rf $(DEMO) out-shapes out-shapes-* out-oracle out-results \
 		out-tokenizer out-diffusion out-prior out-text2dlc out-samples

@@ -28,7 +28,7 @@ from contextlib import nullcontext
 
 import torch
 
-from configurator import configure
+from configurator import UserError, command_line
 
 component = 'dit'               # 'dit' | 'tokenizer' | 'prior' | 'text2dlc' | 'contract'
 model = 'DiT-XL/2'
@@ -205,14 +205,18 @@ def contract_memory(c):
             print(f"  {name:<40} {float(out[-1]):8.0f} MB   (L = {out[-2]})")
 
 
-if __name__ == '__main__':
-    c = configure(CONFIG, sys.argv[1:])
+def main(c):
     if c['component'] == 'contract':
-        contract_memory(c)
-        sys.exit()
+        return contract_memory(c)
+    for key in ('batch_size', 'steps', 'sample_steps', 'L', 'V', 'image_size'):
+        if c[key] < 1:
+            raise UserError(f"--{key}={c[key]} must be at least 1")
     torch.backends.cuda.matmul.allow_tf32 = True
     step_fns = {'dit': dit_step_fn, 'tokenizer': tokenizer_step_fn, 'prior': prior_step_fn,
                 'text2dlc': text2dlc_step_fn}
+    if c['component'] not in step_fns:
+        raise UserError(f"--component={c['component']} is not one of "
+                        f"{sorted(step_fns) + ['contract']}")
     step, flops_per_item, unit, per_item = step_fns[c['component']](c)
     for _ in range(c['warmup']):
         step()
@@ -233,3 +237,7 @@ if __name__ == '__main__':
     if hasattr(step, 'sampling'):
         print(f"{c['component']} {name} sampling, {c['sample_steps']} steps, "
               f"batch {c['batch_size']}: {step.sampling():.2f} codes/s")
+
+
+if __name__ == '__main__':
+    command_line(CONFIG, sys.argv[1:], main, __file__)

@@ -41,6 +41,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from configurator import MissingFile, UserError
+
 PREEMPTED = 75          # the exit code of a preempted run (sysexits' EX_TEMPFAIL: "try again")
 _received = []          # the preemption signals this process has received
 
@@ -61,7 +63,7 @@ def resuming(cfg, ckpt_path):
     auto_resume and the file exists, so that a relaunched or restarted job continues by itself
     while its first launch starts as configured (from scratch or from init_from's weights)."""
     if cfg['init_from'] == 'resume' and not os.path.exists(ckpt_path):
-        raise FileNotFoundError(f"init_from='resume' but '{ckpt_path}' does not exist; start with "
+        raise MissingFile(f"init_from='resume' but '{ckpt_path}' does not exist; start with "
                                 "--init_from=scratch, or use --auto_resume=True to resume only "
                                 "when a checkpoint is there")
     return cfg['init_from'] == 'resume' or (cfg['auto_resume'] and os.path.exists(ckpt_path))
@@ -141,7 +143,7 @@ def draw_in_chunks(n, chunk_size, parts_dir, run_info, rank, world, draw, desc='
         if differ:
             changes = '; '.join(f"{k}: {saved.get(k)!r} there, {run_info.get(k)!r} now"
                                 for k in differ)
-            raise ValueError(f"{parts_dir} holds the chunks of a run with other settings "
+            raise UserError(f"{parts_dir} holds the chunks of a run with other settings "
                              f"({changes}): relaunch with that run's settings to finish it, or "
                              "delete the folder to start over")
     elif rank == 0:

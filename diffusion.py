@@ -37,13 +37,14 @@ Modes:  python diffusion.py [config.py] [--key=value ...]
     --mode=extract   writes out_dir/latents_<split>.npy (float16) with the SD-VAE encoder
     --mode=recon     the codes of a split -> DiT -> images: recon_<split>.npz and a PNG grid
                      beside the sources (on the built-in data, data/shapes/score.py scores them)
-    --mode=decode    any code dump (--codes_path: prior samples, composed codes) -> images: a
-                     PNG grid and an .npz
+    --mode=decode    every code of a dump (--codes_path: prior samples, composed codes) ->
+                     out_dir/<name>_images.npz and a PNG grid (torchrun; resumable)
 """
 import copy
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -56,10 +57,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from cluster import (exit_preempted, handle_preemption_signals, preemption_requested, resuming,
-                     save_atomic, setup_distributed)
-from codes import check_codes, check_fits, load_codes, read_contract
-from configurator import configure
+from cluster import (draw_in_chunks, exit_preempted, handle_preemption_signals,
+                     preemption_requested, resuming, save_atomic, setup_distributed)
+from codes import (SIDECAR, check_codes, check_fits, check_same_images, check_same_tokenizer,
+                   codes_identity, load_array, load_codes, read_checkpoint, read_contract,
+                   read_identity)
+from configurator import MissingFile, UserError, check_counts, check_finite, command_line
+from images import ImageFolder, array_path, missing_split   # a split: an array or a folder
 from vae import VAE_SCALE, load_vae, read_safetensors   # the frozen SD-VAE (ImageNet latents)
 
 # -----------------------------------------------------------------------------
@@ -71,7 +75,7 @@ out_dir = 'out-diffusion'
 init_from = 'scratch'           # 'scratch' | 'resume' | DiT weights (DiT-XL-2-256x256.pt, or
                                 # the paper's DiTSEM for cond='dlc')
 auto_resume = False             # resume from out_dir's checkpoint if there is one (cluster jobs)
-data_dir = 'data/imagenet'      # <split>_images.npy in it, or <split>/<class>/<image> files
+data_dir = 'data/imagenet'      # <split>_images.npy, or a folder <split>/ of images (images.py)
 train_split = 'train'
 codes_dir = 'out-imagenet-tokenizer'   # codes_<split>.npy and codes.json, for cond='dlc'
 latents_dir = ''                # latents_<split>.npy from --mode=extract; '' = train on pixels
@@ -118,8 +122,9 @@ n_grid = 16
 # extract / recon / decode
 split = 'val'                   # the split --mode=extract and --mode=recon read
 extract_flip = True             # also extract the latents of the flipped images
-n_recon = 500                   # recon and decode: at most so many images
+n_recon = 500                   # recon: at most so many images
 codes_path = ''                 # decode: a code dump to turn into images (e.g. prior samples.npy)
+allow_mix = False               # True: use codes of another tokenizer run or dataset anyway
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 compile = False
@@ -387,7 +392,7 @@ class GaussianDiffusion:
         summed in floating point and rounded, so 21 steps keep 499 where exact halves give 500."""
         T = self.num_timesteps
         if not 2 <= steps <= T:     # one step would keep t = 0 alone (as DiT does)
-            raise ValueError(f"num_sampling_steps={steps}: a respaced sampler needs 2 to {T} "
+            raise UserError(f"num_sampling_steps={steps}: a respaced sampler needs 2 to {T} "
                              f"steps of the {T}-step process")
         stride, position, keep = (T - 1) / (steps - 1), 0.0, []
         for _ in range(steps):
@@ -554,7 +559,7 @@ def sample(model_fn, shape, seeds, objective, sampler, steps, device, clip=False
 def check_sampler(objective, sampler):
     allowed = {'eps': ('ddpm', 'ddim'), 'flow': ('euler', 'heun')}[objective]
     if sampler not in allowed:
-        raise ValueError(f"sampler '{sampler}' does not sample objective '{objective}'; "
+        raise UserError(f"sampler '{sampler}' does not sample objective '{objective}'; "
                          f"use one of {allowed}")
 
 
@@ -584,62 +589,27 @@ def guided(model, y, cfg_scale, objective, interval=(0.0, 1.0)):
 
 def read_images(data_dir, split, image_size):
     """uint8 (N, H, W, 3) for the built-in arrays, or a folder dataset that yields them."""
-    array = os.path.join(data_dir, f'{split}_images.npy')
+    array = array_path(data_dir, split)
     if os.path.exists(array):
         images = np.load(array, mmap_mode='r')
         if images.dtype != np.uint8 or images.shape[1:] != (image_size, image_size, 3):
-            raise ValueError(f"{array}: expected uint8 (N, {image_size}, {image_size}, 3), got "
+            raise UserError(f"{array}: expected uint8 (N, {image_size}, {image_size}, 3), got "
                              f"{images.dtype} {images.shape}; set --image_size to the data's size")
         return images
-    folder = os.path.join(data_dir, split)
-    if os.path.isdir(folder):
-        return ImageFolder(folder, image_size)
-    raise FileNotFoundError(f"no split '{split}' in '{data_dir}': expected {array} (run python "
-                            f"data/shapes/prepare.py) or an image folder {folder}/<class>/<image>")
-
-
-class ImageFolder(torch.utils.data.Dataset):
-    """<root>/<class>/<image>, sorted by relative path; each image resized so its short side is
-    image_size (box-downsampled by halves first, as ADM does), then center-cropped."""
-    def __init__(self, root, image_size):
-        self.root, self.image_size = root, image_size
-        classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self.files, self.labels = [], []
-        for label, c in enumerate(classes):
-            for dirpath, _, names in sorted(os.walk(os.path.join(root, c))):
-                for name in sorted(names):
-                    if name.lower().endswith(('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm')):
-                        self.files.append(os.path.join(dirpath, name))
-                        self.labels.append(label)
-        if not self.files:
-            raise FileNotFoundError(f"no images under '{root}' (expected <class>/<image> files)")
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        try:
-            with Image.open(self.files[i]) as im:
-                im = im.convert('RGB')
-                while min(im.size) >= 2 * self.image_size:
-                    im = im.resize((im.width // 2, im.height // 2), Image.BOX)
-                s = self.image_size / min(im.size)
-                im = im.resize((round(im.width * s), round(im.height * s)), Image.BICUBIC)
-                left, top = (im.width - self.image_size) // 2, (im.height - self.image_size) // 2
-                im = im.crop((left, top, left + self.image_size, top + self.image_size))
-                return torch.from_numpy(np.asarray(im).copy())
-        except Exception as e:
-            raise RuntimeError(f"cannot read image '{self.files[i]}' ({e}); "
-                               "remove or replace it") from None
+    if os.path.isdir(os.path.join(data_dir, split)):
+        return ImageFolder(data_dir, split, image_size)
+    raise missing_split(data_dir, split)
 
 
 def read_conditions(cfg, split, n_items):
     """The condition of every item of a split, checked against the data: (N, L) codes, (N,)
-    labels, or None. Returns (conditions, contract) where contract holds L and V."""
+    labels, or None. Returns (conditions, contract) where contract holds L, V and the codes'
+    identity (codes_id), which the checkpoint keeps. Codes of other images are refused."""
     if cfg['cond'] == 'dlc':
         contract = read_contract(cfg['codes_dir'])
         codes = load_codes(cfg['codes_dir'], split, n_items, contract)
-        return codes, dict(L=contract['L'], V=contract['V'])
+        check_same_images(contract, cfg['codes_dir'], split, cfg['data_dir'], cfg['allow_mix'])
+        return codes, dict(L=contract['L'], V=contract['V'], codes_id=codes_identity(contract))
     if cfg['cond'] == 'none':
         return None, {}
     # classes: the folders', or on the built-in data the (shape, color) pair
@@ -649,9 +619,13 @@ def read_conditions(cfg, split, n_items):
         with open(os.path.join(data_dir, 'meta.json')) as meta:
             labels = f[:, 0] * len(json.load(meta)['color']) + f[:, 1]
     else:
-        labels = np.array(ImageFolder(os.path.join(data_dir, split), cfg['image_size']).labels)
+        labels = ImageFolder(data_dir, split, cfg['image_size']).labels
+        if labels is None:
+            raise MissingFile(f"--cond=class needs the classes of split '{split}': class "
+                              f"subfolders in {data_dir}/{split}/, or "
+                              f"{data_dir}/{split}_labels.txt (a line per image; images.py)")
     if labels.max() >= cfg['num_classes']:
-        raise ValueError(f"split '{split}' of '{data_dir}' has labels up to {labels.max()}; "
+        raise UserError(f"split '{split}' of '{data_dir}' has labels up to {labels.max()}; "
                          "set --num_classes")
     return labels, {}
 
@@ -665,16 +639,18 @@ class TrainingSet(torch.utils.data.Dataset):
         if self.latent:
             path = os.path.join(cfg['latents_dir'], f'latents_{split}.npy')
             if not os.path.exists(path):
-                raise FileNotFoundError(f"latents '{path}' not found: run python diffusion.py "
+                raise MissingFile(f"latents '{path}' not found: run python diffusion.py "
                                         f"--mode=extract --split={split} "
                                         f"--out_dir={cfg['latents_dir']}")
-            self.images = np.load(path, mmap_mode='r')
+            self.images = load_array(path, f"python diffusion.py --mode=extract --split={split} "
+                                           f"--out_dir={cfg['latents_dir']}", mmap_mode='r')
             flip_path = path.replace('.npy', '_flip.npy')
             if cfg['hflip']:
                 if not os.path.exists(flip_path):
-                    raise FileNotFoundError(f"hflip=True needs '{flip_path}' (--mode=extract "
+                    raise MissingFile(f"hflip=True needs '{flip_path}' (--mode=extract "
                                             "--extract_flip=True), or set --hflip=False")
-                self.flipped = np.load(flip_path, mmap_mode='r')
+                self.flipped = load_array(flip_path, "python diffusion.py --mode=extract "
+                                          f"--split={split}", mmap_mode='r')
         else:
             self.images = read_images(cfg['data_dir'], split, cfg['image_size'])
         self.conditions, self.contract = read_conditions(cfg, split, len(self.images))
@@ -731,7 +707,7 @@ def load_public_dit(model, path):
     paper's fork's DiTSEM (cond='dlc'; it trains a torch.compile'd model, so its
     model.safetensors and EMA custom_checkpoint_0.pkl prefix every key with '_orig_mod.')."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"DiT weights '{path}' not found; download DiT-XL-2-256x256.pt "
+        raise MissingFile(f"DiT weights '{path}' not found; download DiT-XL-2-256x256.pt "
                                 "from https://dl.fbaipublicfiles.com/DiT/models/ and set "
                                 "--init_from to its path")
     state = read_safetensors(path) if path.endswith('.safetensors') else \
@@ -845,13 +821,22 @@ def drop_condition(y, drop, cond, null):
 
 
 def train(cfg):
+    check_counts(cfg, 'batch_size', 'micro_batch_size', 'max_iters', 'log_interval',
+                 'ckpt_interval', 'num_sampling_steps', 'image_size')
+    check_counts(cfg, 'sample_interval', 'n_grid', minimum=0)
+    check_finite(cfg, 'learning_rate', 'muon_lr', 'cond_lr_mult', 'weight_decay', 'grad_clip',
+                 low=0.0)
+    check_finite(cfg, 'ema_decay', 'class_dropout_prob', 'cooldown_frac', low=0.0, high=1.0)
+    check_finite(cfg, 'cfg_scale')
+    if cfg['optimizer'] not in ('adamw', 'muon'):
+        raise UserError(f"--optimizer={cfg['optimizer']} is not one of 'adamw', 'muon'")
     rank, world, device = setup_distributed(cfg['device'])
     c, master = cfg, rank == 0
     device_type = 'cuda' if 'cuda' in device else 'cpu'
     check_sampler(c['objective'], c['sampler'])
     micro = c['micro_batch_size']
     if c['batch_size'] % (world * micro):
-        raise ValueError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) "
+        raise UserError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) "
                          f"x micro_batch_size ({micro})")
     accum = c['batch_size'] // (world * micro)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -875,8 +860,6 @@ def train(cfg):
         load_public_dit(model, c['init_from'])
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    if c['optimizer'] not in ('adamw', 'muon'):
-        raise ValueError(f"optimizer='{c['optimizer']}' is not one of 'adamw', 'muon'")
     optimizers = make_optimizers(model, c)
     iter_num = 0
     if resume:
@@ -1005,12 +988,10 @@ def write_sample_grid(ema, c, data, x_shape, device, path):
 # Checkpoints, images
 
 def load_checkpoint(path):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"diffusion checkpoint '{path}' not found: train one first "
-                                f"(python diffusion.py <config> --out_dir="
-                                f"{os.path.dirname(path) or '.'}), or for the class-conditional "
-                                "baseline download DiT-XL-2-256x256.pt (dl.fbaipublicfiles.com)")
-    return torch.load(path, map_location='cpu', weights_only=True)
+    return read_checkpoint(path, f"python diffusion.py <config> --out_dir="
+                                 f"{os.path.dirname(path) or '.'} (train it), or for the "
+                                 "class-conditional baseline download DiT-XL-2-256x256.pt "
+                                 "(dl.fbaipublicfiles.com)")
 
 
 def model_from_checkpoint(ckpt, weights='ema'):
@@ -1066,7 +1047,7 @@ def extract(cfg):
     batches = range(rank, math.ceil(N / bs), world)
     for b in tqdm(batches, disable=rank != 0, desc=f"latents {cfg['split']}", dynamic_ncols=True):
         rows = range(b * bs, min(N, (b + 1) * bs))
-        x = torch.stack([torch.as_tensor(np.array(images[i])) for i in rows]).to(device)
+        x = torch.stack([torch.as_tensor(images[i]) for i in rows]).to(device)
         x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
         for key, array in arrays.items():
             view = x.flip(-1) if key == '_flip' else x
@@ -1090,38 +1071,49 @@ def extract(cfg):
 # reader of data/shapes (recon: does the result keep the source's factors?)
 
 @torch.no_grad()
-def images_from_codes(cfg, ckpt, conditions, n, desc):
-    """The EMA DiT's first n images, uint8 (n, H, W, 3), for conditions ((N, L) codes, (N,)
+def draw_images(model, vae, cfg, ckpt, conditions, idx, device):
+    """Images idx of the EMA DiT, uint8 (len(idx), H, W, 3), for conditions ((N, L) codes, (N,)
     classes or None), image i from the seed seed * 1_000_003 + i, with cfg's sampler and
-    guidance."""
-    device, objective = cfg['device'], ckpt['objective']
-    check_sampler(objective, cfg['sampler'])
+    guidance: an image does not depend on the batch it is drawn in."""
+    size = int(math.sqrt(model.pos_embed.shape[1])) * model.patch_size
+    y = None
+    if conditions is not None:
+        y = torch.as_tensor(np.asarray(conditions[idx]).astype(np.int64)).to(device)
+    model_fn = guided(model, y, cfg['cfg_scale'], ckpt['objective'], cfg['guidance_interval'])
+    x = sample(model_fn, (model.in_channels, size, size),
+               [cfg['seed'] * 1_000_003 + i for i in idx], ckpt['objective'], cfg['sampler'],
+               cfg['num_sampling_steps'], device, clip=cfg['clip_denoised'],
+               flow_output=ckpt['config'].get('flow_output', 'velocity'))
+    return decode_to_uint8(x, vae)
+
+
+def images_from_codes(cfg, ckpt, conditions, n, desc):
+    """The EMA DiT's first n images, uint8 (n, H, W, 3) (draw_images, micro_batch_size at once)."""
+    device = cfg['device']
+    check_sampler(ckpt['objective'], cfg['sampler'])
     model = model_from_checkpoint(ckpt).to(device)
     vae = load_vae(cfg['vae_path']).to(device) if ckpt['space'] == 'latent' else None
-    size = int(math.sqrt(model.pos_embed.shape[1])) * model.patch_size
-    out, bs = [], cfg['micro_batch_size']
-    for start in tqdm(range(0, n, bs), desc=desc, dynamic_ncols=True):
-        idx = list(range(start, min(n, start + bs)))
-        y = None
-        if conditions is not None:
-            y = torch.as_tensor(conditions[idx].astype(np.int64)).to(device)
-        model_fn = guided(model, y, cfg['cfg_scale'], objective, cfg['guidance_interval'])
-        x = sample(model_fn, (model.in_channels, size, size),
-                   [cfg['seed'] * 1_000_003 + i for i in idx], objective, cfg['sampler'],
-                   cfg['num_sampling_steps'], device, clip=cfg['clip_denoised'],
-                   flow_output=ckpt['config'].get('flow_output', 'velocity'))
-        out.append(decode_to_uint8(x, vae))
-    return np.concatenate(out)
+    bs = cfg['micro_batch_size']
+    return np.concatenate([draw_images(model, vae, cfg, ckpt, conditions,
+                                       list(range(start, min(n, start + bs))), device)
+                           for start in tqdm(range(0, n, bs), desc=desc, dynamic_ncols=True)])
 
 
 def recon(cfg):
-    ckpt = load_checkpoint(os.path.join(cfg['out_dir'], 'diffusion.pt'))
+    ckpt_path = os.path.join(cfg['out_dir'], 'diffusion.pt')
+    ckpt = load_checkpoint(ckpt_path)
+    check_counts(cfg, 'n_recon', 'micro_batch_size', 'num_sampling_steps')
     images = read_images(cfg['data_dir'], cfg['split'], ckpt['image_size'])
     n = min(cfg['n_recon'], len(images))
     conditions, contract = read_conditions(dict(cfg, cond=ckpt['cond']), cfg['split'],
                                            len(images))
     if contract:
         check_fits(contract, ckpt['L'], ckpt['V'], cfg['codes_dir'], f"the DiT in {cfg['out_dir']}")
+        check_same_tokenizer(contract['codes_id'], os.path.join(cfg['codes_dir'], SIDECAR),
+                             ckpt.get('codes_id'), ckpt_path,
+                             "point --codes_dir at the dumps the DiT was trained on, or train a "
+                             f"DiT on these (python diffusion.py --codes_dir={cfg['codes_dir']})",
+                             cfg['allow_mix'])
     recons = images_from_codes(cfg, ckpt, conditions, n, 'recon')
     sources = np.stack([np.array(images[i]) for i in range(min(n, 32))])
     pairs = np.stack([sources, recons[:32]], axis=1).reshape(-1, *sources.shape[1:])
@@ -1134,32 +1126,62 @@ def recon(cfg):
 
 
 def decode(cfg):
-    """Any code dump (prior samples, composed codes) -> images: the first n_recon as a PNG grid
-    and an .npz (arr_0, uint8 NHWC), which data/shapes/score.py --images scores."""
-    ckpt = load_checkpoint(os.path.join(cfg['out_dir'], 'diffusion.pt'))
+    """Every code of a dump (prior samples, composed codes, text2dlc's) -> images in out_dir:
+    <name>_images.npz (arr_0, uint8 NHWC, for eval_fid.py and score.py) and a PNG grid of the
+    first 64. Under torchrun the processes share the chunks of micro_batch_size codes, each
+    saved to <name>_images.parts/ once drawn, so the same command relaunched draws only those
+    missing (cluster.draw_in_chunks)."""
+    check_counts(cfg, 'micro_batch_size', 'num_sampling_steps')
+    rank, world, device = setup_distributed(cfg['device'])
+    ckpt_path = os.path.join(cfg['out_dir'], 'diffusion.pt')
+    ckpt = load_checkpoint(ckpt_path)
     if ckpt['cond'] != 'dlc':
-        raise ValueError(f"--mode=decode needs a DLC-conditioned DiT; {cfg['out_dir']} has "
+        raise UserError(f"--mode=decode needs a DLC-conditioned DiT; {cfg['out_dir']} has "
                          f"cond='{ckpt['cond']}'")
     if not cfg['codes_path']:
-        raise ValueError("--mode=decode reads the codes in --codes_path (an .npy dump, e.g. "
+        raise UserError("--mode=decode reads the codes in --codes_path (an .npy dump, e.g. "
                          "prior.py's samples.npy)")
     if not os.path.exists(cfg['codes_path']):
-        raise FileNotFoundError(f"--codes_path '{cfg['codes_path']}' not found")
-    codes = check_codes(np.load(cfg['codes_path']), ckpt['L'], ckpt['V'], cfg['codes_path'],
-                        fix="give a dump of codes the DiT was trained on")[:cfg['n_recon']]
-    images = images_from_codes(cfg, ckpt, codes, len(codes), 'decode')
-    stem = os.path.splitext(cfg['codes_path'])[0]
-    save_grid(images[:64], stem + '_images.png', ncol=16)
-    np.savez(stem + '_images.npz', arr_0=images)
-    print(f"wrote {stem}_images.png and {stem}_images.npz ({len(images)} images)")
+        raise MissingFile(f"--codes_path '{cfg['codes_path']}' not found")
+    codes = check_codes(load_array(cfg['codes_path'], 'the command that wrote it', mmap_mode='r'),
+                        ckpt['L'], ckpt['V'], cfg['codes_path'],
+                        fix="give a dump of codes the DiT was trained on")
+    identity, where = read_identity(cfg['codes_path'])
+    check_same_tokenizer(identity, where or cfg['codes_path'], ckpt.get('codes_id'), ckpt_path,
+                         "decode them with a DiT trained on that tokenizer's codes (--out_dir), "
+                         "or draw codes from a model trained on this DiT's", cfg['allow_mix'])
+    check_sampler(ckpt['objective'], cfg['sampler'])
+    model = model_from_checkpoint(ckpt).to(device)
+    vae = load_vae(cfg['vae_path']).to(device) if ckpt['space'] == 'latent' else None
+    stem = os.path.join(cfg['out_dir'], os.path.splitext(os.path.basename(cfg['codes_path']))[0] +
+                        '_images')
+    keys = ('codes_path', 'seed', 'sampler', 'num_sampling_steps', 'cfg_scale',
+            'guidance_interval', 'clip_denoised', 'micro_batch_size')
+    run_info = dict({k: cfg[k] for k in keys}, n_codes=len(codes), iter_num=ckpt['iter_num'])
+    full = draw_in_chunks(len(codes), cfg['micro_batch_size'], stem + '.parts', run_info, rank,
+                          world, lambda idx: dict(images=draw_images(model, vae, cfg, ckpt, codes,
+                                                                     idx, device)), desc='decode')
+    if world > 1:
+        dist.destroy_process_group()
+    if full is None:
+        return None
+    images = np.array(full['images'])
+    save_atomic(dict(arr_0=images), stem + '.npz')
+    save_grid(images[:64], stem + '.png', ncol=16)
+    shutil.rmtree(stem + '.parts')
+    print(f"wrote {stem}.npz ({len(images)} images, one per code of {cfg['codes_path']}) and "
+          f"{stem}.png")
     return images
 
 
-if __name__ == '__main__':
-    cfg = configure(CONFIG, sys.argv[1:])
+def main(cfg):
     if cfg['mode'] == 'train':
         handle_preemption_signals()
     modes = {'train': train, 'extract': extract, 'recon': recon, 'decode': decode}
     if cfg['mode'] not in modes:
-        raise ValueError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")
-    modes[cfg['mode']](cfg)
+        raise UserError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")
+    return modes[cfg['mode']](cfg)
+
+
+if __name__ == '__main__':
+    command_line(CONFIG, sys.argv[1:], main, __file__)

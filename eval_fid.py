@@ -21,11 +21,15 @@ the reference (sample) features, each ball reaching its k = 3rd nearest neighbou
 are taken pr_block rows at a time, as ADM's ManifoldEstimator does, so memory stays bounded.
 
 Images go in as uint8 (N, H, W, 3), from an .npz (arr_0, as sample.py writes) or a folder.
+A folder (of real images, say: photos of any sizes) is read in ADM's view of a reference batch,
+guided-diffusion's center_crop_arr: halved while the short side is at least twice image_size,
+resized bicubic so that it is image_size, and the central square kept; image_size is the samples'
+own (their .npz's) unless set. Which view was used is printed.
 Resizing to 299: 'tf' reproduces TF1's bilinear resize (no half-pixel offset) and the graph's
 (x - 128) / 128, as the ADM suite sees images; 'torch' is F.interpolate's bilinear on x / 255
 then 2x - 1, as pytorch-fid does. The network runs in float32 with TF32 off.
 
-    python eval_fid.py --samples=samples.npz --ref=VIRTUAL_imagenet256_labeled.npz
+    python eval_fid.py --samples=samples.npz --ref=weights/VIRTUAL_imagenet256_labeled.npz
     python eval_fid.py --samples=samples.npz --ref=path/to/real_images --save_ref=ref.npz
 """
 import os
@@ -36,22 +40,25 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
-from configurator import configure
+from configurator import MissingFile, UserError, command_line
+from images import image_files, load_image
 
 # -----------------------------------------------------------------------------
 samples = ''                    # .npz (arr_0 uint8 NHWC) or a folder of images
 ref = ''                        # ADM reference .npz (arr_0, mu, sigma, mu_s, sigma_s) or images
 save_ref = ''                   # write the statistics computed from `ref` here (ADM format)
-inception_path = 'pt_inception-2015-12-05-6726825d.pth'
+image_size = 0                  # folders: center crop and resize to this size (ADM's view);
+                                # 0: the size of the samples' .npz (256 if they are a folder too)
+inception_path = 'weights/pt_inception-2015-12-05-6726825d.pth'
 resize = 'tf'                   # 'tf' (as the ADM suite) | 'torch' (as pytorch-fid)
 batch_size = 100
 k = 3                           # precision / recall neighbourhood
 is_split = 5000
 pr_block = 10000                # precision / recall: distance matrix rows held at once (ADM's)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-CONFIG = {k_: globals()[k_] for k_ in ['samples', 'ref', 'save_ref', 'inception_path', 'resize',
+CONFIG = {k_: globals()[k_] for k_ in ['samples', 'ref', 'save_ref', 'image_size',
+                                       'inception_path', 'resize',
                                        'batch_size', 'k', 'is_split', 'pr_block', 'device']}
 WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                'pt_inception-2015-12-05-6726825d.pth')
@@ -217,7 +224,7 @@ class FIDInception(nn.Module):
 
 def load_inception(path, device):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Inception weights '{path}' not found; download them from "
+        raise MissingFile(f"Inception weights '{path}' not found; download them from "
                                 f"{WEIGHTS_URL} and set --inception_path to the file")
     state = torch.load(path, map_location='cpu', weights_only=True)
     state = {k_: v for k_, v in state.items() if not k_.endswith('num_batches_tracked')}  # unused
@@ -229,24 +236,18 @@ def load_inception(path, device):
 # -----------------------------------------------------------------------------
 # Images in, features out
 
-def read_images(path):
-    """uint8 (N, H, W, 3) from an .npz (arr_0) or a folder of images (sorted paths)."""
+def read_images(path, size=256):
+    """uint8 (N, H, W, 3) from an .npz (arr_0), or from a folder of images (any depth, sorted
+    relative paths, as images.py lists them) in ADM's view at size x size."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"images '{path}' not found")
+        raise MissingFile(f"images '{path}' not found")
     if os.path.isdir(path):
-        files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
-                       if f.lower().endswith(('.png', '.jpg', '.jpeg', '.bmp', '.webp')))
+        files = [f for _, f in image_files(path)]
         if not files:
-            raise ValueError(f"no images in folder '{path}'")
-        images = []
-        for f in files:
-            try:
-                images.append(np.asarray(Image.open(f).convert('RGB')))
-            except OSError as err:
-                raise ValueError(f"cannot read image '{f}': {err}") from err
-        if len({im.shape for im in images}) > 1:
-            raise ValueError(f"images in '{path}' differ in size; resize them to one size first")
-        return np.stack(images)
+            raise UserError(f"no images in folder '{path}'")
+        print(f"{path}: {len(files)} images in ADM's view (center_crop_arr: center crop, "
+              f"resized to {size} x {size})")
+        return np.stack([load_image(f, size) for f in files])
     images = np.load(path)['arr_0']
     check_images(images, path)
     return images
@@ -254,7 +255,7 @@ def read_images(path):
 
 def check_images(images, name):
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"'{name}' holds {images.dtype} images of shape {images.shape}; expected "
+        raise UserError(f"'{name}' holds {images.dtype} images of shape {images.shape}; expected "
                          "uint8 (N, H, W, 3), as sample.py writes (arr_0)")
 
 
@@ -280,7 +281,7 @@ def preprocess(images, how):
         return (tf_bilinear_resize(x, 299) - 128) / 128
     if how == 'torch':
         return 2 * F.interpolate(x / 255, size=(299, 299), mode='bilinear', align_corners=False) - 1
-    raise ValueError(f"--resize={how} is not 'tf' or 'torch'")
+    raise UserError(f"--resize={how} is not 'tf' or 'torch'")
 
 
 @torch.no_grad()
@@ -300,7 +301,7 @@ def features(model, images, cfg):
 
 def statistics(feats):
     if len(feats) < 2:
-        raise ValueError(f"{len(feats)} images: a covariance needs at least 2 (FID is biased below "
+        raise UserError(f"{len(feats)} images: a covariance needs at least 2 (FID is biased below "
                          f"{feats.shape[1]}: use 10,000 or more)")
     return feats.mean(0), np.cov(feats, rowvar=False)
 
@@ -349,7 +350,7 @@ def knn_radii(feats, k, block=10000):
     row of distances, the point itself being entry 0 (ADM's manifold_radii). A duplicate of the
     point counts as a neighbour at distance 0, as in ADM."""
     if len(feats) <= k:
-        raise ValueError(f"{len(feats)} images: precision and recall with k={k} need more than {k}")
+        raise UserError(f"{len(feats)} images: precision and recall with k={k} need more than {k}")
     norms = sq_norms(feats)
     radii = np.empty(len(feats))
     for start in range(0, len(feats), block):
@@ -379,8 +380,9 @@ def precision_recall(ref_feats, sample_feats, k=3, block=10000):
 
 # -----------------------------------------------------------------------------
 
-def reference_statistics(cfg, model):
-    """The reference batch: an ADM .npz with precomputed statistics, or images to compute them."""
+def reference_statistics(cfg, model, size):
+    """The reference batch: an ADM .npz with precomputed statistics, or images to compute them
+    (a folder read in ADM's view at `size`)."""
     path, names = cfg['ref'], ('mu', 'sigma', 'mu_s', 'sigma_s')
     if path.endswith('.npz') and os.path.exists(path):
         data = np.load(path)
@@ -388,7 +390,7 @@ def reference_statistics(cfg, model):
             images = data['arr_0'] if 'arr_0' in data.files else None
             pool = features(model, images, cfg)['pool'] if images is not None else None
             return {k_: data[k_] for k_ in names}, pool
-    images = read_images(path)
+    images = read_images(path, size)
     feats = features(model, images, cfg)
     stats = dict(zip(names, statistics(feats['pool']) + statistics(feats['spatial'])))
     if cfg['save_ref']:
@@ -399,9 +401,11 @@ def reference_statistics(cfg, model):
 
 def evaluate(cfg):
     model = load_inception(cfg['inception_path'], cfg['device'])
-    sample_images = read_images(cfg['samples'])
+    size = cfg['image_size'] or 256
+    sample_images = read_images(cfg['samples'], size)
+    size = cfg['image_size'] or sample_images.shape[1]
     feats = features(model, sample_images, cfg)
-    ref, ref_pool = reference_statistics(cfg, model)
+    ref, ref_pool = reference_statistics(cfg, model, size)
     scores = dict(fid=frechet_distance(*statistics(feats['pool']), ref['mu'], ref['sigma']),
                   sfid=frechet_distance(*statistics(feats['spatial']), ref['mu_s'], ref['sigma_s']),
                   inception_score=inception_score(feats['logits'], cfg['is_split']))
@@ -415,9 +419,12 @@ def evaluate(cfg):
     return scores
 
 
-if __name__ == '__main__':
-    cfg = configure(CONFIG, sys.argv[1:])
+def main(cfg):
     if not cfg['samples'] or not cfg['ref']:
-        raise SystemExit("usage: python eval_fid.py --samples=<npz or folder> "
-                         "--ref=<ADM reference npz or images>")
-    evaluate(cfg)
+        raise UserError("eval_fid.py needs --samples=<npz or folder> and --ref=<ADM reference npz "
+                        "or images> (python eval_fid.py --help)")
+    return evaluate(cfg)
+
+
+if __name__ == '__main__':
+    command_line(CONFIG, sys.argv[1:], main, __file__)

@@ -78,8 +78,9 @@ from tqdm import tqdm
 
 from cluster import (draw_in_chunks, exit_preempted, handle_preemption_signals,
                      preemption_requested, resuming, save_atomic, setup_distributed)
-from codes import check_fits, dump_path, load_codes, read_contract
-from configurator import configure
+from codes import (SIDECAR, check_fits, check_same_tokenizer, codes_identity, dump_path, load_codes,
+                   read_checkpoint, read_contract, write_identity)
+from configurator import MissingFile, UserError, check_counts, check_finite, command_line
 
 # -----------------------------------------------------------------------------
 # config: the defaults are the paper's ImageNet recipe (DDiT medium on DLC512, V = 256)
@@ -118,7 +119,8 @@ corrector = 'remdm'             # 'remdm' (ReMDM-cap) | 'paper' (the paper's, fo
 remask_eta = 0.0                # the corrector's eta; 0 = none (the paper's 4,096 steps: 0.01)
 n_samples = 2000
 sample_batch_size = 500
-sample_path = ''                # '' = out_dir/samples.npy
+sample_path = ''                # '' = out_dir/samples.npy (and its identity, samples.json)
+allow_mix = False               # True: use codes of another tokenizer run with this prior anyway
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 compile = False
@@ -278,7 +280,7 @@ def sedd_state_dict(path):
     paper's fork ({'model', 'ema': {'shadow_params': [...]}, ...}) gives its EMA weights, as their
     load_model does: the shadow list follows the state dict's keys but rotary_emb.inv_freq."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"SEDD checkpoint '{path}' not found; set --init_from to a local "
+        raise MissingFile(f"SEDD checkpoint '{path}' not found; set --init_from to a local "
                                 "copy (e.g. louaaron/sedd-small) or to 'scratch'")
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     state = {k.removeprefix('module.'): v for k, v in ckpt.get('model', ckpt).items()}
@@ -288,7 +290,7 @@ def sedd_state_dict(path):
         shadow = ema['shadow_params']
         if len(shadow) != len(names) or any(state[k].shape != v.shape
                                             for k, v in zip(names, shadow)):
-            raise ValueError(f"'{path}': its EMA holds {len(shadow)} tensors that do not line up "
+            raise UserError(f"'{path}': its EMA holds {len(shadow)} tensors that do not line up "
                              f"with the {len(names)} parameters of its model")
         state.update(zip(names, shadow))
     return state
@@ -301,12 +303,12 @@ def load_sedd(model, path):
     if 'pos_embed' in state:
         if state['pos_embed'].numel() != model.pos_embed.numel():
             shape, width = tuple(state['pos_embed'].shape), model.pos_embed.shape[-1]
-            raise ValueError(f"'{path}' has a position embedding of shape {shape}, this prior "
+            raise UserError(f"'{path}' has a position embedding of shape {shape}, this prior "
                              f"needs {model.seq_len} positions of width {width}")
         state['pos_embed'] = state['pos_embed'].reshape(model.pos_embed.shape)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {'pos_embed'}:
-        raise ValueError(f"'{path}' does not fit this prior: missing {sorted(missing)}, unexpected "
+        raise UserError(f"'{path}' does not fit this prior: missing {sorted(missing)}, unexpected "
                          f"{sorted(unexpected)}; its vocabulary and size must match --model")
 
 
@@ -365,19 +367,23 @@ def paper_renoise(probs, eta):
 
 
 @torch.no_grad()
+def check_sampling(sampler, corrector, remask_eta):
+    if sampler not in ('analytic', 'euler', 'random_order', 'confidence'):
+        raise UserError(f"sampler '{sampler}' is not 'analytic', 'euler', 'random_order' or "
+                        "'confidence'")
+    if corrector not in ('remdm', 'paper'):
+        raise UserError(f"corrector '{corrector}' is not 'remdm' or 'paper'")
+    if corrector == 'paper' and remask_eta > 0 and sampler != 'analytic':
+        raise UserError(f"the paper's corrector corrects the analytic step, not '{sampler}'")
+
+
 def sample(score_fn, n, L, V, steps, seeds, sampler='analytic', eps=NOISE_EPS, device='cpu',
            given=None, remask_eta=0.0, temperature=1.0, t_end=None, corrector='remdm',
            window=(0.3, 0.55)):
     """n codes (n, L) in [0, V), code i from seeds[i] alone. score_fn(x (n, L), sigma (n,)) -> log
     ratios (n, L, V + 1). given: (n, L) tokens kept fixed, -1 where free. t_end: where the steps
     end (None: eps). corrector: 'remdm' or 'paper' (for t in window), of strength remask_eta."""
-    if sampler not in ('analytic', 'euler', 'random_order', 'confidence'):
-        raise ValueError(f"sampler '{sampler}' is not 'analytic', 'euler', 'random_order' or "
-                         "'confidence'")
-    if corrector not in ('remdm', 'paper'):
-        raise ValueError(f"corrector '{corrector}' is not 'remdm' or 'paper'")
-    if corrector == 'paper' and remask_eta > 0 and sampler != 'analytic':
-        raise ValueError(f"the paper's corrector corrects the analytic step, not '{sampler}'")
+    check_sampling(sampler, corrector, remask_eta)
     generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     x = torch.full((n, L), V, dtype=torch.long, device=device)
     known = None
@@ -515,7 +521,7 @@ def clip_and_check(model, loss, it, c, ckpt_path):
 
 def model_args_from(cfg, L, V):
     if cfg['model'] not in PRIOR_MODELS:
-        raise ValueError(f"--model={cfg['model']} is not one of {sorted(PRIOR_MODELS)}")
+        raise UserError(f"--model={cfg['model']} is not one of {sorted(PRIOR_MODELS)}")
     return dict(vocab_size=V, seq_len=L, cond_dim=128, dropout=cfg['dropout'],
                 **PRIOR_MODELS[cfg['model']])
 
@@ -565,12 +571,17 @@ def learning_rate_at(it, c):
 
 
 def train(cfg):
+    check_counts(cfg, 'batch_size', 'micro_batch_size', 'max_iters', 'log_interval',
+                 'ckpt_interval')
+    check_counts(cfg, 'eval_interval', 'n_eval', minimum=0)
+    check_finite(cfg, 'learning_rate', 'weight_decay', 'grad_clip', low=0.0)
+    check_finite(cfg, 'ema_decay', 'dropout', 'cooldown_frac', low=0.0, high=1.0)
     rank, world, device = setup_distributed(cfg['device'])
     c, master = cfg, rank == 0
     device_type = 'cuda' if 'cuda' in device else 'cpu'
     micro = c['micro_batch_size']
     if c['batch_size'] % (world * micro):
-        raise ValueError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) "
+        raise UserError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) "
                          f"x micro_batch_size ({micro})")
     accum = c['batch_size'] // (world * micro)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -623,7 +634,7 @@ def train(cfg):
         save_atomic(dict(model=raw_model.state_dict(), ema=ema.state_dict(),
                          optimizer=optimizer.state_dict(), model_args=model_args, config=dict(c),
                          iter_num=iter_num, world_size=world, history=history, L=L, V=V,
-                         noise_eps=NOISE_EPS),
+                         noise_eps=NOISE_EPS, codes_id=codes_identity(contract)),
                     ckpt_path)
 
     stream = EpochStream(len(codes), c['batch_size'], c['seed'])
@@ -703,16 +714,19 @@ def model_from_checkpoint(ckpt, weights='ema', network=SEDD):
 
 def load_prior(out_dir, device, weights='ema'):
     path = os.path.join(out_dir, 'prior.pt')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"prior checkpoint '{path}' not found; train it with python "
-                                "prior.py ...")
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    ckpt = read_checkpoint(path, f"python prior.py <config> --out_dir={out_dir} (train it)")
     return model_from_checkpoint(ckpt, weights).to(device).eval(), ckpt
 
 
-def check_contract(cfg, L, V):
-    check_fits(read_contract(cfg['codes_dir']), L, V, cfg['codes_dir'],
-               f"the prior in {cfg['out_dir']}")
+def check_contract(cfg, ckpt):
+    """The codes in codes_dir must be those the prior was trained on: their (L, V), and their
+    tokenizer run."""
+    contract = read_contract(cfg['codes_dir'])
+    check_fits(contract, ckpt['L'], ckpt['V'], cfg['codes_dir'], f"the prior in {cfg['out_dir']}")
+    check_same_tokenizer(codes_identity(contract), os.path.join(cfg['codes_dir'], SIDECAR),
+                         ckpt.get('codes_id'), os.path.join(cfg['out_dir'], 'prior.pt'),
+                         "point --codes_dir at the dumps the prior was trained on",
+                         cfg['allow_mix'])
 
 
 def generate(model, n, steps, sampler, eps, seeds, device, batch_size, remask_eta=0.0, given=None,
@@ -730,11 +744,16 @@ def generate(model, n, steps, sampler, eps, seeds, device, batch_size, remask_et
 
 
 def sample_mode(cfg):
+    check_counts(cfg, 'n_samples', 'sample_batch_size', 'num_steps')
+    check_finite(cfg, 'temperature', low=1e-8)
+    check_finite(cfg, 'sample_eps', low=0.0, high=0.5)
+    check_finite(cfg, 'remask_eta', low=0.0, high=1.0)
+    check_sampling(cfg['sampler'], cfg['corrector'], cfg['remask_eta'])
     rank, world, device = setup_distributed(cfg['device'])
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if 'cuda' in device else nullcontext()
     model, ckpt = load_prior(cfg['out_dir'], device)
     L, V = ckpt['L'], ckpt['V']
-    check_contract(cfg, L, V)
+    check_contract(cfg, ckpt)
     n = cfg['n_samples']
     code_type = np.uint16 if V <= 65536 else np.uint32
 
@@ -759,6 +778,7 @@ def sample_mode(cfg):
         return None
     full = np.array(full['codes'])
     save_atomic(full, path)
+    write_identity(path, ckpt.get('codes_id'), os.path.join(cfg['out_dir'], 'prior.pt'))
     shutil.rmtree(path + '.parts')
     name = {'remdm': 'ReMDM', 'paper': "the paper's corrector"}[cfg['corrector']]
     remask = f", {name}, eta {cfg['remask_eta']}" if cfg['remask_eta'] > 0 else ''
@@ -784,9 +804,11 @@ def report_samples(samples, cfg):
 
 def eval_mode(cfg):
     device = cfg['device']
+    check_counts(cfg, 'sample_batch_size')
+    check_counts(cfg, 'n_eval', minimum=0)
     model, ckpt = load_prior(cfg['out_dir'], device)
     L, V = ckpt['L'], ckpt['V']
-    check_contract(cfg, L, V)
+    check_contract(cfg, ckpt)
     val_codes = split_codes(cfg, 'val_split')[:cfg['n_eval'] or None]
     train_codes = split_codes(cfg, 'train_split')
     bits = heldout_bits(model, val_codes, ckpt['noise_eps'], cfg['sample_batch_size'], device)
@@ -799,11 +821,14 @@ def eval_mode(cfg):
     return dict(elbo_bits=bits, marginal_entropy_bits=entropy, marginal_cross_entropy_bits=cross)
 
 
-if __name__ == '__main__':
-    cfg = configure(CONFIG, sys.argv[1:])
+def main(cfg):
     if cfg['mode'] == 'train':
         handle_preemption_signals()
     modes = {'train': train, 'sample': sample_mode, 'eval': eval_mode}
     if cfg['mode'] not in modes:
-        raise ValueError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")
-    modes[cfg['mode']](cfg)
+        raise UserError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")
+    return modes[cfg['mode']](cfg)
+
+
+if __name__ == '__main__':
+    command_line(CONFIG, sys.argv[1:], main, __file__)

@@ -1,6 +1,7 @@
 """
 sample.py: the pipeline that makes images from the trained components.
 
+Modes (--mode=, several joined by commas: 'recon,uncond'):
     recon    images -> tokenizer (the argmax DLC) -> DiT -> images: what the code keeps
     uncond   prior (SEDD) -> DLC -> DiT -> images: the paper's unconditional generation
     compose  two or more source images -> SEM distributions at a low temperature -> their
@@ -62,11 +63,13 @@ import prior as P
 import text2dlc as T2D
 import tokenizer as T
 from cluster import draw_in_chunks, save_atomic, setup_distributed
-from codes import check_fits, dump_path, load_codes, read_contract
-from configurator import configure
+from codes import (SIDECAR, check_fits, check_same_images, check_same_tokenizer, codes_identity,
+                   dump_path, load_codes, read_contract, tokenizer_identity)
+from configurator import MissingFile, UserError, check_counts, check_finite, command_line
 from data.shapes.score import (composition_scores, factors_kept, held_out_pair_groups,
                                histogram_scores, load_meta, named_factors_kept, print_table,
                                read_builtin)
+from images import has_split, load_image
 
 # -----------------------------------------------------------------------------
 # config: the defaults are the ImageNet 256 pipeline (DiT-XL/2 on SD-VAE latents, DLC512)
@@ -123,13 +126,15 @@ text_cfg_scale = 1.0            # guidance on the prompt; 1 = none (the paper's)
 batch_size = 32                 # images per process per forward
 n_grid = 64
 save_pngs = False
+allow_mix = False               # True: use a tokenizer, prior or text model whose codes are not
+                                # the DiT's (another tokenizer run or dataset) anyway
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
 CONFIG = {k: globals()[k] for k in config_keys}
 MODES = ('recon', 'uncond', 'compose', 'class', 'plain', 'text')
-OUTPUT_ONLY = ('mode', 'out_dir', 'n_grid', 'save_pngs', 'device')     # what a relaunch may change
+OUTPUT_ONLY = ('mode', 'out_dir', 'n_grid', 'save_pngs', 'device', 'allow_mix')     # what a relaunch may change
 
 
 # -----------------------------------------------------------------------------
@@ -158,7 +163,7 @@ def public_dit_from_weights(path, state):
     (model, checkpoint-like info: objective eps, space, image size)."""
     state = state.get('ema', state)
     if 'y_embedder.embedding_table.weight' not in state:
-        raise ValueError(f"'{path}' is not a class-conditional DiT state dict "
+        raise UserError(f"'{path}' is not a class-conditional DiT state dict "
                          "(no y_embedder.embedding_table)")
     hidden, in_channels, patch, _ = state['x_embedder.proj.weight'].shape
     depth = len({k.split('.')[1] for k in state if k.startswith('blocks.')})
@@ -188,7 +193,7 @@ def load_image_model(cfg, want_cond, device):
         source = cfg['plain_dit']
     info = D.load_checkpoint(source)
     if cfg['dit_weights'] not in ('ema', 'model'):
-        raise ValueError(f"dit_weights='{cfg['dit_weights']}': 'ema' or 'model'")
+        raise UserError(f"dit_weights='{cfg['dit_weights']}': 'ema' or 'model'")
     if 'model_args' in info:
         model = D.model_from_checkpoint(info, cfg['dit_weights'])
     else:                                       # a bare state dict: the public class DiT's
@@ -196,7 +201,7 @@ def load_image_model(cfg, want_cond, device):
     if info['cond'] != want_cond:
         hint = {'class': " (or --class_dit at DiT-XL-2-256x256.pt)",
                 'none': " (or --plain_dit at its diffusion.pt)"}.get(want_cond, '')
-        raise ValueError(f"this mode needs a DiT with cond='{want_cond}', but {source} has "
+        raise UserError(f"this mode needs a DiT with cond='{want_cond}', but {source} has "
                          f"cond='{info['cond']}'; point --diffusion_dir at one trained with "
                          f"that conditioning{hint}")
     D.check_sampler(info['objective'], cfg['dit_sampler'])
@@ -204,29 +209,38 @@ def load_image_model(cfg, want_cond, device):
     vae = None
     if info['space'] == 'latent':
         if not cfg['vae_path']:
-            raise ValueError(f"{source} generates SD-VAE latents: set --vae_path to "
+            raise UserError(f"{source} generates SD-VAE latents: set --vae_path to "
                              "sd-vae-ft-ema's weights")
         vae = D.load_vae(cfg['vae_path']).to(device).eval()
         channels = vae.post_quant_conv.in_channels
         factor = 2 ** (len(vae.decoder.up_blocks) - 1)      # all but the last upsample
         if model.in_channels != channels or side * factor != info['image_size']:
-            raise ValueError(f"{source} makes {model.in_channels} x {side} x {side} latents of "
+            raise UserError(f"{source} makes {model.in_channels} x {side} x {side} latents of "
                              f"{info['image_size']} px images, which the VAE in {cfg['vae_path']} "
                              f"({channels} channels, {factor}x upsampling) "
                              "does not decode to that size")
     elif model.in_channels != 3 or side != info['image_size']:
-        raise ValueError(f"{source} is a pixel-space DiT of {model.in_channels} x {side} x {side}, "
+        raise UserError(f"{source} is a pixel-space DiT of {model.in_channels} x {side} x {side}, "
                          "not of RGB images "
                          f"of {info['image_size']} px")
     return model.to(device), info, vae, source, (model.in_channels, side, side)
 
 
-def check_code_contract(what, path, ckpt, info, dit_source):
-    """The tokenizer, prior or text model in path must make the codes the DiT was trained on."""
+def check_code_contract(what, path, ckpt, identity, info, dit_source, cfg):
+    """The tokenizer, prior or text model in path must make the codes the DiT was trained on:
+    their (L, V), and the tokenizer run they come from (identity)."""
     if (ckpt['L'], ckpt['V']) != (info['L'], info['V']):
-        raise ValueError(f"the {what} in {path} makes codes of L={ckpt['L']}, V={ckpt['V']}, but "
+        raise UserError(f"the {what} in {path} makes codes of L={ckpt['L']}, V={ckpt['V']}, but "
                          f"the DiT in {dit_source} was trained on L={info['L']}, V={info['V']}; "
                          f"use the {what} the DiT's codes came from")
+    fix = {'tokenizer': "point --tokenizer_dir at the tokenizer whose codes the DiT was trained "
+                        "on, or --diffusion_dir at a DiT trained on this one's",
+           'prior': "train the prior on the codes the DiT was trained on (python prior.py "
+                    "--codes_dir=...), or point --prior_dir at such a prior",
+           'text model': "train the text model on the codes the DiT was trained on (python "
+                         "text2dlc.py --codes_dir=...), or point --text2dlc_dir at such a model"}
+    check_same_tokenizer(identity, path, info.get('codes_id'), dit_source, fix[what],
+                         cfg['allow_mix'])
 
 
 # -----------------------------------------------------------------------------
@@ -240,7 +254,7 @@ def parse_groups(cfg, mode, n_items):
     elif cfg['sources'].startswith('held_out'):     # built-in data: 'held_out' or 'held_out:3'
         meta = load_meta(cfg['data_dir'])
         if meta is None:
-            raise ValueError(f"--sources={cfg['sources']} needs the built-in data; "
+            raise UserError(f"--sources={cfg['sources']} needs the built-in data; "
                              f"'{cfg['data_dir']}' has no meta.json")
         factors = np.load(os.path.join(cfg['data_dir'], f"{cfg['split']}_factors.npy"))
         k = int(cfg['sources'].partition(':')[2] or 2)
@@ -250,14 +264,14 @@ def parse_groups(cfg, mode, n_items):
                   for g in cfg['sources'].split(',') if g.strip()]
     for g in groups:
         if mode == 'recon' and len(g) != 1:
-            raise ValueError(f"recon reconstructs one image per group, got "
+            raise UserError(f"recon reconstructs one image per group, got "
                              f"{'+'.join(map(str, g))} in --sources")
         for m in g:
             if isinstance(m, int) and not (n_items and m < n_items):
-                raise ValueError(f"source index {m} is outside split '{cfg['split']}' of "
+                raise UserError(f"source index {m} is outside split '{cfg['split']}' of "
                                  f"'{cfg['data_dir']}' ({n_items} items)")
             if isinstance(m, str) and not os.path.exists(m):
-                raise FileNotFoundError(f"source image '{m}' not found (--sources takes dataset "
+                raise MissingFile(f"source image '{m}' not found (--sources takes dataset "
                                         "indices or files)")
     return groups
 
@@ -269,8 +283,7 @@ class Sources:
     def __init__(self, cfg, size):
         self.size = size
         self.dataset = None
-        array = os.path.join(cfg['data_dir'], f"{cfg['split']}_images.npy")
-        if os.path.exists(array) or os.path.isdir(os.path.join(cfg['data_dir'], cfg['split'])):
+        if has_split(cfg['data_dir'], cfg['split']):
             self.dataset = T.open_split(cfg['data_dir'], cfg['split'], self.size)
 
     def __len__(self):
@@ -279,9 +292,9 @@ class Sources:
     def __getitem__(self, member):
         """uint8 (H, W, 3)."""
         if isinstance(member, str):
-            return T.load_image(member, self.size)
+            return torch.from_numpy(load_image(member, self.size))
         if self.dataset is None:
-            raise FileNotFoundError("dataset indices in --sources need --data_dir and --split of "
+            raise MissingFile("dataset indices in --sources need --data_dir and --split of "
                                     "an existing split")
         return self.dataset[member]
 
@@ -290,7 +303,7 @@ class Sources:
         dump (N, L) and V), the one-hot of the items' codes, which any tau leaves one-hot."""
         if isinstance(encoder, tuple):
             if any(isinstance(m, str) for m in members):
-                raise ValueError("image files in --sources need a tokenizer checkpoint in "
+                raise UserError("image files in --sources need a tokenizer checkpoint in "
                                  "--tokenizer_dir; its folder holds only a code dump")
             codes, V = encoder
             codes = torch.from_numpy(codes[list(members)].astype(np.int64))
@@ -315,13 +328,18 @@ def run_mode(cfg, mode, rank, world, device):
         path = os.path.join(cfg['tokenizer_dir'], 'tokenizer.pt')
         if os.path.exists(path):
             tok_ckpt = T.load_checkpoint(path)
-            check_code_contract('tokenizer', path, tok_ckpt, info, dit_source)
+            check_code_contract('tokenizer', path, tok_ckpt, tokenizer_identity(tok_ckpt), info,
+                                dit_source, cfg)
             encoder, size = T.encoder_from_checkpoint(tok_ckpt).to(device), tok_ckpt['image_size']
             used[path] = tok_ckpt.get('iter_num')
         else:       # codes with no encoder (the built-in data's oracle codes): the split's dump
             contract = read_contract(cfg['tokenizer_dir'])
             check_fits(contract, info['L'], info['V'], cfg['tokenizer_dir'], f"the DiT {dit_source}",
                        '--tokenizer_dir')
+            check_code_contract('tokenizer', os.path.join(cfg['tokenizer_dir'], SIDECAR), contract,
+                                codes_identity(contract), info, dit_source, cfg)
+            check_same_images(contract, cfg['tokenizer_dir'], cfg['split'], cfg['data_dir'],
+                              cfg['allow_mix'])
             encoder = (load_codes(cfg['tokenizer_dir'], cfg['split'], contract=contract),
                        contract['V'])
             size, used[dump_path(cfg['tokenizer_dir'], cfg['split'])] = contract['image_size'], None
@@ -330,13 +348,17 @@ def run_mode(cfg, mode, rank, world, device):
     elif mode == 'uncond':
         prior, prior_ckpt = P.load_prior(cfg['prior_dir'], device)
         path = os.path.join(cfg['prior_dir'], 'prior.pt')
-        check_code_contract('prior', path, prior_ckpt, info, dit_source)
+        check_code_contract('prior', path, prior_ckpt, prior_ckpt.get('codes_id'), info,
+                            dit_source, cfg)
         used[path] = prior_ckpt.get('iter_num')
     elif mode == 'text':
         text_model, text_ckpt, enc = T2D.load_text2dlc(cfg['text2dlc_dir'], device)
         path = os.path.join(cfg['text2dlc_dir'], 'text2dlc.pt')
-        check_code_contract('text model', path, text_ckpt, info, dit_source)
+        check_code_contract('text model', path, text_ckpt, text_ckpt.get('codes_id'), info,
+                            dit_source, cfg)
         prompts = T2D.read_prompts(cfg['prompts'])
+        if rank == 0:
+            T2D.warn_unseen_words(enc, text_ckpt, prompts)
         used[path] = text_ckpt.get('iter_num')
     elif mode == 'class':
         n_classes = dit.null
@@ -348,7 +370,7 @@ def run_mode(cfg, mode, rank, world, device):
         elif cfg['labels']:
             labels = [int(x) for x in str(cfg['labels']).split(',')]
             if max(labels) >= n_classes:
-                raise ValueError(f"label {max(labels)} is not a class of {dit_source} "
+                raise UserError(f"label {max(labels)} is not a class of {dit_source} "
                                  f"({n_classes} classes)")
         else:
             gens = [torch.Generator().manual_seed(s) for s in seeds_of(cfg, range(n))[0]]
@@ -507,7 +529,13 @@ def main(cfg):
     modes = [m.strip() for m in cfg['mode'].split(',')]
     for m in modes:
         if m not in MODES:
-            raise ValueError(f"--mode={m} is not one of {MODES}")
+            raise UserError(f"--mode={m} is not one of {MODES}")
+    check_counts(cfg, 'n_samples', 'batch_size', 'dit_steps', 'prior_steps')
+    check_counts(cfg, 'n_grid', 'text_steps', minimum=0)
+    check_finite(cfg, 'compose_tau', 'text_temperature', low=1e-8)
+    check_finite(cfg, 'cfg_scale', 'compose_cfg_scale', 'text_cfg_scale')
+    check_finite(cfg, 'remask_eta', 'prior_sample_eps', low=0.0, high=1.0)
+    P.check_sampling(cfg['prior_sampler'], cfg['prior_corrector'], cfg['remask_eta'])
     rank, world, device = setup_distributed(cfg['device'])
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -530,4 +558,4 @@ def main(cfg):
 
 
 if __name__ == '__main__':
-    main(configure(CONFIG, sys.argv[1:]))
+    command_line(CONFIG, sys.argv[1:], main, __file__)

@@ -67,8 +67,9 @@ from tqdm import tqdm
 import prior as P
 from cluster import (draw_in_chunks, exit_preempted, handle_preemption_signals,
                      preemption_requested, resuming, save_atomic, setup_distributed)
-from codes import check_fits, dump_path, load_codes, read_contract
-from configurator import configure
+from codes import (SIDECAR, check_fits, check_same_images, check_same_tokenizer, codes_identity,
+                   dump_path, load_codes, read_checkpoint, read_contract, write_identity)
+from configurator import MissingFile, UserError, check_counts, check_finite, command_line
 from vae import read_safetensors
 
 # -----------------------------------------------------------------------------
@@ -79,13 +80,15 @@ init_from = 'scratch'           # 'scratch' | 'resume' | a GPT-2 SEDD (sedd-smal
 auto_resume = False             # resume from out_dir's checkpoint if there is one (cluster jobs)
 codes_dir = 'out-imagenet-tokenizer'    # codes_<split>.npy + codes.json (tokenizer.py --mode=dump)
 data_dir = 'data/imagenet'
-captions_path = ''              # '' = data_dir/<split>_captions.txt, or a path with {split}: a line
-                                # per item, in the dump's order; tab-separated captions: one drawn
+captions_path = ''              # '' = data_dir/<split>_captions.txt; with {split}: each split's
+                                # file; without: the train split's alone (no held-out loss); a
+                                # line per item of the dump, in its order; tab-separated: one drawn
 train_split = 'train'
 val_split = 'val'
 seed = 0
 # text
-text_encoding = 'gpt2'          # 'gpt2' | a .tiktoken ranks file | 'bytes' | 'words' (captions')
+text_encoding = 'weights/r50k_base.tiktoken'    # GPT-2's ranks, local | 'gpt2' (tiktoken
+                                # downloads it) | another .tiktoken file | 'bytes' | 'words'
 caption_len = 128               # caption tokens after the separator; with DLC512: the paper's 640
 # model and loss
 model = 'small'                 # a key of prior.PRIOR_MODELS; 'small' / 'medium' are SEDD's sizes
@@ -121,7 +124,8 @@ num_steps = 0                   # 0 = L (random_order: one token per step)
 temperature = 0.2               # random_order: draw from p^(1/temperature)
 cfg_scale = 1.0                 # guidance on the prompt; 1 = none (the paper's)
 sample_batch_size = 256
-sample_path = ''                # '' = out_dir/text_codes.npy
+sample_path = ''                # '' = out_dir/text_codes.npy (and its identity, text_codes.json)
+allow_mix = False               # True: use codes of another tokenizer run or dataset anyway
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 compile = False
@@ -135,6 +139,7 @@ CONFIG = {k: globals()[k] for k in config_keys}
 # GPT-2's pre-tokenizer (tiktoken's r50k pattern): with GPT-2's ranks it is exactly 'gpt2'
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 END_OF_TEXT = '<|endoftext|>'
+R50K_URL = 'https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken'  # = gpt2's
 
 
 # -----------------------------------------------------------------------------
@@ -155,10 +160,10 @@ def ranks_from_text(text, source):
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
         except ValueError:
-            raise ValueError(f"{source}, line {n}: {line[:60]!r} is not 'base64 rank'; a .tiktoken "
+            raise UserError(f"{source}, line {n}: {line[:60]!r} is not 'base64 rank'; a .tiktoken "
                              "file (e.g. GPT-2's ranks) has one such line per token") from None
     if len(set(ranks.values())) != len(ranks) or any(bytes([i]) not in ranks for i in range(256)):
-        raise ValueError(f"{source} is not a byte-level BPE ranks file: ranks must be distinct and "
+        raise UserError(f"{source} is not a byte-level BPE ranks file: ranks must be distinct and "
                          "every single byte must have one")
     return ranks
 
@@ -176,7 +181,7 @@ def encoding_spec(name, captions=()):
         try:
             enc = tiktoken.get_encoding('gpt2')
         except Exception as e:
-            raise RuntimeError(
+            raise UserError(
                 f"text_encoding='gpt2' needs tiktoken's GPT-2 files ({type(e).__name__}: {e}). On "
                 "a connected machine tiktoken downloads and caches them (TIKTOKEN_CACHE_DIR reuses "
                 "a cached copy offline); or set --text_encoding to a local GPT-2 ranks file "
@@ -190,9 +195,10 @@ def encoding_spec(name, captions=()):
             ranks.setdefault(piece, len(ranks))
     elif name != 'bytes':
         if not os.path.isfile(name):
-            raise FileNotFoundError(f"text_encoding '{name}' is not 'gpt2', 'bytes', 'words' or an "
-                                    "existing .tiktoken file; for GPT-2 offline, save its ranks "
-                                    "(gpt2.tiktoken) and pass that path")
+            raise MissingFile(f"text_encoding '{name}' is not 'gpt2', 'bytes', 'words' or an "
+                              "existing .tiktoken file; GPT-2's ranks are tiktoken's "
+                              f"r50k_base.tiktoken ({R50K_URL}): save it there, or set "
+                              "--text_encoding to its path")
         with open(name) as f:
             ranks = ranks_from_text(f.read(), name)
     return dict(name=os.path.basename(name), pat_str=GPT2_PATTERN, ranks=ranks_to_text(ranks),
@@ -214,6 +220,29 @@ def encode_captions(enc, captions, caption_len):
         out[i, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         lengths[i] = len(tokens)
     return out, lengths
+
+
+def seen_tokens(enc, captions, caption_len):
+    """(n_vocab,) bool: the text tokens that training captions (as cut to caption_len) hold."""
+    seen = torch.zeros(enc.n_vocab, dtype=torch.bool)
+    for tokens in enc.encode_ordinary_batch(list(captions)):
+        seen[tokens[:caption_len]] = True
+    return seen
+
+
+def warn_unseen_words(enc, ckpt, prompts):
+    """One line per prompt that holds words the text model never saw in training (a token of
+    theirs is in no training caption): it draws codes for them all the same."""
+    seen = ckpt.get('caption_tokens')
+    if seen is None:                    # a checkpoint written before it kept them
+        return
+    for prompt in dict.fromkeys(prompts):
+        words = prompt.split()
+        unseen = [w for i, w in enumerate(words)
+                  if not all(seen[t] for t in enc.encode_ordinary(w if i == 0 else ' ' + w))]
+        if unseen:
+            print(f"warning: prompt {prompt!r}: the text model never saw "
+                  f"{', '.join(map(repr, unseen))} in training; its codes ignore them")
 
 
 # -----------------------------------------------------------------------------
@@ -290,7 +319,7 @@ def extend_pretrained(model, state, n_text, V, source='checkpoint'):
     position embedding new when the checkpoint has none. Returns what is new, in words."""
     rows = state['vocab_embed.embedding'].shape[0]
     if rows != n_text + 1:
-        raise ValueError(f"{source} has {rows - 1} text tokens (+ its mask), but the text encoding "
+        raise UserError(f"{source} has {rows - 1} text tokens (+ its mask), but the text encoding "
                          f"has {n_text}; a GPT-2-vocabulary SEDD needs text_encoding='gpt2' or "
                          "GPT-2's .tiktoken ranks file")
     state, ours = dict(state), model.state_dict()
@@ -303,12 +332,12 @@ def extend_pretrained(model, state, n_text, V, source='checkpoint'):
     if 'pos_embed' in state:
         pos = state['pos_embed'].reshape(1, -1, ours['pos_embed'].shape[-1])
         if pos.shape[1] < model.seq_len:
-            raise ValueError(f"{source}'s position embedding has {pos.shape[1]} positions, fewer "
+            raise UserError(f"{source}'s position embedding has {pos.shape[1]} positions, fewer "
                              f"than the {model.seq_len} of a sequence; lower caption_len")
         state['pos_embed'] = pos[:, :model.seq_len]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {'pos_embed', 'caption_map.weight', 'caption_map.bias'}:
-        raise ValueError(f"{source} does not fit --model: missing {sorted(missing)}, unexpected "
+        raise UserError(f"{source} does not fit --model: missing {sorted(missing)}, unexpected "
                          f"{sorted(unexpected)}")
     return [f"{k} rows {n_text}..{n_text + V} (the {V} codes and the separator)"
             for k in grown_keys] + missing
@@ -316,7 +345,7 @@ def extend_pretrained(model, state, n_text, V, source='checkpoint'):
 
 def read_pretrained(path):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"init_from='{path}' not found; give a local SEDD checkpoint with "
+        raise MissingFile(f"init_from='{path}' not found; give a local SEDD checkpoint with "
                                 "the GPT-2 vocabulary (louaaron/sedd-small or sedd-medium: .pth, "
                                 ".bin or .safetensors), or 'scratch'")
     if path.endswith('.safetensors'):
@@ -379,18 +408,19 @@ def load_pairs(cfg, split, contract):
     """A split's code dump and captions: (codes (N, L), [[caption, alternatives..]] * N)."""
     codes_path = dump_path(cfg['codes_dir'], split)
     codes = load_codes(cfg['codes_dir'], split, contract=contract)
+    check_same_images(contract, cfg['codes_dir'], split, cfg['data_dir'], cfg['allow_mix'])
     path = cfg['captions_path'].replace('{split}', split) if cfg['captions_path'] else \
         os.path.join(cfg['data_dir'], f'{split}_captions.txt')
     if not os.path.exists(path):
-        raise FileNotFoundError(f"captions '{path}' not found: one line per item of {codes_path}, "
+        raise MissingFile(f"captions '{path}' not found: one line per item of {codes_path}, "
                                 "in its order; set --captions_path (with {split}) or --data_dir")
     with open(path, encoding='utf-8') as f:
         lines = f.read().splitlines()
     if not any(line.strip() for line in lines):
-        raise ValueError(f"captions '{path}' is empty; it needs a caption line per item of "
+        raise UserError(f"captions '{path}' is empty; it needs a caption line per item of "
                          f"{codes_path}")
     if len(lines) != len(codes):
-        raise ValueError(f"captions '{path}' has {len(lines)} lines but {codes_path} has "
+        raise UserError(f"captions '{path}' has {len(lines)} lines but {codes_path} has "
                          f"{len(codes)} codes; they must be the same items in the same order: "
                          "re-dump the codes of this split (python tokenizer.py --mode=dump) or fix "
                          "--captions_path")
@@ -440,16 +470,21 @@ def heldout_code_bits(model, codes, captions, enc, ckpt, t_per_code, batch_size,
 # Training
 
 def train(cfg):
+    check_counts(cfg, 'batch_size', 'micro_batch_size', 'max_iters', 'log_interval',
+                 'ckpt_interval', 'caption_len')
+    check_counts(cfg, 'eval_interval', 'n_eval', minimum=0)
+    check_finite(cfg, 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', low=0.0)
+    check_finite(cfg, 'ema_decay', 'dropout', 'noise_eps', 'caption_dropout', low=0.0, high=1.0)
     rank, world, device = setup_distributed(cfg['device'])
     c, master = cfg, rank == 0
     device_type = 'cuda' if 'cuda' in device else 'cpu'
     micro = c['micro_batch_size']
     if c['batch_size'] % (world * micro):
-        raise ValueError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) "
+        raise UserError(f"batch_size={c['batch_size']} must be a multiple of processes ({world}) "
                          f"x micro_batch_size ({micro})")
     accum = c['batch_size'] // (world * micro)
     if not (0 <= c['t_min'] < 1 and 0 <= c['t_one_share'] <= 1 and c['t_one_share_end'] <= 1):
-        raise ValueError(f"t_min={c['t_min']} must be in [0, 1), t_one_share={c['t_one_share']} "
+        raise UserError(f"t_min={c['t_min']} must be in [0, 1), t_one_share={c['t_one_share']} "
                          f"and t_one_share_end={c['t_one_share_end']} in [0, 1] (the end < 0: "
                          "the share stays constant)")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -462,20 +497,25 @@ def train(cfg):
     L, V = contract['L'], contract['V']
     codes, captions = load_pairs(c, c['train_split'], contract)
     val = None
-    if c['eval_interval'] > 0 and P.has_split(c, 'val_split'):
+    if c['captions_path'] and '{split}' not in c['captions_path']:
+        if master and c['eval_interval'] > 0:
+            print(f"note: captions_path '{c['captions_path']}' has no {{split}}, so it is the "
+                  f"{c['train_split']} split's alone: no held-out loss on {c['val_split']}")
+    elif c['eval_interval'] > 0 and P.has_split(c, 'val_split'):
         val_codes, val_captions = load_pairs(c, c['val_split'], contract)
         n = c['n_eval'] or len(val_codes)
         val = val_codes[:n], val_captions[:n]
     resume = None
     if resuming(c, ckpt_path):
-        resume = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        resume = read_checkpoint(ckpt_path, f"python text2dlc.py <config> --out_dir={c['out_dir']}")
         spec = resume['encoding']
     else:
         spec = encoding_spec(c['text_encoding'], [t for options in captions for t in options])
     enc = encoding_from_spec(spec)
     n_text = enc.n_vocab
     info = dict(L=L, V=V, n_text=n_text, caption_len=c['caption_len'], noise_eps=c['noise_eps'],
-                encoding=spec)
+                encoding=spec, codes_id=codes_identity(contract),
+                caption_tokens=seen_tokens(enc, [t for o in captions for t in o], c['caption_len']))
     model_args = P.model_args_from(c, L + 1 + c['caption_len'], n_text + V + 1)
     if c['caption_adaln']:
         model_args.update(caption_start=L + 1, caption_pad=enc.eot_token)
@@ -608,10 +648,7 @@ def train(cfg):
 def load_text2dlc(out_dir, device, weights='ema'):
     """(model, checkpoint, encoding) from out_dir/text2dlc.pt alone."""
     path = os.path.join(out_dir, 'text2dlc.pt')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"text2dlc checkpoint '{path}' not found; train it with python "
-                                "text2dlc.py ...")
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    ckpt = read_checkpoint(path, f"python text2dlc.py <config> --out_dir={out_dir} (train it)")
     model = P.model_from_checkpoint(ckpt, weights, CaptionSEDD)
     return model.to(device).eval(), ckpt, encoding_from_spec(ckpt['encoding'])
 
@@ -619,26 +656,40 @@ def load_text2dlc(out_dir, device, weights='ema'):
 def read_prompts(spec):
     """'a|b' or a file, one prompt per line."""
     if not spec:
-        raise ValueError("no prompts: set --prompts='a red square|a blue circle' or "
+        raise UserError("no prompts: set --prompts='a red square|a blue circle' or "
                          "--prompts=<file, one per line>")
     if os.path.isfile(spec):
         with open(spec, encoding='utf-8') as f:
             prompts = [line.split('\t')[0] for line in f.read().splitlines()]
+    elif spec.lower().endswith('.txt') and '|' not in spec:
+        raise MissingFile(f"--prompts file '{spec}' not found (a prompt file is one prompt "
+                          "per line; prompts themselves: --prompts='a red square|a cat')")
     else:
         prompts = spec.split('|')
     if not prompts:
-        raise ValueError(f"--prompts={spec!r} holds no prompt")
+        raise UserError(f"--prompts={spec!r} holds no prompt")
     return prompts
 
 
 def sample_mode(cfg):
+    check_counts(cfg, 'sample_batch_size')
+    check_counts(cfg, 'n_samples', 'num_steps', minimum=0)
+    check_finite(cfg, 'temperature', low=1e-8)
+    check_finite(cfg, 'cfg_scale')
+    P.check_sampling(cfg['sampler'], 'remdm', 0.0)
+    prompts = read_prompts(cfg['prompts'])
     rank, world, device = setup_distributed(cfg['device'])
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if 'cuda' in device else nullcontext()
     model, ckpt, enc = load_text2dlc(cfg['out_dir'], device)
     L, V = ckpt['L'], ckpt['V']
-    check_fits(read_contract(cfg['codes_dir']), L, V, cfg['codes_dir'],
-               f"the text model in {cfg['out_dir']}")
-    prompts = read_prompts(cfg['prompts'])
+    contract = read_contract(cfg['codes_dir'])
+    check_fits(contract, L, V, cfg['codes_dir'], f"the text model in {cfg['out_dir']}")
+    check_same_tokenizer(codes_identity(contract), os.path.join(cfg['codes_dir'], SIDECAR),
+                         ckpt.get('codes_id'), os.path.join(cfg['out_dir'], 'text2dlc.pt'),
+                         "point --codes_dir at the dumps the text model was trained on",
+                         cfg['allow_mix'])
+    if rank == 0:
+        warn_unseen_words(enc, ckpt, prompts)
     if cfg['cfg_scale'] != 1.0 and not ckpt['config']['caption_dropout']:
         print(f"note: guidance {cfg['cfg_scale']} with a model trained without caption_dropout: "
               "its empty-caption prediction was never trained")
@@ -666,6 +717,7 @@ def sample_mode(cfg):
     full = np.array(full['codes'])
     used = [prompts[i % len(prompts)] for i in range(n)]
     save_atomic(full, path)
+    write_identity(path, ckpt.get('codes_id'), os.path.join(cfg['out_dir'], 'text2dlc.pt'))
     shutil.rmtree(path + '.parts')
     with open(os.path.splitext(path)[0] + '_prompts.txt', 'w', encoding='utf-8') as f:
         f.write(''.join(p + '\n' for p in used))
@@ -674,11 +726,14 @@ def sample_mode(cfg):
     return full, used
 
 
-if __name__ == '__main__':
-    cfg = configure(CONFIG, sys.argv[1:])
+def main(cfg):
     if cfg['mode'] == 'train':
         handle_preemption_signals()
     modes = {'train': train, 'sample': sample_mode}
     if cfg['mode'] not in modes:
-        raise ValueError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")
-    modes[cfg['mode']](cfg)
+        raise UserError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")
+    return modes[cfg['mode']](cfg)
+
+
+if __name__ == '__main__':
+    command_line(CONFIG, sys.argv[1:], main, __file__)

@@ -52,13 +52,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 from cluster import (exit_preempted, handle_preemption_signals, preemption_requested, resuming,
                      save_atomic, setup_distributed)
-from codes import check_codes, dump_path, load_codes, write_codes
-from configurator import configure
+from codes import (check_codes, dump_path, fingerprint_images, load_array, load_codes, new_run_id,
+                   read_checkpoint, tokenizer_identity, write_codes)
+from configurator import MissingFile, UserError, check_counts, check_finite, command_line
+from images import ImageFolder, array_path, missing_split   # a split: an array or a folder
 
 # -----------------------------------------------------------------------------
 # config: the defaults are the paper's ImageNet recipe (DINOv2 ViT-L/14 reg4, DLC512 = 512 x 256)
@@ -66,7 +67,7 @@ mode = 'train'                  # 'train' | 'dump' | 'probe' | 'import'
 out_dir = 'out-tokenizer'
 init_from = 'scratch'           # 'scratch' | 'resume' | dinov2_vit{s,b,l}14_reg4_pretrain.pth path
 auto_resume = False             # resume from out_dir's checkpoint if there is one (cluster jobs)
-data_dir = 'data/imagenet'      # <data_dir>/<split>_images.npy or <data_dir>/<split>/<class>/*
+data_dir = 'data/imagenet'      # <split>_images.npy, or a folder <split>/ of images (images.py)
 train_split = 'train'
 seed = 0
 # model
@@ -363,7 +364,7 @@ def load_dinov2_backbone(backbone, path):
     """Load a public DINOv2 checkpoint (dinov2_vit{s,b,l}14_reg4_pretrain.pth) into the backbone
     with strict=True, resizing the 37 x 37 position grid (518 px) to the training resolution."""
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise MissingFile(
             f"DINOv2 weights '{path}' not found. Download dinov2_vitl14_reg4_pretrain.pth from "
             "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/ and pass --init_from=<path>.")
     state = torch.load(path, map_location='cpu', weights_only=True)
@@ -372,7 +373,7 @@ def load_dinov2_backbone(backbone, path):
     if dim != backbone.pos_embed.shape[-1] or depth != len(backbone.blocks):
         found = next((n for n, (d, _, _) in DINOV2_SIZES.items() if d == dim), '?')
         e, d, h = DINOV2_SIZES.get(found, (0, 0, 0))
-        raise ValueError(f"'{path}' holds a DINOv2 {found} backbone; set --embed_dim={e} "
+        raise UserError(f"'{path}' holds a DINOv2 {found} backbone; set --embed_dim={e} "
                          f"--depth={d} --num_heads={h} --patch_size=14 to load it")
     n = int(math.sqrt(backbone.pos_embed.shape[1] - 1))
     state['pos_embed'] = interpolate_pos_embed(state['pos_embed'], n, n)
@@ -390,7 +391,7 @@ def load_fork_checkpoint(model, path):
     or the backbone's keys alone, its 37 x 37 position grid resized. Left out: the DINO head
     (it starts afresh) and sem_cls_norm, which the fork defines but never applies."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"the paper's encoder checkpoint '{path}' not found")
+        raise MissingFile(f"the paper's encoder checkpoint '{path}' not found")
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     state, source = {}, {}
     for key, value in ckpt.get('teacher', ckpt).items():
@@ -404,7 +405,7 @@ def load_fork_checkpoint(model, path):
     missing = sorted(to_fork.get(k, k.removeprefix('backbone.')) for k in expected - set(state))
     unexpected = sorted(source[k] for k in set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"'{path}' does not fit this model (the fork's vit_*_sem with "
+        raise UserError(f"'{path}' does not fit this model (the fork's vit_*_sem with "
                          f"n_registers={model.backbone.n_registers}, depth="
                          f"{len(model.backbone.blocks)}): it lacks {missing} and has unexpected "
                          f"{unexpected}")
@@ -420,9 +421,9 @@ def load_fork_checkpoint(model, path):
 class ImageArray(torch.utils.data.Dataset):
     """<data_dir>/<split>_images.npy: uint8 (N, H, W, 3), as data/shapes/prepare.py writes."""
     def __init__(self, path):
-        self.images = np.load(path, mmap_mode='r')
+        self.images = load_array(path, 'python data/shapes/prepare.py', mmap_mode='r')
         if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
-            raise ValueError(f"{path}: expected uint8 (N, H, W, 3) images, got {self.images.dtype} "
+            raise UserError(f"{path}: expected uint8 (N, H, W, 3) images, got {self.images.dtype} "
                              f"{self.images.shape}")
 
     def __len__(self):
@@ -432,63 +433,22 @@ class ImageArray(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(self.images[i]))
 
 
-class ImageFolder(torch.utils.data.Dataset):
-    """<root>/<class>/<image>; items in sorted order of relative paths, each read as a
-    size x size central square by load_image (training crops are then cut on the device)."""
-    EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm')
-
-    def __init__(self, root, size):
-        self.root, self.size = root, size
-        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self.files, self.labels = [], []
-        for label, c in enumerate(self.classes):
-            for dirpath, _, names in sorted(os.walk(os.path.join(root, c))):
-                for name in sorted(names):
-                    if name.lower().endswith(self.EXTENSIONS):
-                        self.files.append(os.path.join(dirpath, name))
-                        self.labels.append(label)
-        if not self.files:
-            raise FileNotFoundError(f"no images under '{root}' (expected <class>/<image> files)")
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        return load_image(self.files[i], self.size)
-
-
-def load_image(path, size):
-    """One image file -> uint8 (size, size, 3) by ADM's center_crop_arr, the paper's view for
-    the DiT's codes: box-halved while the short side is >= 2 * size, bicubic, central square."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert('RGB')
-            while min(im.size) >= 2 * size:
-                im = im.resize((im.width // 2, im.height // 2), Image.BOX)
-            s = size / min(im.size)
-            im = im.resize((round(im.width * s), round(im.height * s)), Image.BICUBIC)
-            left, top = (im.width - size) // 2, (im.height - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-            return torch.from_numpy(np.asarray(im).copy())
-    except Exception as e:
-        raise RuntimeError(f"cannot read image '{path}' ({e}); remove or replace it") from None
-
-
 def open_split(data_dir, split, size):
-    array = os.path.join(data_dir, f'{split}_images.npy')
-    if os.path.exists(array):
-        return ImageArray(array)
-    folder = os.path.join(data_dir, split)
-    if os.path.isdir(folder):
-        return ImageFolder(folder, size)
-    raise FileNotFoundError(f"no split '{split}' in '{data_dir}': expected {array} (run python "
-                            f"data/shapes/prepare.py) or an image folder {folder}/<class>/<image>")
+    """A split as uint8 (H, W, 3) items: the array, or a folder read at `size` (images.py)."""
+    if os.path.exists(array_path(data_dir, split)):
+        return ImageArray(array_path(data_dir, split))
+    if os.path.isdir(os.path.join(data_dir, split)):
+        return ImageFolder(data_dir, split, size)
+    raise missing_split(data_dir, split)
 
 
 def split_labels(data_dir, split, dataset):
     """Labels the probe predicts: the factors of the built-in data, or the folder's classes."""
     if isinstance(dataset, ImageFolder):
-        return {'class': np.array(dataset.labels)}
+        if dataset.labels is None:
+            raise MissingFile(f"the probe needs the classes of '{dataset.root}': class "
+                              f"subfolders, or {data_dir}/{split}_labels.txt (images.py)")
+        return {'class': dataset.labels}
     factors = np.load(os.path.join(data_dir, f'{split}_factors.npy'))
     with open(os.path.join(data_dir, 'meta.json')) as f:
         names = json.load(f)['factors']
@@ -819,10 +779,8 @@ def param_groups(model, layer_decay, patch_embed_lr_mult):
 # Checkpoints and code dumps
 
 def load_checkpoint(path):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"tokenizer checkpoint '{path}' not found: train one first (python "
-                                f"tokenizer.py <config> --out_dir={os.path.dirname(path) or '.'})")
-    return torch.load(path, map_location='cpu', weights_only=True)
+    return read_checkpoint(path, f"python tokenizer.py <config> "
+                                 f"--out_dir={os.path.dirname(path) or '.'} (train it)")
 
 
 def encoder_from_checkpoint(ckpt):
@@ -836,28 +794,31 @@ def encoder_from_checkpoint(ckpt):
 # Training
 
 def train(cfg):
+    check_counts(cfg, 'batch_size', 'max_iters', 'log_interval', 'ckpt_interval', 'image_size',
+                 'patch_size', 'L', 'V', 'depth', 'embed_dim')
+    check_finite(cfg, 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', low=0.0)
+    check_finite(cfg, 'tau', 'student_temp', 'teacher_temp', 'infonce_temp', low=1e-8)
     rank, world, device = setup_distributed(cfg['device'])
     master = rank == 0
     c = cfg
     if c['batch_size'] % world:
-        raise ValueError(f"batch_size={c['batch_size']} must be divisible by the {world} processes")
+        raise UserError(f"batch_size={c['batch_size']} must be divisible by the {world} processes")
     B = c['batch_size'] // world
     if c['ssl_loss'] == 'dino' and c['ibot_weight'] > 0 and c['mask_prob'] * B < 1:
-        raise ValueError(f"mask_prob={c['mask_prob']} of a per-process batch of {B} masks no "
+        raise UserError(f"mask_prob={c['mask_prob']} of a per-process batch of {B} masks no "
                          "image; raise batch_size or mask_prob, or set --ibot_weight=0")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     device_type = 'cuda' if 'cuda' in device else 'cpu'
     autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if device_type == 'cuda'
                 else nullcontext())
-    os.makedirs(c['out_dir'], exist_ok=True)
-    ckpt_path = os.path.join(c['out_dir'], 'tokenizer.pt')
-
     split = c['train_split']
     dataset = open_split(c['data_dir'], split, load_size(c['image_size'], c['data_dir'], split))
     if len(dataset) < c['batch_size']:
-        raise ValueError(f"split '{split}' has {len(dataset)} images, fewer than "
+        raise UserError(f"split '{split}' has {len(dataset)} images, fewer than "
                          f"batch_size={c['batch_size']}")
+    os.makedirs(c['out_dir'], exist_ok=True)
+    ckpt_path = os.path.join(c['out_dir'], 'tokenizer.pt')
 
     model_args = model_args_from(c)
     torch.manual_seed(c['seed'])
@@ -877,11 +838,12 @@ def train(cfg):
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), fused=device_type == 'cuda')
     centers = {'cls': torch.zeros(1, c['n_prototypes'], device=device),
                'patch': torch.zeros(1, c['n_prototypes'], device=device)} if use_teacher else {}
-    iter_num = 0
+    iter_num, run_id = 0, new_run_id()     # the run's identity, which its codes carry
     if resume:
         ckpt = load_checkpoint(ckpt_path)
+        run_id = ckpt.get('run_id') or run_id
         if 'optimizer' not in ckpt:
-            raise ValueError(f"{ckpt_path} was written by --mode=import and holds no training "
+            raise UserError(f"{ckpt_path} was written by --mode=import and holds no training "
                              "state to resume")
         model.load_state_dict(ckpt['model'])
         if teacher is not None:
@@ -910,7 +872,8 @@ def train(cfg):
                          optimizer=optimizer.state_dict(),
                          centers={k: v.cpu() for k, v in centers.items()},
                          model_args=model_args_from(c), config=dict(c), iter_num=iter_num,
-                         world_size=world, L=c['L'], V=c['V'], image_size=c['image_size']),
+                         world_size=world, L=c['L'], V=c['V'], image_size=c['image_size'],
+                         run_id=run_id),
                     ckpt_path)
 
     stop = c['max_iters'] if c['run_iters'] < 0 else min(c['max_iters'], iter_num + c['run_iters'])
@@ -1023,12 +986,13 @@ def codes_for_split(ckpt, ckpt_path, model, cfg, split):
     if isinstance(dataset, ImageArray):
         path = dump_path(cfg['out_dir'], split)
         if os.path.exists(path) and os.path.getmtime(path) < os.path.getmtime(ckpt_path):
-            raise ValueError(f"code dump '{path}' is older than {ckpt_path}; dump it again: python "
+            raise UserError(f"code dump '{path}' is older than {ckpt_path}; dump it again: python "
                              f"tokenizer.py --mode=dump --dump_split={split} (same config)")
         return load_codes(cfg['out_dir'], split, len(dataset)), dataset
     path = os.path.join(cfg['out_dir'], f'probe_codes_{split}.npy')
     if os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(ckpt_path):
-        return check_codes(np.load(path), ckpt['L'], ckpt['V'], path, len(dataset),
+        cached = load_array(path, f"python tokenizer.py --mode=probe (delete '{path}' first)")
+        return check_codes(cached, ckpt['L'], ckpt['V'], path, len(dataset),
                            fix="delete it: --mode=probe computes it again"), dataset
     codes = compute_codes(model, dataset, ckpt['image_size'], cfg['dump_batch_size'],
                           cfg['device'], f'codes {split}')
@@ -1040,7 +1004,7 @@ def codes_for_split(ckpt, ckpt_path, model, cfg, split):
 def load_size(image_size, data_dir, split):
     """Training and the probe decode folder images at 256/224 of image_size (crops are cut from
     them; the probe's is DINOv2's central square); dumps read them at image_size itself."""
-    if os.path.exists(os.path.join(data_dir, f'{split}_images.npy')):
+    if os.path.exists(array_path(data_dir, split)):
         return image_size
     return round(image_size * 256 / 224)
 
@@ -1051,14 +1015,21 @@ def dump(cfg):
     ckpt_path = os.path.join(cfg['out_dir'], 'tokenizer.pt')
     ckpt = load_checkpoint(ckpt_path)
     model = encoder_from_checkpoint(ckpt)
-    for split in [s.strip() for s in cfg['dump_split'].split(',') if s.strip()]:
-        dataset = open_split(cfg['data_dir'], split, ckpt['image_size'])
+    if cfg['dump_batch_size'] < 1:
+        raise UserError(f"--dump_batch_size={cfg['dump_batch_size']} must be at least 1")
+    splits = [s.strip() for s in cfg['dump_split'].split(',') if s.strip()]
+    datasets = {split: open_split(cfg['data_dir'], split, ckpt['image_size']) for split in splits}
+    identity = tokenizer_identity(ckpt)
+    if identity is None:
+        print(f"note: {ckpt_path} has no run id (written before runs had ids): its codes are "
+              "written without one, and nothing can check them against other runs")
+    for split, dataset in datasets.items():
         codes = compute_codes(model, dataset, ckpt['image_size'], cfg['dump_batch_size'],
                               cfg['device'], f"codes {split}")
         write_codes(cfg['out_dir'], split, codes, ckpt['L'], ckpt['V'], ckpt['image_size'],
-                    ckpt_path)
+                    ckpt_path, identity, fingerprint_images(cfg['data_dir'], split))
         print(f"wrote {dump_path(cfg['out_dir'], split)}: {codes.shape} {codes.dtype}, "
-              f"L={ckpt['L']} V={ckpt['V']}")
+              f"L={ckpt['L']} V={ckpt['V']}, tokenizer {identity}")
 
 
 def import_fork(cfg):
@@ -1069,7 +1040,7 @@ def import_fork(cfg):
     path = os.path.join(cfg['out_dir'], 'tokenizer.pt')
     save_atomic(dict(model=model.state_dict(), teacher=None, model_args=model_args_from(cfg),
                      config=dict(cfg), iter_num=0, L=cfg['L'], V=cfg['V'],
-                     image_size=cfg['image_size']), path)
+                     image_size=cfg['image_size'], run_id=new_run_id()), path)
     print(f"wrote {path}: the paper's encoder from {cfg['init_from']}, L={cfg['L']} V={cfg['V']}")
 
 
@@ -1106,7 +1077,7 @@ def probe_predict(probe, codes):
     codes = np.asarray(codes).astype(np.int64)
     L_, V_ = probe['L'], probe['V']
     if codes.ndim != 2 or codes.shape[1] != L_ or codes.min() < 0 or codes.max() >= V_:
-        raise ValueError(f"the probe reads codes of shape (N, {L_}) with tokens in [0, {V_}); "
+        raise UserError(f"the probe reads codes of shape (N, {L_}) with tokens in [0, {V_}); "
                          f"got shape {codes.shape}, tokens in [{codes.min()}, {codes.max()}]")
     codes = torch.as_tensor(codes)
     return {name: probe_logits(p['weight'], p['bias'], codes, probe['V']).argmax(1).numpy()
@@ -1165,11 +1136,14 @@ def probe(cfg):
     return result
 
 
-if __name__ == '__main__':
-    cfg = configure(CONFIG, sys.argv[1:])
+def main(cfg):
     if cfg['mode'] == 'train':
         handle_preemption_signals()
     modes = {'train': train, 'dump': dump, 'probe': probe, 'import': import_fork}
     if cfg['mode'] not in modes:
-        raise ValueError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")
-    modes[cfg['mode']](cfg)
+        raise UserError(f"--mode={cfg['mode']} is not one of {sorted(modes)}")
+    return modes[cfg['mode']](cfg)
+
+
+if __name__ == '__main__':
+    command_line(CONFIG, sys.argv[1:], main, __file__)

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from configurator import MissingFile, UserError
+
 VAE_SCALE = 0.18215  # sd-vae-ft-ema config "scaling_factor": unit-variance latents for the UNet
 
 
@@ -184,7 +186,7 @@ def read_safetensors(path):
         if name == "__metadata__":
             continue
         if info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            raise UserError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         dtype = _ST_DTYPES[info["dtype"]]
         begin, end = info["data_offsets"]
         buf = bytearray(data[begin:end])  # a writable copy, so the tensor owns its memory
@@ -200,7 +202,7 @@ def load_vae(path, **arch):
     """Build the sd-vae-ft-ema AutoencoderKL (or `arch` overrides) and load `path` strictly:
     diffusion_pytorch_model.safetensors (read by hand) or .bin/.pt (torch.load)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingFile(
             f"VAE weights not found at {path!r}. Download diffusion_pytorch_model.safetensors "
             f"(or .bin) from https://huggingface.co/stabilityai/sd-vae-ft-ema and set the config "
             f"key 'vae_path' to its location.")
@@ -222,7 +224,7 @@ def load_vae(path, **arch):
     want, have = set(model.state_dict()), set(sd)
     missing, unexpected = sorted(want - have), sorted(have - want)
     if missing or unexpected:
-        raise ValueError(f"{path} does not match the diffusers AutoencoderKL layout: "
+        raise UserError(f"{path} does not match the diffusers AutoencoderKL layout: "
                          f"{len(missing)} missing keys (e.g. {missing[:5]}), "
                          f"{len(unexpected)} unexpected keys (e.g. {unexpected[:5]})")
     model.load_state_dict(sd, strict=True)  # copies and casts (e.g. F16 -> F32) into the params

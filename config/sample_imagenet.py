@@ -1,6 +1,6 @@
 # The ImageNet 256 pipeline: 50,000 unconditional samples (prior -> DLC512 -> DiT-XL/2 on SD-VAE
 # latents) for FID, on 8 GPUs; then python eval_fid.py --samples=out-imagenet-samples/uncond.npz
-# --ref=VIRTUAL_imagenet256_labeled.npz (the ADM reference batch).
+# --ref=weights/VIRTUAL_imagenet256_labeled.npz (the ADM reference batch).
 # torchrun --nproc_per_node=8 sample.py config/sample_imagenet.py
 # The paper's run scripts/gen_50k_sedd-1024_cfg-1.7.sh: the prior's analytic sampler, 1,024 steps to
 # t = 1e-5, no corrector; the DiT's DDPM sampler, 256 steps, guidance 1.7 (on every eps channel),

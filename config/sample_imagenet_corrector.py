@@ -4,7 +4,7 @@
 # no guidance (cfg 1.0), no clipping. 50,000 samples for FID, on 8 GPUs:
 # torchrun --nproc_per_node=8 sample.py config/sample_imagenet_corrector.py
 # then python eval_fid.py --samples=out-imagenet-samples-corrector/uncond.npz \
-#     --ref=VIRTUAL_imagenet256_labeled.npz
+#     --ref=weights/VIRTUAL_imagenet256_labeled.npz
 mode = 'uncond'
 out_dir = 'out-imagenet-samples-corrector'
 n_samples = 50000

@@ -395,13 +395,40 @@ def test_training_on_pixels_lowers_the_loss_and_writes_a_sample_grid(shapes_dir,
     # any code dump (here the val codes again, as prior samples would be) decodes to images
     codes_path = tmp_path / 'some_codes.npy'
     np.save(codes_path, np.load(os.path.join(codes_dir, 'codes_val.npy'))[:6])
-    D.decode(dict(cfg, mode='decode', codes_path=str(codes_path), n_recon=6, micro_batch_size=4))
+    D.decode(dict(cfg, mode='decode', codes_path=str(codes_path), micro_batch_size=4))
     assert np.load(tmp_path / 'some_codes_images.npz')['arr_0'].shape == (6, 32, 32, 3)
     scores = SC.score_images(str(tmp_path / 'some_codes_images.npz'), shapes_dir)
     assert 'valid' in scores and 'tv_shape' in scores
     np.save(codes_path, np.full((6, 4), 8, dtype=np.uint16))
     with pytest.raises(ValueError, match='V=8'):
         D.decode(dict(cfg, mode='decode', codes_path=str(codes_path)))
+
+
+def test_decode_draws_every_code_of_the_dump_into_out_dir_and_resumes_on_two_processes(
+        shapes_dir, codes_dir, tmp_path, monkeypatch):
+    cfg = tiny_cfg(shapes_dir, codes_dir, tmp_path / 'dit', max_iters=1, n_recon=3,
+                   micro_batch_size=4)
+    D.train(cfg)
+    (tmp_path / 'prior').mkdir()
+    codes_path = tmp_path / 'prior' / 'samples.npy'
+    np.save(codes_path, np.load(os.path.join(codes_dir, 'codes_val.npy'))[:10])
+    cfg = dict(cfg, mode='decode', codes_path=str(codes_path))
+    with monkeypatch.context() as m:
+        m.setattr(D.shutil, 'rmtree', lambda path: None)        # keep the chunks, as a kill would
+        one = D.decode(cfg)
+    assert one.shape == (10, 32, 32, 3)                 # all 10, not the first n_recon
+    assert np.array_equal(np.load(tmp_path / 'dit' / 'samples_images.npz')['arr_0'], one)
+    assert sorted(os.listdir(tmp_path / 'prior')) == ['samples.npy']     # nothing beside the dump
+    # a run killed after chunk 1 of 3, relaunched on two processes: they draw only 0 and 2
+    parts = tmp_path / 'two' / 'samples_images.parts'
+    parts.mkdir(parents=True)
+    shutil.copy(tmp_path / 'dit' / 'diffusion.pt', tmp_path / 'two')
+    for name in ('run.json', '000001.npz'):
+        shutil.copy(tmp_path / 'dit' / 'samples_images.parts' / name, parts)
+    result = run_script('diffusion.py', as_args(dict(cfg, out_dir=str(tmp_path / 'two'))), nproc=2)
+    assert result.stdout.count('drew 1 of 3 chunks') == 2, result.stdout
+    assert np.array_equal(np.load(tmp_path / 'two' / 'samples_images.npz')['arr_0'], one)
+    assert not parts.exists()
 
 
 @pytest.mark.parametrize('bad, message', [

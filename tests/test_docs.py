@@ -128,7 +128,8 @@ def options_of(script):
     --words it compares sys.argv with (its other arguments are positional, not checked)."""
     tree = ast.parse(open(os.path.join(ROOT, script)).read())
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, 'id', None) == 'configure' \
+        if isinstance(node, ast.Call) and getattr(node.func, 'id', None) in ('configure',
+                                                                             'command_line') \
                 and 'sys.argv' in ast.unparse(node):
             defaults = node.args[0]
             if isinstance(defaults, ast.Call) and defaults.func.id == 'dict':   # dict(k=v, ..)

@@ -219,6 +219,22 @@ def test_bad_inputs_are_refused_with_the_reason(tmp_path):
         E.read_images(str(tmp_path / 'nothing.npz'))
 
 
+def test_a_folder_of_real_photos_of_any_size_is_read_in_adms_view_at_the_samples_size(
+        tmp_path, capsys):
+    from PIL import Image
+    from images import load_image
+    rng = np.random.default_rng(0)
+    (tmp_path / 'real' / 'sub').mkdir(parents=True)
+    paths = [tmp_path / 'real' / name for name in ('a.jpg', 'b.png', 'sub/c.JPEG')]
+    for path, (h, w) in zip(paths, [(300, 200), (48, 90), (64, 64)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    images = E.read_images(str(tmp_path / 'real'), 64)          # was: "differ in size"
+    assert images.shape == (3, 64, 64, 3)
+    for image, path in zip(images, paths):                        # ADM's center_crop_arr
+        np.testing.assert_array_equal(image, load_image(str(path), 64))
+    assert "ADM's view" in capsys.readouterr().out
+
+
 def test_end_to_end_from_images_to_scores_with_a_saved_reference(tmp_path):
     from PIL import Image
     gen = torch.Generator().manual_seed(0)
@@ -231,9 +247,9 @@ def test_end_to_end_from_images_to_scores_with_a_saved_reference(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / 'samples.npz', arr_0=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
     (tmp_path / 'real').mkdir()
-    for i in range(8):
-        image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-        Image.fromarray(image).save(tmp_path / 'real' / f'{i}.png')
+    for i in range(8):                      # photos of other sizes: read at the samples' 32 px
+        image = rng.integers(0, 256, (32 + 9 * i, 70 - 4 * i, 3), dtype=np.uint8)
+        Image.fromarray(image).save(tmp_path / 'real' / f'{i}.{("png", "jpg")[i % 2]}')
     cfg = dict(E.CONFIG, samples=str(tmp_path / 'samples.npz'), ref=str(tmp_path / 'real'),
                device='cpu', inception_path=str(tmp_path / 'inception.pth'),
                save_ref=str(tmp_path / 'ref.npz'), batch_size=4, pr_block=3)

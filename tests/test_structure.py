@@ -7,7 +7,7 @@ import os
 from conftest import ROOT
 
 COMPONENTS = {'tokenizer', 'diffusion', 'prior', 'text2dlc'}
-BOTTOM = {'configurator', 'cluster', 'vae', 'codes'}
+BOTTOM = {'configurator', 'cluster', 'vae', 'codes', 'images'}
 
 
 def modules():

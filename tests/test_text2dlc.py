@@ -58,7 +58,7 @@ def test_a_local_tiktoken_ranks_file_is_a_byte_level_bpe_that_round_trips(tmp_pa
     broken.write_text('not a ranks line\n')
     with pytest.raises(ValueError, match='broken.tiktoken'):
         X.encoding_spec(str(broken))
-    with pytest.raises(FileNotFoundError, match='nowhere.tiktoken.*gpt2.tiktoken'):
+    with pytest.raises(FileNotFoundError, match='nowhere.tiktoken.*r50k_base.tiktoken'):
         X.encoding_spec(str(tmp_path / 'nowhere.tiktoken'))
 
 
@@ -372,6 +372,31 @@ def test_captions_or_codes_that_do_not_fit_are_refused_with_the_file_named(toy_d
         missing = str(tmp_path / 'nowhere_{split}.txt')
         X.train(tiny_cfg(toy_dir, tmp_path / 'out', captions_path=missing))
     assert not (tmp_path / 'out' / 'text2dlc.pt').exists()
+
+
+def test_a_captions_file_without_split_in_its_path_is_the_train_splits_alone(toy_dir, tmp_path,
+                                                                             capsys):
+    # the dump has a val split too; one file of train captions must not be read as val's
+    captions = tmp_path / 'captions.txt'
+    captions.write_text(open(os.path.join(toy_dir, 'train_captions.txt')).read())
+    X.train(tiny_cfg(toy_dir, tmp_path / 'out', captions_path=str(captions), max_iters=1,
+                     eval_interval=1))
+    assert 'no {split}' in capsys.readouterr().out
+    assert (tmp_path / 'out' / 'text2dlc.pt').exists()
+
+
+def test_a_mistyped_prompts_file_is_named_not_taken_for_a_prompt(tmp_path):
+    (tmp_path / 'prompts.txt').write_text('a red square\n42\n')
+    assert X.read_prompts(str(tmp_path / 'prompts.txt')) == ['a red square', '42']
+    assert X.read_prompts('a red square|42') == ['a red square', '42']
+    with pytest.raises(FileNotFoundError, match='promts.txt'):
+        X.read_prompts(str(tmp_path / 'promts.txt'))
+
+
+def test_the_default_encoding_is_a_local_file_and_nothing_is_downloaded():
+    assert os.path.splitext(X.CONFIG['text_encoding'])[1] == '.tiktoken'
+    with pytest.raises(FileNotFoundError, match=X.R50K_URL):
+        X.encoding_spec('/nowhere/r50k_base.tiktoken')
 
 
 def test_bench_reports_text2dlc_throughput():

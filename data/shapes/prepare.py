@@ -34,7 +34,8 @@ tokenizer's dump (codes.py). It is the control that DLCs are read against: what 
 prior and the text model do when the code holds each factor at a position of its own.
     python data/shapes/prepare.py --oracle_codes=out-oracle   # codes_<split>.npy, codes.json
 
-Run from anywhere (a relative out_dir is taken from the repo root):
+Run from the repository root (relative paths are taken from the current folder, as in every
+script):
     python data/shapes/prepare.py [--size=64] [--n_train=30000] [--seed=0] ...
 """
 import json
@@ -46,20 +47,24 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == '__main__':              # run as a script: the repository's modules
+    sys.path.insert(0, REPO_ROOT)
+from configurator import MissingFile, UserError  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (override with --key=value)
-size = 32  # image side in pixels: 32 or 64
+size = 32                       # image side in pixels: 32 or 64
 n_train = 30000
 n_val = 2000
 n_ood = 2000
 seed = 0
 out_dir = 'data/shapes'
-# the (shape, color) pairs only ood shows; the default: one pair per shape (so ood tests every
-# shape) and no color twice (so every color keeps at least two shapes in train), 4 of the 18
 held_out = 'circle:blue,square:yellow,triangle:red,triangle:cyan'
-# instead of making the data: write the oracle codes of the data in out_dir to this folder
-oracle_codes = ''
+                                # the (shape, color) pairs only ood shows; the default: one pair
+                                # per shape (so ood tests every shape) and no color twice (so
+                                # every color keeps at least two shapes in train), 4 of the 18
+oracle_codes = ''               # instead of making the data: write the oracle codes of the data
+                                # in out_dir to this folder
 # -----------------------------------------------------------------------------
 CONFIG = {k: globals()[k] for k in
           ['size', 'n_train', 'n_val', 'n_ood', 'seed', 'out_dir', 'held_out', 'oracle_codes']}
@@ -90,15 +95,15 @@ def parse_held_out(text):
     for item in text.split(','):
         shape, _, color = item.strip().partition(':')
         if shape not in SHAPES or color not in COLORS:
-            raise ValueError(f"held_out: '{item}' is not shape:color with a shape of {SHAPES} "
+            raise UserError(f"held_out: '{item}' is not shape:color with a shape of {SHAPES} "
                              f"and a color of {COLORS}")
         pairs.append([SHAPES.index(shape), COLORS.index(color)])
     if len({tuple(p) for p in pairs}) != len(pairs):
-        raise ValueError(f"held_out: '{text}' names a pair twice")
+        raise UserError(f"held_out: '{text}' names a pair twice")
     seen = [(s, c) for s in range(len(SHAPES)) for c in range(len(COLORS)) if [s, c] not in pairs]
     if {s for s, _ in seen} != set(range(len(SHAPES))) or \
             {c for _, c in seen} != set(range(len(COLORS))):
-        raise ValueError(f"held_out: '{text}' leaves a shape or a color with no pair in training")
+        raise UserError(f"held_out: '{text}' leaves a shape or a color with no pair in training")
     return pairs
 
 
@@ -195,9 +200,8 @@ def sample_factors(rng, n, pairs, image_size):
 
 def make_dataset(out_dir, image_size=32, n_train=30000, n_val=2000, n_ood=2000, seed=0,
                  held_out_pairs=HELD_OUT):
-    """Generate all splits into out_dir (relative paths are taken from the repo root); the ood
+    """Generate all splits into out_dir (relative to the current folder); the ood
     split holds held_out_pairs, [[shape, color], ...], and train and val the others."""
-    out_dir = os.path.join(REPO_ROOT, out_dir)
     os.makedirs(out_dir, exist_ok=True)
     held_out = {tuple(p) for p in held_out_pairs}
     seen_pairs = [[s, c] for s in range(len(SHAPES)) for c in range(len(COLORS))
@@ -234,29 +238,29 @@ def make_dataset(out_dir, image_size=32, n_train=30000, n_val=2000, n_ood=2000, 
 
 def write_oracle_codes(data_dir, codes_dir):
     """Every split's factors as codes (N, 4) in codes_dir, with the sidecar (codes.py)."""
-    from codes import write_codes
+    from codes import fingerprint_images, write_codes
     source = f'oracle: the factors of {data_dir}'
-    data_dir, codes_dir = os.path.join(REPO_ROOT, data_dir), os.path.join(REPO_ROOT, codes_dir)
     with open(os.path.join(data_dir, 'meta.json')) as f:
         meta = json.load(f)
     V = max(len(meta[name]) for name in FACTORS)
+    identity = f"oracle-{fingerprint_images(data_dir, 'train')}"   # the data's own codes
     for split in meta['splits']:
         factors = np.load(os.path.join(data_dir, f'{split}_factors.npy'))
-        write_codes(codes_dir, split, factors, len(FACTORS), V, meta['image_size'], source)
+        write_codes(codes_dir, split, factors, len(FACTORS), V, meta['image_size'], source,
+                    identity, fingerprint_images(data_dir, split))
         print(f"{split}: {len(factors)} oracle codes (shape, color, background, size), L=4 V={V} "
               f"-> {codes_dir}")
 
 
 def load_split(data_dir, split):
     """Load one split as a dict: images, factors, pos, captions (list of str), meta."""
-    data_dir = os.path.join(REPO_ROOT, data_dir)
     names = {'meta': 'meta.json', 'images': f'{split}_images.npy',
              'factors': f'{split}_factors.npy', 'pos': f'{split}_pos.npy',
              'captions': f'{split}_captions.txt'}
     paths = {key: os.path.join(data_dir, name) for key, name in names.items()}
     for path in paths.values():
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} not found: run python data/shapes/prepare.py "
+            raise MissingFile(f"{path} not found: run python data/shapes/prepare.py "
                                     f"(with --out_dir={data_dir} if it is not the default)")
     with open(paths['meta']) as f:
         meta = json.load(f)
@@ -266,7 +270,7 @@ def load_split(data_dir, split):
             'pos': np.load(paths['pos']), 'captions': captions, 'meta': meta}
     lengths = {key: len(data[key]) for key in ['images', 'factors', 'pos', 'captions']}
     if len(set(lengths.values())) != 1:
-        raise ValueError(f"{data_dir} split '{split}' is inconsistent, rows per file: {lengths}; "
+        raise UserError(f"{data_dir} split '{split}' is inconsistent, rows per file: {lengths}; "
                          f"regenerate it with python data/shapes/prepare.py")
     return data
 
@@ -370,12 +374,16 @@ def read_attributes(images, meta):
     return out
 
 
-if __name__ == '__main__':
-    sys.path.insert(0, REPO_ROOT)
-    from configurator import configure
-    cfg = configure(CONFIG, sys.argv[1:])
+def main(cfg):
+    from configurator import check_counts
+    check_counts(cfg, 'n_train', 'n_val', 'n_ood')
+    check_counts(cfg, 'size', minimum=16)
     if cfg['oracle_codes']:
-        write_oracle_codes(cfg['out_dir'], cfg['oracle_codes'])
-        sys.exit()
+        return write_oracle_codes(cfg['out_dir'], cfg['oracle_codes'])
     make_dataset(cfg['out_dir'], cfg['size'], cfg['n_train'], cfg['n_val'], cfg['n_ood'],
                  cfg['seed'], parse_held_out(cfg['held_out']))
+
+
+if __name__ == '__main__':
+    from configurator import command_line
+    command_line(CONFIG, sys.argv[1:], main, __file__)

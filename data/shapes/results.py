@@ -592,6 +592,10 @@ if __name__ == '__main__':
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
     os.chdir(ROOT)
     sys.path.insert(0, ROOT)                # score.py's imports, when run as a script
+    if sys.argv[1:2] in (['--help'], ['-h']):
+        from configurator import help_text
+        print(help_text(__file__, {}), end='')
+        sys.exit(0)
     if sys.argv[1:2] == ['--real']:
         score_real_images(sys.argv[2])
     elif sys.argv[1:2] == ['--report']:         # redraw docs/results.md from docs/results.json

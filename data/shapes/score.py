@@ -36,12 +36,26 @@ import torch
 
 if __name__ == '__main__':              # run as a script: the repository's modules
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from codes import check_codes, dump_path, load_codes, read_contract
+from codes import (SIDECAR, check_codes, check_same_images, check_same_tokenizer, codes_identity,
+                   dump_path, load_array, load_codes, read_contract, read_identity)
+from configurator import UserError, MissingFile, command_line
 from data.shapes.prepare import FACTORS, parse_caption, read_attributes
 from tokenizer import probe_predict     # the tokenizer's linear probe reads factors from codes
 
 
-USAGE = 'usage:\n' + __doc__.split('\n\n')[2]
+# -----------------------------------------------------------------------------
+# config, as a script (one of images, samples with codes_dir, or codes_dir alone)
+codes_dir = ''                  # a folder of dumps (and probe.pt): its factorization, or the probe
+                                # that reads --samples
+images = ''                     # generated images, an .npz (arr_0 uint8 NHWC)
+samples = ''                    # sampled codes, an .npy (prior.py, text2dlc.py), with --codes_dir
+prompts = ''                    # with --samples: the prompts the codes were drawn from, a file
+split = ''                      # with --images: the split they reconstruct ('' = unconditional)
+data_dir = 'data/shapes'
+allow_mix = False               # True: score codes of another tokenizer or dataset anyway
+# -----------------------------------------------------------------------------
+CONFIG = {k: globals()[k] for k in ['codes_dir', 'images', 'samples', 'prompts', 'split',
+                                    'data_dir', 'allow_mix']}
 
 
 def load_meta(data_dir):
@@ -382,14 +396,17 @@ def compositionality(probe, V, train_codes, train_labels, splits):
     return report
 
 
-def score_codes(codes_dir, data_dir='data/shapes'):
+def score_codes(codes_dir, data_dir='data/shapes', allow_mix=False):
     """The factorization report of a folder of dumps (a tokenizer's, or the oracle's), and with
-    its probe.pt the compositionality rows; saved to codes_dir/factorization.json."""
+    its probe.pt the compositionality rows; saved to codes_dir/factorization.json. Dumps of
+    another dataset's images are refused (unless allow_mix)."""
     contract, meta = read_contract(codes_dir), load_meta(data_dir)
     factors = {split: np.load(os.path.join(data_dir, f'{split}_factors.npy'))
                for split in ('train', 'val', 'ood')}
     codes = {split: load_codes(codes_dir, split, len(f), contract)
              for split, f in factors.items() if os.path.exists(dump_path(codes_dir, split))}
+    for split in codes:
+        check_same_images(contract, codes_dir, split, data_dir, allow_mix)
     print(f"codes in {codes_dir}: L={contract['L']} V={contract['V']} ({contract['source']})")
     report = factorization(codes['train'], factors['train'])
     out = dict(shape_not_color=print_factorization(report, FACTORS, 'train'),
@@ -415,25 +432,32 @@ def score_images(path, data_dir='data/shapes', split=''):
         histogram_scores(data_dir, images)
 
 
-def score_samples(path, codes_dir, data_dir='data/shapes', prompts='', n_reference=10000):
+def score_samples(path, codes_dir, data_dir='data/shapes', prompts='', n_reference=10000,
+                  allow_mix=False):
     """Sampled codes (an .npy: prior.py's samples, text2dlc.py's text codes) read by the
     tokenizer's probe (codes_dir/probe.pt): with prompts (a file, one per code), the share whose
     factors are the ones the prompt names, which judges a text model before any DiT draws its
     codes; without, the total variation of the factor histograms to the training codes', beside
-    that of as many held-out codes (the noise of a finite sample)."""
+    that of as many held-out codes (the noise of a finite sample). Codes of another tokenizer
+    run than codes_dir's are refused (unless allow_mix)."""
     contract = read_contract(codes_dir)
-    samples = check_codes(np.load(path), contract['L'], contract['V'], path,
-                          fix=f"sample codes of the kind in {codes_dir}")
+    samples = check_codes(load_array(path, 'the command that drew them'), contract['L'],
+                          contract['V'], path, fix=f"sample codes of the kind in {codes_dir}")
+    identity, where = read_identity(path)
+    check_same_tokenizer(identity, where or path, codes_identity(contract),
+                         os.path.join(codes_dir, SIDECAR),
+                         "point --codes_dir at the dumps (and probe) of the tokenizer the codes' "
+                         "model was trained on", allow_mix)
     probe_path = os.path.join(codes_dir, 'probe.pt')
     if not os.path.exists(probe_path):
-        raise FileNotFoundError(f"'{probe_path}' not found: fit it with python tokenizer.py "
+        raise MissingFile(f"'{probe_path}' not found: fit it with python tokenizer.py "
                                 f"--mode=probe --out_dir={codes_dir}")
     probe = torch.load(probe_path, map_location='cpu', weights_only=True)
     if prompts:
         with open(prompts, encoding='utf-8') as f:
             named = f.read().splitlines()
         if len(named) != len(samples):
-            raise ValueError(f"'{prompts}' has {len(named)} prompts for {len(samples)} codes in "
+            raise UserError(f"'{prompts}' has {len(named)} prompts for {len(samples)} codes in "
                              f"'{path}'; give the _prompts.txt written beside the codes")
         scores = named_factors_kept(probe_predict(probe, samples), named, load_meta(data_dir))
         print("the probe's reading of the codes against the factors the prompts name (share "
@@ -448,15 +472,17 @@ def score_samples(path, codes_dir, data_dir='data/shapes', prompts='', n_referen
             for name, tvs in code_histograms(probe, reference, sets).items()}
 
 
-if __name__ == '__main__':
-    from configurator import configure
-    cfg = configure(dict(codes_dir='', images='', samples='', prompts='', split='',
-                         data_dir='data/shapes'), sys.argv[1:])
+def main(cfg):
     if cfg['images']:
-        score_images(cfg['images'], cfg['data_dir'], cfg['split'])
-    elif cfg['samples'] and cfg['codes_dir']:
-        score_samples(cfg['samples'], cfg['codes_dir'], cfg['data_dir'], cfg['prompts'])
-    elif cfg['codes_dir']:
-        score_codes(cfg['codes_dir'], cfg['data_dir'])
-    else:
-        raise SystemExit(USAGE)
+        return score_images(cfg['images'], cfg['data_dir'], cfg['split'])
+    if cfg['samples'] and cfg['codes_dir']:
+        return score_samples(cfg['samples'], cfg['codes_dir'], cfg['data_dir'], cfg['prompts'],
+                             allow_mix=cfg['allow_mix'])
+    if cfg['codes_dir']:
+        return score_codes(cfg['codes_dir'], cfg['data_dir'], allow_mix=cfg['allow_mix'])
+    raise UserError("score.py needs --images, --samples with --codes_dir, or --codes_dir "
+                    "(python data/shapes/score.py --help)")
+
+
+if __name__ == '__main__':
+    command_line(CONFIG, sys.argv[1:], main, __file__)
