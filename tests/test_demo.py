@@ -100,12 +100,12 @@ def test_report_only_draws_the_same_report_from_the_folder_alone(tiny_demo, caps
 def test_a_stage_that_fails_stops_the_other_lane_and_names_its_log(tmp_path):
     python = lambda code: [sys.executable, '-c', code]
     commands = {'dit': [python('import time; time.sleep(60)')],
-                'prior': [python('import sys; print("bad codes"); sys.exit(3)')],
-                'text': [python('open("never", "w")')]}
+                'prior': [python('open("never", "w")')],
+                'text': [python('import sys; print("bad codes"); sys.exit(3)')]}
     os.makedirs(tmp_path / 'logs')
     t0 = time.monotonic()
-    with pytest.raises(SystemExit, match=r'stage prior failed \(exit 3\).*\n.*logs/prior.log'):
+    with pytest.raises(SystemExit, match=r'stage text failed \(exit 3\).*\n.*logs/text.log'):
         demo.run_lanes(commands, str(tmp_path))
     assert time.monotonic() - t0 < 30                      # the DiT's lane did not run on
-    assert 'bad codes' in (tmp_path / 'logs' / 'prior.log').read_text()
+    assert 'bad codes' in (tmp_path / 'logs' / 'text.log').read_text()
     assert not os.path.exists(os.path.join(demo.ROOT, 'never'))

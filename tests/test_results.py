@@ -43,7 +43,7 @@ def test_an_interrupted_stage_counts_the_time_of_each_of_its_runs(tmp_path):
 
 def test_the_plain_dit_gets_the_priors_training_time_in_iterations():
     done = {'dit_none_s0': dict(seconds=1000.0), 'prior': dict(seconds=600.0)}
-    assert R.plus_iters(done) == 16000                         # 10 it/s for 600 s more
+    assert R.plus_iters(done) == 19200                         # 12 it/s for 600 s more
 
 
 KEYS = ['valid', 'tv_shape', 'tv_color', 'tv_background', 'tv_size', 'tv_joint', 'coverage',
@@ -92,7 +92,7 @@ def test_the_report_gives_the_mean_and_half_the_range_over_the_seeds(tmp_path):
     assert '| real images: the val split (held out of training) | 0.500 |' in text
     # uncond's seeds (0.4, 0.6) straddle every baseline's 0.5: the difference is 0, not apart
     assert '| valid | +0.000 | no | +0.000 | no | +0.000 | no |' in text
-    assert '10,000 + 2,000 iterations' in text                  # 3.3 it/s for the prior's 600 s
+    assert '12,000 + 2,400 iterations' in text                  # 4 it/s for the prior's 600 s
     assert "The stages' commits: not recorded for 4." in text   # stamps without a commit
     assert '# prior: 10.0 min\npython prior.py --seed=0' in text
 

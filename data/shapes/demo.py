@@ -16,7 +16,7 @@ as they are, every output in out_dir:
                and color make a held-out pair, and text: the val captions, and the short prompts
                of the 14 seen (shape, color) pairs ("a red square"), 20 times each
 Each command is printed before it runs; each stage's wall time is measured. After the tokenizer,
-the DiT runs beside the prior and the text model (parallel=True): two lanes, every process on
+the DiT, then the prior, run beside the text model (parallel=True): two lanes, every process on
 one thread (two torch jobs on 2 cores slow each other far more than 2x unless each has
 OMP_NUM_THREADS=1), each stage's output in out_dir/logs/<stage>.log, whose last lines are shown
 when the stage ends. A run starts every stage afresh: it does not resume (`make results` does).
@@ -59,7 +59,8 @@ extra = {}                      # more overrides per script, after the demo's ow
 CONFIG = {k: globals()[k] for k in ['out_dir', 'data_dir', 'parallel', 'report_only', 'extra']}
 
 SCRIPTS = ('tokenizer.py', 'diffusion.py', 'prior.py', 'text2dlc.py', 'sample.py')
-LANES = (['dit'], ['prior', 'text'])    # after the tokenizer, side by side when parallel
+LANES = (['dit', 'prior'], ['text'])    # after the tokenizer, side by side when parallel: each
+                                        # lane about 20 minutes on one core
 N_RECON = 500                   # val codes the DiT redraws
 N_UNCOND = 500                  # prior samples
 N_COMPOSE = 32                  # compositions: the 4 held-out pairs, 8 source pairs each
