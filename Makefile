@@ -1,6 +1,6 @@
 # make demo: set up, build the built-in data, then every stage of the pipeline with the built-in
 # configs at full length (data/shapes/demo.py lists them): the tokenizer (train, dump the codes,
-# probe), then the DiT (train, reconstructions of val codes) beside the prior and the text model,
+# probe), then the DiT (train, reconstructions of val codes) and the prior, beside the text model,
 # then sample.py's uncond, compose and text modes; one table of each stage's wall time and quality
 # against its floor, out-demo/demo.json and one labeled picture, out-demo/demo.png.
 # make test: set up, then the test suite.
