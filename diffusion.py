@@ -775,7 +775,8 @@ def make_optimizers(model, c):
     muon = [p for n, p in params if c['optimizer'] == 'muon' and n.startswith('blocks.')
             and p.ndim == 2]
     tables = [p for n, p in params if n.startswith(('sem_embedder.', 'y_embedder.'))]
-    rest = [p for _, p in params if not any(p is q for q in muon + tables)]
+    taken = {id(p) for p in muon + tables}
+    rest = [p for _, p in params if id(p) not in taken]
     lr = c['learning_rate']
     groups = [dict(params=[p for p in rest if p.ndim >= 2], weight_decay=c['weight_decay'],
                    peak_lr=lr),
@@ -909,7 +910,7 @@ def train(cfg):
         for opt in optimizers:
             for g in opt.param_groups:
                 g['lr'] = learning_rate_at(it, c, g['peak_lr'])
-        lr = learning_rate_at(it, c, c['learning_rate'])
+        lr = optimizers[0].param_groups[0]['lr']          # the matrices' lr, as logged
         t_all, noise_all, drop_all = draw_global_batch(it, c, x_shape)
         loss_sum = torch.zeros((), device=device)
         for k in range(accum):
