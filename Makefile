@@ -28,7 +28,9 @@ test: venv
 	$(PY) -m pytest -q tests
 
 # make results: the paper's claims against baselines, full-length runs (hours; resumable: a stage
-# that finished is not run again), then docs/results.md. data/shapes/results.py lists the stages.
+# that finished is not run again), then docs/results.md. After the shared stages, the two seeds'
+# stages run side by side, one thread each (about half the 3-4 hours of one stage at a time; the
+# script's --parallel=False runs them in turn). data/shapes/results.py lists the stages.
 results: venv data
 	$(PY) data/shapes/results.py
 

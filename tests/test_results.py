@@ -1,9 +1,11 @@
 """Claims about `make results` (data/shapes/results.py): a stage that finished is not run again,
-an interrupted run continues where it stopped, the report averages the seeds, and each claim's
-verdict is computed from its numbers."""
+an interrupted run continues where it stopped, the seeds' stages run in lanes side by side, the
+report averages the seeds, and each claim's verdict is computed from its numbers."""
 import json
 import os
+import re
 import sys
+import time
 
 import pytest
 
@@ -39,6 +41,107 @@ def test_an_interrupted_stage_counts_the_time_of_each_of_its_runs(tmp_path):
     done = R.run(out, only=[('a', sleep_then(0))])
     assert done['a']['seconds'] >= 1.0                      # both runs of half a second
     assert not os.path.exists(tmp_path / 'out' / 'stamps' / 'a.json.partial')
+
+
+def stage(tmp_path, name, seconds=0.0, code=0, wait_for=None):
+    """A fake stage's command: it counts its runs in <name>.runs, waits for the file wait_for,
+    sleeps, writes when it started and ended and the threads it was given to <name>.json, then
+    exits with code."""
+    return [sys.executable, '-c', f"""
+import json, os, sys, time
+start = time.time()
+open({str(tmp_path / name)!r} + '.runs', 'a').write('x')
+while {wait_for!r} and not os.path.exists({wait_for!r}):
+    time.sleep(0.02)
+time.sleep({seconds})
+json.dump(dict(start=start, end=time.time(), omp=os.environ.get('OMP_NUM_THREADS'),
+               mkl=os.environ.get('MKL_NUM_THREADS')),
+          open({str(tmp_path / name)!r} + '.json', 'w'))
+sys.exit({code})
+"""]
+
+
+def test_the_seeds_stages_run_in_lanes_side_by_side_on_one_thread_after_the_shared_ones(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv('OMP_NUM_THREADS', '2')          # what the shared stages are left with
+    names = ['one', 'two', 'a_s0', 'a_s1', 'b_s0', 'b_s1']
+    out = str(tmp_path / 'out')
+    done = R.run(out, only=[(n, stage(tmp_path, n, 0.8 if '_s' in n else 0.0)) for n in names])
+    ran = {n: json.load(open(tmp_path / f'{n}.json')) for n in names}
+    assert list(done) == names                          # the report's order: the stage list's
+    assert ran['one']['end'] <= ran['two']['start']
+    assert ran['two']['end'] <= min(ran[n]['start'] for n in names[2:])
+    for a, b in [('a_s0', 'a_s1'), ('b_s0', 'b_s1')]:   # seed 0's stage while seed 1's runs
+        assert ran[a]['start'] < ran[b]['end'] and ran[b]['start'] < ran[a]['end']
+    for seed in (0, 1):                                 # a lane's stages in turn
+        assert ran[f'a_s{seed}']['end'] <= ran[f'b_s{seed}']['start']
+    assert all(ran[n]['omp'] == ran[n]['mkl'] == '1' for n in names[2:])
+    assert ran['one']['omp'] == '2' and ran['one']['mkl'] is None
+    runs = json.load(open(tmp_path / 'out' / 'stamps' / '_runs.json'))
+    assert [(r['lanes'], r['threads_per_lane']) for r in runs] == [(2, 1)]
+    assert runs[0]['seconds'] < sum(stamp['seconds'] for stamp in done.values())
+
+
+def test_not_parallel_runs_one_stage_at_a_time_in_the_stage_lists_order(tmp_path, monkeypatch):
+    monkeypatch.setenv('OMP_NUM_THREADS', '2')
+    names = ['one', 'a_s0', 'b_s0', 'a_s1', 'b_s1']
+    out = str(tmp_path / 'out')
+    R.run(out, only=[(n, stage(tmp_path, n, 0.2)) for n in names], parallel=False)
+    ran = [json.load(open(tmp_path / f'{n}.json')) for n in names]
+    assert all(a['end'] <= b['start'] for a, b in zip(ran, ran[1:]))
+    assert all(r['omp'] == '2' and r['mkl'] is None for r in ran)      # the default threads
+    runs = json.load(open(tmp_path / 'out' / 'stamps' / '_runs.json'))
+    assert [(r['lanes'], r['threads_per_lane']) for r in runs] == [(1, None)]
+
+
+def test_a_failed_stage_stops_the_other_lane_keeps_what_finished_and_a_rerun_does_the_rest(
+        tmp_path):
+    out = str(tmp_path / 'out')
+    runs = lambda n: (tmp_path / f'{n}.runs').read_text() if (tmp_path / f'{n}.runs').exists() \
+        else ''
+    plan = lambda failing: [
+        ('one', stage(tmp_path, 'one')),
+        ('a_s0', stage(tmp_path, 'a_s0')),
+        ('b_s0', stage(tmp_path, 'b_s0', 60.0 if failing else 0.0)),
+        ('c_s0', stage(tmp_path, 'c_s0')),
+        # seed 1's first stage fails while seed 0's second runs
+        ('a_s1', stage(tmp_path, 'a_s1', code=3 if failing else 0,
+                       wait_for=str(tmp_path / 'b_s0.runs') if failing else None)),
+        ('b_s1', stage(tmp_path, 'b_s1'))]
+    t0 = time.time()
+    with pytest.raises(SystemExit) as failed:
+        R.run(out, only=plan(failing=True))
+    assert time.time() - t0 < 30                        # b_s0's minute was cut short
+    first, *others = str(failed.value).splitlines()
+    assert re.fullmatch(r'stage a_s1 failed \(exit 3\); see .*/out/logs/a_s1\.log, .*', first)
+    assert len(others) == 1 and re.fullmatch(r'stage b_s0 stopped .* it continues', others[0])
+    stamps = tmp_path / 'out' / 'stamps'
+    assert sorted(p.name for p in stamps.iterdir()) == [
+        '_runs.json', 'a_s0.json', 'a_s1.json.partial', 'b_s0.json.partial', 'one.json']
+    assert [runs(n) for n in ('c_s0', 'b_s1')] == ['', '']     # no stage started after
+    done = R.run(out, only=plan(failing=False))
+    assert list(done) == [n for n, _ in plan(False)]
+    assert [runs(n) for n in ('one', 'a_s0', 'b_s0', 'c_s0', 'a_s1', 'b_s1')] == \
+        ['x', 'x', 'xx', 'x', 'xx', 'x']                # what finished ran once
+    assert len(json.load(open(stamps / '_runs.json'))) == 2
+
+
+def test_the_shared_stages_come_first_and_each_seeds_stages_make_its_lane():
+    names = lambda plan: [name for name, _ in plan]
+    plan = R.stages('out')
+    shared, (lane0, lane1) = R.lanes(plan)
+    assert names(shared) == ['tokenizer', 'dump', 'probe', 'codes_report', 'prior', 'real_val',
+                             'oracle_codes', 'oracle_report']
+    assert all(n.endswith('_s0') for n in names(lane0))
+    assert all(n.endswith('_s1') for n in names(lane1))
+    # one stage at a time runs them in the same order: the shared stages, seed 0's, seed 1's
+    assert names(shared) + names(lane0) + names(lane1) == names(plan)
+    # the plain DiT given the prior's time reads the stamps of the prior (shared) and of seed 0's
+    # plain DiT, before it in its lane
+    lane0 = names(lane0)
+    assert lane0.index('dit_none_s0') < lane0.index('dit_none_plus_s0') < \
+        lane0.index('plain_plus_s0') < lane0.index('plain_plus_raw_s0')
+    assert len(lane0) == len(lane1) + 3
 
 
 def test_the_plain_dit_gets_the_priors_training_time_in_iterations():
@@ -95,6 +198,32 @@ def test_the_report_gives_the_mean_and_half_the_range_over_the_seeds(tmp_path):
     assert '12,000 + 2,400 iterations' in text                  # 4 it/s for the prior's 600 s
     assert "The stages' commits: not recorded for 4." in text   # stamps without a commit
     assert '# prior: 10.0 min\npython prior.py --seed=0' in text
+
+
+def test_the_report_gives_the_runs_wall_time_beside_the_stages_time(tmp_path):
+    res = fake_run(tmp_path / 'out', lambda stage, seed: 0.5)     # 1.0 hours of stages
+    assert 'wall time of the run' not in R.render(res)             # a report from before
+    laned = dict(lanes=2, threads_per_lane=1)
+    res['runs'] = [dict(laned, seconds=1800.0), dict(laned, seconds=360.0)]  # an interrupted run
+    text = R.render(json.loads(json.dumps(res)))
+    assert ("The wall time of the run: 0.6 hours for those 1.0 hours of stages (2 runs of "
+            "results.py, a resumed run counting each): the shared stages first, then each seed's "
+            "stages in a lane of its own, the 2 lanes side by side, each lane's processes on one "
+            "thread.\n") in text
+    res['runs'].append(dict(lanes=1, threads_per_lane=None, seconds=1440.0))
+    text = R.render(res)
+    assert '1.0 hours for those 1.0 hours of stages (3 runs' in text
+    assert "in 2 of the runs, the shared stages first" in text
+    assert 'one thread; in 1 of the runs, one stage at a time.' in text
+
+
+def test_a_merged_report_counts_each_run_once():
+    """The oracle stages run again in the same folder: its runs include the earlier report's."""
+    first, second = dict(seconds=1.0, lanes=2), dict(seconds=2.0, lanes=2)
+    empty = dict(stages={}, scores={}, factorization={})
+    res = R.merge(dict(empty, runs=[first]), dict(empty, runs=[first, second]))
+    assert res['runs'] == [first, second]
+    assert 'runs' not in R.merge(dict(empty), dict(empty, runs=[second]))   # not recorded before
 
 
 def verdicts(text):

@@ -1,9 +1,10 @@
 """
 The paper's claims measured against baselines on the built-in data: `make results`.
 
-    python data/shapes/results.py                # every stage not done yet, then the report
-    python data/shapes/results.py --only=oracle  # the oracle stages, merged into the last report
-    python data/shapes/results.py --report       # redraw docs/results.md from docs/results.json
+    python data/shapes/results.py                   # every stage not done yet, then the report
+    python data/shapes/results.py --parallel=False  # the same, one stage at a time
+    python data/shapes/results.py --only=oracle     # the oracle stages, merged into the last report
+    python data/shapes/results.py --report          # redraw docs/results.md from docs/results.json
 
 1. Fidelity. 2,000 images from the prior -> DLC -> DiT pipeline (uncond) against 2,000 from a
    DiT trained with no condition (plain; also one given the extra CPU time the prior's training
@@ -25,10 +26,18 @@ The paper's claims measured against baselines on the built-in data: `make result
    composition and short prompts, the ceiling the DLC rows of 2 and 3 are read against; and
    the factorization report of both kinds of codes (score.py).
 
-Every stage is a command of the repository's scripts with the built-in configs, run in order.
+Every stage is a command of the repository's scripts with the built-in configs. The shared
+stages (the tokenizer, its codes, the prior, the real images, the oracle codes) run first, in
+order; then each seed's stages, in order, in a lane of its own, the two lanes side by side and
+every process of a lane on one thread (OMP_NUM_THREADS=1): a model this small runs nearly as fast
+on one thread as on two, so the lanes about halve the 3-4 hours of one stage after another on 2
+cores. (--parallel=False: every stage in the stage list's order, on the default threads.)
 A stage that finished leaves a stamp (out-results/stamps/<stage>.json, with its wall time) and
 is not run again; one that was interrupted runs again with the same command, which continues
-(the trainers resume from out_dir with --auto_resume=True, sample.py from its chunks).
+(the trainers resume from out_dir with --auto_resume=True, sample.py from its chunks). When a
+stage fails, no stage starts after it and the other lane's running stage is stopped (SIGTERM: a
+trainer saves first); the error names each. Each run adds its wall time to
+out-results/stamps/_runs.json, and the report gives their sum beside the stages' own times.
 The report is two files: docs/results.json, every stamp and score it shows, and docs/results.md,
 drawn from that file alone, with each claim's verdict computed from its table.
 """
@@ -36,12 +45,15 @@ import glob
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -99,7 +111,9 @@ def stages(out=OUT):
     out_stages += [('oracle_codes', py + ['data/shapes/prepare.py', f'--oracle_codes={oracle}']),
                    ('oracle_report', py + ['data/shapes/score.py', f'--codes_dir={oracle}'])]
     on_oracle = dict(codes=oracle, dlc='oracle')
-    for seed in SEEDS:              # seed 0 whole first: an interrupted run has its numbers
+    # each seed's stages in the order its lane runs them; one stage at a time (--parallel=False),
+    # seed 0 whole first, so an interrupted run has its numbers
+    for seed in SEEDS:
         out_stages += [
             (f'dit_dlc_s{seed}', train_dit('dlc', seed)),
             (f'uncond_s{seed}', sample('uncond', seed, '--mode=uncond')),
@@ -185,43 +199,151 @@ def git_commit():
                           capture_output=True, text=True).stdout.strip() or 'unknown'
 
 
-def run(out=OUT, only=None):
-    """Run every stage without a stamp, in order; returns {stage: stamp}."""
+# -----------------------------------------------------------------------------
+# Running the stages: the shared ones, then a lane per seed
+
+RUNNING, STOPPING = [], threading.Event()   # the run's processes; set once the run is stopping
+LAUNCH = threading.Lock()                   # no stage starts while the running ones are stopped
+
+
+def seed_of(name):
+    """A stage's training seed, from its name (dit_dlc_s1: 1); None for a shared stage."""
+    found = re.fullmatch(r'.+_s(\d+)', name)
+    return None if found is None else int(found.group(1))
+
+
+def lanes(plan):
+    """The plan's shared stages, and a lane per seed: that seed's stages, each list in the plan's
+    order. A seed's stages read only the shared stages' outputs and those of earlier stages of
+    their own seed (dit_none_plus_s0: prior's and dit_none_s0's), so once the shared stages are
+    done the lanes can run side by side."""
+    shared = [(name, command) for name, command in plan if seed_of(name) is None]
+    seeds = sorted({seed_of(name) for name, _ in plan} - {None})
+    return shared, [[(n, c) for n, c in plan if seed_of(n) == seed] for seed in seeds]
+
+
+def run_stage(name, command, done, out, one_thread=False):
+    """One stage, unless its stamp says it is done: its command (a function of the stamps in
+    done, for the stage that needs them) with its output appended to out/logs/<name>.log, every
+    process on one thread if one_thread; then its stamp, also put in done."""
+    stamp = f'{out}/stamps/{name}.json'
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            done[name] = json.load(f)
+        return
+    command = command(done) if callable(command) else command
+    print(f"== {name}: {shlex.join(command)}", flush=True)
+    # the time of earlier runs of an interrupted stage counts too: the plain DiT's extra
+    # iterations are computed from the stamps' times
+    partial = stamp + '.partial'
+    spent = float(open(partial).read()) if os.path.exists(partial) else 0.0
+    # two torch processes on 2 cores slow each other far more than 2x unless each has one thread
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1') if one_thread else None
+    with LAUNCH:
+        if STOPPING.is_set():
+            raise SystemExit(f"stage {name} not started: the run was stopping")
+        t0 = time.time()
+        with open(f'{out}/logs/{name}.log', 'a') as log:
+            process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                       env=env)
+        RUNNING.append(process)
+    try:
+        code = process.wait()
+    except BaseException:       # ^C or SIGTERM while this thread waits: the stage stops too,
+        process.terminate()     # a trainer after saving
+        process.wait()
+        raise
+    finally:
+        spent += time.time() - t0
+        with open(partial, 'w') as f:
+            f.write(repr(spent))
+    if code and STOPPING.is_set():
+        raise SystemExit(f"stage {name} stopped (exit {code}) with the run; run again and it "
+                         "continues")
+    if code == 75:                  # cluster.PREEMPTED: the trainer saved and stopped
+        raise SystemExit(f"stage {name} was stopped by a signal after saving; run again and "
+                         "it continues")
+    if code:
+        raise SystemExit(f"stage {name} failed (exit {code}); see {out}/logs/{name}.log, fix, "
+                         "and run again: the stages done are kept")
+    done[name] = dict(command=shlex.join(command), seconds=spent, commit=git_commit())
+    with open(stamp + '.tmp', 'w') as f:
+        json.dump(done[name], f, indent=1)
+    os.replace(stamp + '.tmp', stamp)
+    os.remove(partial)
+
+
+def stop():
+    """No stage starts from now on, and the running ones get SIGTERM: a trainer finishes its step,
+    saves and exits, a sampler keeps the chunks it wrote; both continue when run again."""
+    with LAUNCH:
+        STOPPING.set()
+        for process in RUNNING:
+            if process.poll() is None:
+                process.terminate()
+
+
+def run_lanes(seed_lanes, done, out):
+    """The lanes side by side, each a thread that runs its stages in turn on one thread each. When
+    a stage fails, or this process is interrupted, the other lanes' stages are stopped; the error
+    names the stage that failed first, then each one stopped."""
+    def lane(stages_of_seed):
+        for name, command in stages_of_seed:
+            run_stage(name, command, done, out, one_thread=True)
+    with ThreadPoolExecutor(len(seed_lanes)) as pool:
+        futures = [pool.submit(lane, stages_of_seed) for stages_of_seed in seed_lanes]
+        try:
+            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:       # ^C or SIGTERM reach this thread alone
+            stop()
+            raise
+        first = [f.exception() for f in finished if f.exception() is not None]
+        if first:
+            stop()
+            wait(futures)
+            if not isinstance(first[0], SystemExit):
+                raise first[0]      # a bug: its traceback
+            later = [f.exception() for f in futures
+                     if f not in finished and f.exception() is not None]
+            raise SystemExit('\n'.join(str(error) for error in first + later))
+
+
+def add_run(out, record):
+    """One more run of results.py in out/stamps/_runs.json: a resumed run's wall time is the sum
+    of its runs'."""
+    path = f'{out}/stamps/_runs.json'
+    runs = json.load(open(path)) if os.path.exists(path) else []
+    with open(path + '.tmp', 'w') as f:
+        json.dump(runs + [record], f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
+def run(out=OUT, only=None, parallel=True):
+    """Every stage without a stamp: the shared ones in order, then the seeds' lanes side by side
+    (parallel, with two seeds or more), or else every stage in the plan's order on the default
+    threads. Returns {stage: stamp} in the plan's order. A run that started a stage adds its wall
+    time to _runs.json, interrupted or not."""
+    plan = stages(out) if only is None else only
     os.makedirs(f'{out}/stamps', exist_ok=True)
     os.makedirs(f'{out}/logs', exist_ok=True)
-    done = {}
-    for name, command in stages(out) if only is None else only:
-        stamp = f'{out}/stamps/{name}.json'
-        if os.path.exists(stamp):
-            with open(stamp) as f:
-                done[name] = json.load(f)
-            continue
-        command = command(done) if callable(command) else command
-        print(f"== {name}: {shlex.join(command)}", flush=True)
-        # the time of earlier runs of an interrupted stage counts too: the plain DiT's extra
-        # iterations are computed from the stamps' times
-        partial = stamp + '.partial'
-        spent = float(open(partial).read()) if os.path.exists(partial) else 0.0
-        t0 = time.time()
-        try:
-            with open(f'{out}/logs/{name}.log', 'a') as log:
-                code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        finally:
-            spent += time.time() - t0
-            with open(partial, 'w') as f:
-                f.write(repr(spent))
-        if code == 75:                  # cluster.PREEMPTED: the trainer saved and stopped
-            raise SystemExit(f"stage {name} was stopped by a signal after saving; run again and "
-                             "it continues")
-        if code:
-            raise SystemExit(f"stage {name} failed (exit {code}); see {out}/logs/{name}.log, fix, "
-                             "and run again: the stages done are kept")
-        done[name] = dict(command=shlex.join(command), seconds=spent, commit=git_commit())
-        with open(stamp + '.tmp', 'w') as f:
-            json.dump(done[name], f, indent=1)
-        os.replace(stamp + '.tmp', stamp)
-        os.remove(partial)
-    return done
+    STOPPING.clear()
+    RUNNING.clear()
+    shared, seed_lanes = lanes(plan)
+    laned = parallel and len(seed_lanes) > 1
+    done, start, t0 = {}, time.strftime('%Y-%m-%d %H:%M:%S %z'), time.time()
+    try:
+        for name, command in shared if laned else plan:
+            run_stage(name, command, done, out)
+        if laned:
+            print(f"== the seeds' stages in {len(seed_lanes)} lanes side by side, one thread "
+                  f"each; their output in {out}/logs", flush=True)
+            run_lanes(seed_lanes, done, out)
+    finally:
+        if RUNNING:
+            add_run(out, dict(start=start, end=time.strftime('%Y-%m-%d %H:%M:%S %z'),
+                              seconds=time.time() - t0, lanes=len(seed_lanes) if laned else 1,
+                              threads_per_lane=1 if laned else None))
+    return {name: done[name] for name, _ in plan}
 
 
 # -----------------------------------------------------------------------------
@@ -239,7 +361,8 @@ def score_real_images(out_dir, data_dir='data/shapes', split='val'):
 
 def collect(done, out=OUT):
     """Everything the report shows, gathered from the stages' outputs: their stamps, each sample
-    stage's scores.json, both kinds of codes' factorization report, and the machine. The report
+    stage's scores.json, both kinds of codes' factorization report, the runs of results.py that
+    ran them (_runs.json) and the machine. The report
     is drawn from this alone (it is saved as docs/results.json), so it can be redrawn without
     out-results (--report)."""
     scores = {}
@@ -257,8 +380,10 @@ def collect(done, out=OUT):
                                         shape_not_color=report['shape_not_color'])
     machine = (f'{platform.machine()} with {os.cpu_count()} CPU cores '
                f'(Python {platform.python_version()})')
+    runs = f'{out}/stamps/_runs.json'           # each run's wall time and lanes
+    runs = json.load(open(runs)) if os.path.exists(runs) else []
     return dict(stages=done, scores=scores, factorization=factorization, machine=machine,
-                dit_iters=DIT_ITERS)
+                dit_iters=DIT_ITERS, runs=runs)
 
 
 def scores_of(res, name):
@@ -488,6 +613,27 @@ def plus_note(done, base):
             f"{base:,} iterations {done['dit_none_s0']['seconds']:,.0f} s.")
 
 
+def wall_note(res, hours):
+    """The runs' wall time beside the stages' summed times, and how the stages shared the machine;
+    nothing for results from before the runs were recorded."""
+    runs = res.get('runs')
+    if not runs:
+        return ''
+    ways = {}
+    for r in runs:
+        threads = 'one thread' if r['threads_per_lane'] == 1 else f"{r['threads_per_lane']} threads"
+        way = ('one stage at a time' if r['lanes'] == 1 else
+               f"the shared stages first, then each seed's stages in a lane of its own, the "
+               f"{r['lanes']} lanes side by side, each lane's processes on {threads}")
+        ways[way] = ways.get(way, 0) + 1
+    how = (next(iter(ways)) if len(ways) == 1 else
+           '; '.join(f'in {n} of the runs, {way}' for way, n in ways.items()))
+    wall = sum(r['seconds'] for r in runs) / 3600
+    return (f"The wall time of the run: {wall:.1f} hours for those {hours:.1f} hours of stages "
+            f"({len(runs)} run{'s' * (len(runs) > 1)} of results.py, a resumed run counting "
+            f"each): {how}.\n")
+
+
 def commands(done):
     """Each stage's command and wall time, as a reader would type it."""
     lines = []
@@ -522,7 +668,7 @@ def render(res):
 
 Written by `make results` (data/shapes/results.py) from docs/results.json, the stages' scores and
 stamps; on {res['machine']}, {hours:.1f} hours of stages in all (their wall times are below).
-The stages' commits: {ran_at}.
+{wall_note(res, hours)}The stages' commits: {ran_at}.
 Every set is {N_IMAGES:,} images read by the attribute reader; "±" is half the range over the
 training seeds {', '.join(map(str, SEEDS))}. A verdict line is computed from its table.
 {provenance}
@@ -573,6 +719,10 @@ def merge(earlier, res):
     earlier ones; the stages stay in the stage list's order."""
     for key in ('stages', 'scores', 'factorization'):
         earlier[key].update(res[key])
+    # the runs of both reports' folders, each once (the same folder holds the earlier ones too);
+    # an earlier report without them leaves the wall time unknown
+    if 'runs' in earlier:
+        earlier['runs'] += [r for r in res.get('runs', []) if r not in earlier['runs']]
     order = [n for n, _ in stages()]
     earlier['stages'] = dict(sorted(earlier['stages'].items(), key=lambda kv: order.index(kv[0])))
     return earlier
@@ -603,8 +753,13 @@ if __name__ == '__main__':
             report(json.load(f))
     else:
         # --only=oracle: the oracle stages alone, merged into the results of an earlier run
+        unknown = [a for a in sys.argv[1:] if a not in ('--only=oracle', '--parallel=False')]
+        if unknown:
+            print(f"error: no option {unknown[0]!r}: data/shapes/results.py takes --only=oracle, "
+                  "--parallel=False, --report, --real <dir> (see --help)", file=sys.stderr)
+            sys.exit(2)
         only = [(n, c) for n, c in stages() if 'oracle' in n] if '--only=oracle' in sys.argv else None
-        done = run(only=only)
+        done = run(only=only, parallel='--parallel=False' not in sys.argv)
         copy_grids(OUT)
         res = collect(done)
         if only is not None and os.path.exists('docs/results.json'):
