@@ -608,7 +608,7 @@ def train(cfg):
                    weight_decay=c['weight_decay']),
               dict(params=[p for p in model.parameters() if p.ndim < 2], weight_decay=0.0)]
     optimizer = torch.optim.AdamW(groups, lr=c['learning_rate'], betas=(0.9, 0.999),
-                                  fused=device_type == 'cuda')
+                                  fused=True)     # one kernel for all parameters, CPU too
     iter_num, history = 0, []
     if resume:
         ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
@@ -672,9 +672,9 @@ def train(cfg):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema_decay = min(c['ema_decay'], (1 + it) / (10 + it))     # warm-up, as diffusion.py
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), raw_model.parameters()):
-                pe.lerp_(pm, 1 - ema_decay)
+        with torch.no_grad():                           # one call for all the tensors
+            torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()),
+                                 1 - ema_decay)
         iter_num += 1
         bar.update(1)
         if iter_num % c['log_interval'] == 0 or iter_num == stop:

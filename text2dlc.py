@@ -225,7 +225,7 @@ def encode_captions(enc, captions, caption_len):
 def seen_tokens(enc, captions, caption_len):
     """(n_vocab,) bool: the text tokens that training captions (as cut to caption_len) hold."""
     seen = torch.zeros(enc.n_vocab, dtype=torch.bool)
-    for tokens in enc.encode_ordinary_batch(list(captions)):
+    for tokens in enc.encode_ordinary_batch(sorted(set(captions))):  # each caption once
         seen[tokens[:caption_len]] = True
     return seen
 
@@ -532,7 +532,7 @@ def train(cfg):
                    weight_decay=c['weight_decay']),
               dict(params=[p for p in model.parameters() if p.ndim < 2], weight_decay=0.0)]
     optimizer = torch.optim.AdamW(groups, lr=c['learning_rate'], betas=(0.9, 0.999),
-                                  fused=device_type == 'cuda')
+                                  fused=True)     # one kernel for all parameters, CPU too
     iter_num, history = 0, []
     if resume is not None:
         model.load_state_dict(resume['model'])
@@ -611,9 +611,9 @@ def train(cfg):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema_decay = min(c['ema_decay'], (1 + it) / (10 + it))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), raw_model.parameters()):
-                pe.lerp_(pm, 1 - ema_decay)
+        with torch.no_grad():                           # one call for all the tensors
+            torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()),
+                                 1 - ema_decay)
         iter_num += 1
         tokens += int((~pad).sum())
         bar.update(1)
