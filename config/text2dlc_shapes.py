@@ -10,8 +10,8 @@ data_dir = 'data/shapes'
 # step
 captions_path = 'data/shapes/{split}_captions_varied.txt'
 device = 'cpu'
-text_encoding = 'words'         # one token a word: captions of at most 13 tokens (bytes: up to 60)
-caption_len = 16
+text_encoding = 'words'         # one token a word (or comma): captions of at most 11 tokens (bytes: up to 60)
+caption_len = 12                # the longest caption and its end-of-text token
 model = 'tiny'                  # 4 blocks, width 128
 dropout = 0.0
 caption_adaln = True            # the caption's mean word embedding also goes to every block's
@@ -24,7 +24,7 @@ t_one_share_end = 0.0           # them at first, none at the end, so the shape w
                                 # (docs/choices.md)
 batch_size = 32
 micro_batch_size = 32
-max_iters = 5000                # about 18 minutes on one CPU core: 3,000 fall short (docs/choices.md)
+max_iters = 5000                # about 14 minutes on one CPU core: 3,000 fall short (docs/choices.md)
 learning_rate = 1e-3
 min_lr = 1e-5
 warmup_iters = 100
