@@ -88,6 +88,7 @@ cond = 'dlc'                    # 'dlc' | 'class' | 'none'
 num_classes = 1000              # cond='class'
 learn_sigma = True              # objective='eps': predict the variance too
 head_hidden = 0                 # > 0: a hidden layer of this width in the final layer (not in DiT)
+mlp_ratio = 4.0                 # each block's MLP width over the model width (DiT's 4)
 class_dropout_prob = 0.1
 objective = 'eps'               # 'eps' (Gaussian diffusion, learned variance) | 'flow'
 flow_output = 'velocity'        # flow: the network outputs 'velocity' (SiT) or 'x0' (clean image)
@@ -829,6 +830,7 @@ def train(cfg):
                  low=0.0)
     check_finite(cfg, 'ema_decay', 'class_dropout_prob', 'cooldown_frac', low=0.0, high=1.0)
     check_finite(cfg, 'cfg_scale')
+    check_finite(cfg, 'mlp_ratio', low=0.25)       # an MLP at least a quarter of the width
     if cfg['optimizer'] not in ('adamw', 'muon'):
         raise UserError(f"--optimizer={cfg['optimizer']} is not one of 'adamw', 'muon'")
     rank, world, device = setup_distributed(cfg['device'])
@@ -849,7 +851,8 @@ def train(cfg):
 
     data = TrainingSet(c, c['train_split'])
     x_shape = tuple(data[(0, False)][0].shape)           # (C, H, W) in the training space
-    model_args = dict(input_size=x_shape[1], in_channels=x_shape[0], mlp_ratio=4.0,
+    model_args = dict(input_size=x_shape[1], in_channels=x_shape[0],
+                      mlp_ratio=c['mlp_ratio'],
                       cond=c['cond'], learn_sigma=c['learn_sigma'] and c['objective'] == 'eps',
                       num_classes=c['num_classes'], L=data.contract.get('L', 0),
                       V=data.contract.get('V', 0), head_hidden=c['head_hidden'],

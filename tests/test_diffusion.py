@@ -12,7 +12,7 @@ import torch
 
 from codes import write_codes
 from conftest import ROOT, assert_two_runs_bitwise_equal, run_script
-from configurator import configure
+from configurator import UserError, configure
 from test_vae import write_safetensors
 import diffusion as D
 from data.shapes import score as SC
@@ -186,6 +186,18 @@ def test_a_hidden_layer_in_the_final_layer_adds_two_keys_and_comes_back_from_a_c
     restored = D.model_from_checkpoint(ckpt, weights='model')
     assert restored.final_layer.hidden.out_features == 24
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in restored.state_dict().items())
+
+
+def test_a_narrower_mlp_comes_back_from_its_checkpoint_and_a_ratio_too_small_is_refused(
+        shapes_dir, codes_dir, tmp_path):
+    cfg = tiny_cfg(shapes_dir, codes_dir, tmp_path, objective='flow', max_iters=2, mlp_ratio=2.0)
+    model, _, _ = D.train(cfg)
+    assert model.blocks[0].mlp.fc1.out_features == 2 * 128        # DiT-Ti/8: width 128
+    restored = D.model_from_checkpoint(D.load_checkpoint(str(tmp_path / 'diffusion.pt')), 'model')
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in restored.state_dict().items())
+    with pytest.raises(UserError, match='mlp_ratio=0.0'):
+        D.train(dict(cfg, mlp_ratio=0.0, out_dir=str(tmp_path / 'refused')))
+    assert not os.path.exists(tmp_path / 'refused')
 
 
 # -- samplers, with the exact denoiser of Gaussian data ------------------------------------
@@ -455,7 +467,7 @@ def test_the_imagenet_config_trains_with_the_recipe_of_the_paper_fork():
                  class_dropout_prob=0.1, batch_size=256, learning_rate=1e-4, weight_decay=0.0,
                  warmup_iters=0, ema_decay=0.9999, ema_warmup=False, grad_clip=0.0,
                  max_iters=100 * (1_281_167 // 256), sampler='ddpm', num_sampling_steps=250,
-                 optimizer='adamw', cooldown_frac=0.0)
+                 optimizer='adamw', cooldown_frac=0.0, mlp_ratio=4.0)
     assert {k: cfg[k] for k in paper} == paper
 
 
