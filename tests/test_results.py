@@ -146,7 +146,8 @@ def test_the_shared_stages_come_first_and_each_seeds_stages_make_its_lane():
 
 def test_the_plain_dit_gets_the_priors_training_time_in_iterations():
     done = {'dit_none_s0': dict(seconds=1000.0), 'prior': dict(seconds=600.0)}
-    assert R.plus_iters(done) == 19200                         # 12 it/s for 600 s more
+    assert R.plus_iters(done, base=12000) == 19200             # 12 it/s for 600 s more
+    assert R.plus_iters(done) == R.DIT_ITERS * 8 // 5           # the config's iterations
 
 
 KEYS = ['valid', 'tv_shape', 'tv_color', 'tv_background', 'tv_size', 'tv_joint', 'coverage',
@@ -195,7 +196,8 @@ def test_the_report_gives_the_mean_and_half_the_range_over_the_seeds(tmp_path):
     assert '| real images: the val split (held out of training) | 0.500 |' in text
     # uncond's seeds (0.4, 0.6) straddle every baseline's 0.5: the difference is 0, not apart
     assert '| valid | +0.000 | no | +0.000 | no | +0.000 | no |' in text
-    assert '12,000 + 2,400 iterations' in text                  # 4 it/s for the prior's 600 s
+    extra = R.DIT_ITERS * 600 // 3000                           # its it/s for the prior's 600 s
+    assert f'{R.DIT_ITERS:,} + {extra:,} iterations' in text
     assert "The stages' commits: not recorded for 4." in text   # stamps without a commit
     assert '# prior: 10.0 min\npython prior.py --seed=0' in text
 

@@ -61,7 +61,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 OUT = 'out-results'
 SEEDS = (0, 1)
 N_IMAGES = 2000
-DIT_ITERS = 12000                   # config/diffusion_shapes.py's max_iters
+DIT_ITERS = 13000                   # config/diffusion_shapes.py's max_iters
 
 
 def stages(out=OUT):
