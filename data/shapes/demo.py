@@ -60,7 +60,7 @@ CONFIG = {k: globals()[k] for k in ['out_dir', 'data_dir', 'parallel', 'report_o
 
 SCRIPTS = ('tokenizer.py', 'diffusion.py', 'prior.py', 'text2dlc.py', 'sample.py')
 LANES = (['dit', 'prior'], ['text'])    # after the tokenizer, side by side when parallel: each
-                                        # lane about 20 minutes on one core
+                                        # lane about 14 minutes on one core
 N_RECON = 500                   # val codes the DiT redraws
 N_UNCOND = 500                  # prior samples
 N_COMPOSE = 32                  # compositions: the 4 held-out pairs, 8 source pairs each
