@@ -604,6 +604,7 @@ def train(cfg):
         load_sedd(model, c['init_from'])
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    ema_params, model_params = list(ema.parameters()), list(model.parameters())
     groups = [dict(params=[p for p in model.parameters() if p.ndim >= 2],
                    weight_decay=c['weight_decay']),
               dict(params=[p for p in model.parameters() if p.ndim < 2], weight_decay=0.0)]
@@ -673,8 +674,7 @@ def train(cfg):
         optimizer.zero_grad(set_to_none=True)
         ema_decay = min(c['ema_decay'], (1 + it) / (10 + it))     # warm-up, as diffusion.py
         with torch.no_grad():                           # one call for all the tensors
-            torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()),
-                                 1 - ema_decay)
+            torch._foreach_lerp_(ema_params, model_params, 1 - ema_decay)
         iter_num += 1
         bar.update(1)
         if iter_num % c['log_interval'] == 0 or iter_num == stop:
